@@ -1,0 +1,33 @@
+"""The dask client stage one runs on: a local cluster by default, or an existing scheduler.
+
+Users with a Slurm or Kubernetes dask deployment pass its address (`--scheduler tcp://host:8786`);
+everyone else gets a LocalCluster of worker processes, one per GPU. Workers that have GPUs advertise a
+`GPU` resource and extraction tasks ask for one, so a GPU never runs two encoders at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from distributed import Client, LocalCluster
+
+
+@contextmanager
+def dask_client(scheduler: str, workers: int, gpus: int) -> Iterator[Client]:
+    """A connected client; a local cluster (started here) is closed on exit, a remote one is left running."""
+    if scheduler != "local":
+        with Client(scheduler) as client:
+            yield client
+        return
+    resources = {"GPU": 1} if gpus else None
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, resources=resources,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        yield client
+
+
+def gpu_resources(client: Client) -> dict[str, float] | None:
+    """{"GPU": 1} if the cluster's workers advertise GPUs (then every task asks for one), else None."""
+    workers = client.scheduler_info().get("workers", {}).values()
+    return {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in workers) else None

@@ -1,0 +1,277 @@
+"""data_manifest.yaml -> typed, validated config.
+
+The manifest is the single source of truth for what the pipeline does: which episodes, which camera,
+how views are drawn, which encoder, where the cache lives and how extraction is scheduled. It holds
+named profiles and a `default_profile`; every command picks one (`--profile`) and may override keys
+(`--set dotted.key=value`). Everything is checked before any work starts: an unknown key or a bad
+value is an error that names the key and the value, because a typo in a manifest would otherwise
+silently produce (and cache) the wrong features.
+
+Relative paths in a manifest are resolved against the manifest's own folder, so a manifest and its
+data can move together; `--set` values are resolved against the current directory, like any other
+command-line path. URLs (`s3://...`, `gs://...`) are left as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS = ("vit_large", "vit_huge", "vit_giant")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the key and the bad value."""
+
+
+@dataclass
+class DataConfig:
+    """Where the DROID episodes are and how they are sampled in time."""
+
+    root: str  # folder the episode list is relative to
+    episodes: str  # text file (one episode folder per line, the release's format) or a glob under root
+    camera: str = "left_mp4_path"  # metadata key of the camera; V-JEPA 2-AC uses the left exterior one
+    fps: float = 4.0  # target frame rate; stride = ceil(video_fps / fps) raw frames
+    frames_per_clip: int = 16  # T of a training clip (paper 16); shorter episodes are failures
+
+    def validate(self) -> None:
+        _require(self.fps > 0, "data.fps", self.fps, "must be > 0")
+        _require(self.frames_per_clip >= 2, "data.frames_per_clip", self.frames_per_clip, "must be >= 2")
+        _require(self.camera.endswith("_mp4_path"), "data.camera", self.camera,
+                 "must be a metadata key ending in _mp4_path, e.g. left_mp4_path")
+
+
+@dataclass
+class ViewsConfig:
+    """How many views (phase + crop box) are drawn per episode, reproducibly."""
+
+    per_episode: int = 1  # views per episode; identical draws are stored once
+    seed: int = 0  # draws of view k of episode e come from (seed, e, k)
+    phase: Literal["random", "first"] = "random"  # temporal phase of the frame grid: drawn, or always 0
+
+    def validate(self) -> None:
+        _require(self.per_episode >= 1, "views.per_episode", self.per_episode, "must be >= 1")
+
+
+@dataclass
+class CropConfig:
+    """Random-resize-crop and normalisation (SPEC section 2); the defaults are the release's."""
+
+    size: int = 256  # output side in pixels (the encoder's img_size)
+    scale: tuple[float, float] = (1.777, 1.777)  # area fraction range of the crop
+    ratio: tuple[float, float] = (0.75, 1.35)  # aspect (w/h) range of the crop
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean on the 0..1 scale
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std on the 0..1 scale
+
+    def validate(self) -> None:
+        _require(self.size > 0 and self.size % 16 == 0, "crop.size", self.size, "must be a multiple of 16")
+        _require(0 < self.scale[0] <= self.scale[1], "crop.scale", self.scale, "must be 0 < lo <= hi")
+        _require(0 < self.ratio[0] <= self.ratio[1], "crop.ratio", self.ratio, "must be 0 < lo <= hi")
+        _require(all(s > 0 for s in self.std), "crop.std", self.std, "must be > 0")
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen V-JEPA 2 encoder: a preset or an explicit small config of the same code."""
+
+    checkpoint: str | None = None  # released vitg.pt etc.; null = random init with `seed` (demos, tests)
+    checkpoint_key: str = "target_encoder"  # entry of the checkpoint dict holding the encoder
+    preset: str | None = "vit_giant"  # vit_large | vit_huge | vit_giant; null = the explicit fields below
+    embed_dim: int | None = None  # width, when preset is null
+    depth: int | None = None  # blocks, when preset is null
+    num_heads: int | None = None  # heads, when preset is null
+    mlp_ratio: float | None = None  # MLP hidden / width, when preset is null
+    seed: int = 0  # random-init seed when checkpoint is null
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype of the forward pass (part of the fingerprint)
+    batch_size: int = 64  # frames per encoder forward
+    device: str = "auto"  # auto (cuda if present), cpu, cuda
+
+    def validate(self) -> None:
+        if self.preset is None:
+            for name in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
+                _require(getattr(self, name) is not None, f"encoder.{name}", None,
+                         "must be set when encoder.preset is null")
+        else:
+            _require(self.preset in PRESETS, "encoder.preset", self.preset, f"must be one of {PRESETS} or null")
+        _require(self.batch_size >= 1, "encoder.batch_size", self.batch_size, "must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 "encoder.device", self.device, "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class CacheConfig:
+    """The feature store (DESIGN section 2)."""
+
+    path: str  # local folder or fsspec URL; one sub-store per fingerprint lives under it
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # stored feature dtype
+    chunk_frames: int = 4  # frames per inner chunk (4 reads fastest for 16-frame windows)
+    shard_frames: int = 64  # frames per shard file (multiple of chunk_frames)
+    compressor: Literal["none", "zstd"] = "none"  # features barely compress; see README for measurements
+    compression_level: int = 1  # zstd level when compressor is zstd
+
+    def validate(self) -> None:
+        _require(self.chunk_frames >= 1, "cache.chunk_frames", self.chunk_frames, "must be >= 1")
+        _require(self.shard_frames >= self.chunk_frames and self.shard_frames % self.chunk_frames == 0,
+                 "cache.shard_frames", self.shard_frames, "must be a multiple of cache.chunk_frames")
+
+
+@dataclass
+class ExtractConfig:
+    """How stage one is scheduled."""
+
+    episodes_per_part: int = 8  # episodes per part = per task = per commit
+    scheduler: str = "local"  # local (a dask LocalCluster), inline (this process), or a dask scheduler address
+    workers: int = 1  # local cluster worker processes (one per GPU)
+    threads: int = 0  # torch threads per worker on CPU; 0 = cores / workers
+    decode_threads: int = 2  # decord threads per video reader
+    on_error: Literal["record", "raise"] = "record"  # a bad episode: record it and go on, or stop the run
+    retry_failed: bool = False  # re-try episodes whose failure is recorded and whose files did not change
+
+    def validate(self) -> None:
+        _require(self.episodes_per_part >= 1, "extract.episodes_per_part", self.episodes_per_part, "must be >= 1")
+        _require(self.workers >= 1, "extract.workers", self.workers, "must be >= 1")
+        _require(self.threads >= 0, "extract.threads", self.threads, "must be >= 0")
+
+
+@dataclass
+class Manifest:
+    """One resolved profile of data_manifest.yaml."""
+
+    data: DataConfig
+    cache: CacheConfig
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    profile: str = "default"  # the profile's name (set by the loader)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if dataclasses.is_dataclass(sub):
+                sub.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ManifestError(f"{key}: {value!r} {why}")
+
+
+PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint")  # data.episodes is relative to data.root
+
+
+def load_manifest(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Manifest:
+    """Read `path`, pick `profile` (or the file's default_profile), apply `key=value` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"manifest {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict) or "profiles" not in raw:
+        raise ManifestError(f"manifest {path}: expected a mapping with `profiles` and `default_profile`")
+    _check_keys(raw, {"profiles", "default_profile"}, "")
+    profiles = raw["profiles"]
+    name = profile or raw.get("default_profile")
+    if not isinstance(profiles, dict) or name not in profiles:
+        raise ManifestError(f"manifest {path}: profile {name!r} not found; profiles: {sorted(profiles or {})}")
+    tree = _resolve_paths(dict(profiles[name] or {}), path.parent.resolve())
+    for item in overrides or []:
+        _apply_override(tree, item)
+    manifest = _build(Manifest, {**tree, "profile": name}, "")
+    manifest.validate()
+    return manifest
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the manifest's relative path values absolute against the manifest's folder."""
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        sub = tree.get(section)
+        if isinstance(sub, dict) and isinstance(sub.get(name), str):
+            sub[name] = resolve_path(sub[name], base)
+    return tree
+
+
+def resolve_path(value: str, base: Path) -> str:
+    """`value` made absolute against `base`, unless it is already absolute or a URL."""
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML (so 8, 1e-4, null, [1, 2] work)."""
+    if "=" not in item:
+        raise ManifestError(f"--set {item!r}: expected dotted.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if key.strip() in PATH_KEYS and isinstance(value, str):
+        value = resolve_path(value, Path.cwd())
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ManifestError(f"--set {item!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _check_keys(raw: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ManifestError(f"unknown key '{where}{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Turn a dict into dataclass `cls`, checking every key and value against the type hints."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where.rstrip('.') or 'profile'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, set(fields), where)
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _convert(raw[name], hints[name], f"{where}{name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ManifestError(f"missing key {where}{name}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against type `hint` (the subset of types the config uses) and coerce int -> float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ManifestError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ManifestError(f"{key}: {value!r} must be a list of {len(args)} numbers")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ManifestError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")

@@ -1,0 +1,118 @@
+"""`pipeline bench`: the figures that tell whether extraction is encoder-bound, and what the codecs cost.
+
+Measured on the same frames (view 0 of the first episodes of the manifest):
+- decode: decord + crop alone, frames/s;
+- encoder: preprocess + encoder forward alone on already-decoded crops, frames/s;
+- end to end: a real `extract` run (inline, into a scratch store), frames/s -- with decode, encode and
+  write overlapped this should be close to the encoder figure;
+- store: write MB/s, random 16-frame window read MB/s and compression ratio per codec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.manifest import Manifest
+from pipeline.store import FeatureStore, encode_features
+from stages.augment import CropBox, crop_frames, draw_view
+from stages.droid import frame_grid, frame_stride, iter_frames, list_episodes, open_episode
+from stages.encoder import fingerprint_spec, load_encoder
+from stages.extract import extract
+from stages.plan import episode_id_for
+
+WINDOW = 16  # frames per read in the window benchmark
+
+
+def run_bench(m: Manifest, episodes: int) -> dict[str, Any]:
+    """All figures as a dict (frames/s, MB/s, ratios)."""
+    folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
+    crops, decode_s = _decode(m, folders)
+    frames = sum(len(c) for c in crops)
+    spec = fingerprint_spec(m)
+    encoder = load_encoder(m, FeatureStore(m.cache.path, spec).digest)
+    feats, encode_s = _encode(m, encoder, crops)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "episodes.txt").write_text("\n".join(str(f) for f in folders))
+        e2e_m = dataclasses.replace(
+            m, cache=dataclasses.replace(m.cache, path=f"{tmp}/cache"),
+            views=dataclasses.replace(m.views, per_episode=1),
+            data=dataclasses.replace(m.data, episodes=str(Path(tmp) / "episodes.txt")),
+            extract=dataclasses.replace(m.extract, scheduler="inline"))
+        summary = extract(e2e_m, show_progress=False, echo=lambda _: None)
+        codecs = {name: _codec(m, feats, f"{tmp}/codec-{name}", name, level)
+                  for name, level in (("none", 0), ("zstd-1", 1), ("zstd-3", 3))}
+    return {
+        "device": str(encoder.device), "threads": torch.get_num_threads(), "episodes": len(folders),
+        "frames": frames, "tokens": encoder.tokens, "dim": encoder.dim, "feature_dtype": m.cache.dtype,
+        "decode_fps": frames / decode_s, "encoder_fps": frames / encode_s,
+        "end_to_end_fps": summary.frames_per_second, "end_to_end_frames": summary.frames,
+        "end_to_end_vs_encoder": summary.frames_per_second / (frames / encode_s), "store": codecs,
+    }
+
+
+def _decode(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:
+    crops, t0 = [], time.perf_counter()
+    for folder in folders:
+        ep = open_episode(folder, m.data.camera)
+        stride = frame_stride(ep.video_fps, m.data.fps)
+        eid = episode_id_for(folder, Path(m.data.root))
+        d = draw_view(m.views.seed, eid, 0, ep.frame_hw, stride, m.crop.scale, m.crop.ratio, m.views.phase == "random")
+        for batch in iter_frames(ep, frame_grid(ep.num_usable, stride, d.phase), m.encoder.batch_size,
+                                 m.extract.decode_threads):
+            crops.append(torch.from_numpy(np.ascontiguousarray(crop_frames(batch, CropBox(*d.box.as_list())))))
+    return crops, time.perf_counter() - t0
+
+
+def _encode(m: Manifest, encoder: Any, crops: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    encoder.encode_crops(crops[:1], m.crop)  # warm-up (allocations, kernels)
+    t0 = time.perf_counter()
+    feats = torch.cat([encoder.encode_crops([c], m.crop) for c in crops])  # [F, tokens, D]
+    if encoder.device.type == "cuda":
+        torch.cuda.synchronize()
+    return feats, time.perf_counter() - t0
+
+
+def _codec(m: Manifest, feats: torch.Tensor, path: str, name: str, level: int) -> dict[str, float]:
+    """Write all frames as one part with this codec, then read random 16-frame windows back."""
+    cfg = SimpleNamespace(**{**dataclasses.asdict(m.cache), "compressor": "zstd" if level else "none",
+                             "compression_level": max(level, 1)})
+    store = FeatureStore(path, {"bench": name}).create()
+    data = encode_features(feats, m.cache.dtype)  # [F, tokens, D]
+    t0 = time.perf_counter()
+    writer = store.part_writer("bench", len(data), data.shape[1], data.shape[2], cfg)
+    writer.write(0, data)
+    writer.finish(np.zeros((len(data), 7)), np.zeros((len(data), 7)), np.arange(len(data)))
+    write_s = time.perf_counter() - t0
+    arr = store.array("bench", "features")
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, max(1, len(data) - WINDOW), size=32)
+    t0 = time.perf_counter()
+    for s in starts:
+        arr[s : s + WINDOW]
+    read_s = time.perf_counter() - t0
+    window_bytes = min(WINDOW, len(data)) * data[0].nbytes * len(starts)
+    return {"write_MBps": data.nbytes / write_s / 1e6, "read_MBps": window_bytes / read_s / 1e6,
+            "ratio": data.nbytes / max(1, store.bytes_on_disk())}
+
+
+def format_bench(f: dict[str, Any]) -> str:
+    lines = [
+        f"device {f['device']} ({f['threads']} threads), {f['episodes']} episodes, {f['frames']} frames, "
+        f"{f['tokens']} tokens x {f['dim']} per frame, stored as {f['feature_dtype']}",
+        f"decode + crop        {f['decode_fps']:8.1f} frames/s",
+        f"encoder alone        {f['encoder_fps']:8.1f} frames/s",
+        f"extract end to end   {f['end_to_end_fps']:8.1f} frames/s  "
+        f"({100 * f['end_to_end_vs_encoder']:.0f}% of the encoder alone)",
+    ]
+    for name, c in f["store"].items():
+        lines.append(f"store {name:8s}       write {c['write_MBps']:7.1f} MB/s   window read {c['read_MBps']:7.1f} MB/s"
+                     f"   ratio {c['ratio']:.3f}x")
+    return "\n".join(lines)

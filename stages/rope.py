@@ -1,0 +1,105 @@
+"""3-D rotary position embedding (RoPE) of V-JEPA 2, shared by the encoder and the AC predictor.
+
+Why a file of its own: the encoder rotates every token by (time, row, column) and the
+action-conditioned predictor rotates frame tokens the same way (with rescaled, possibly
+fractional rows/columns) and its action/state tokens by time only. Released checkpoints were
+trained with one particular, slightly unusual RoPE, so both models must share exactly this code:
+
+- a head of size ``head_dim`` gives ``d = 2 * ((head_dim // 3) // 2)`` dims to each of time, row
+  and column, in that order from the start of the head; the last ``head_dim - 3d`` dims are left
+  alone (``rope_axis_dim``);
+- per axis, ``omega_i = 1 / 10000 ** (i / (d/2))`` is computed in the dtype of the rotated tensor
+  (bf16 under autocast, like the release), ``f = pos * omega``;
+- ``cos``/``sin`` of ``f`` are laid out ``[f, f]`` (half repeated, NOT interleaved: a quirk of the
+  release that the checkpoints depend on), while the partner vector pairs neighbours:
+  ``y[2j] = -x[2j+1]``, ``y[2j+1] = x[2j]``; the result is ``x * cos + y * sin``.
+
+The dtype of the positions matters in reduced precision, exactly as in the release: integer
+positions make ``f`` (and cos/sin) come out in the dtype of ``x`` (the release's encoder and the
+predictor's action/state tokens), float32 positions promote ``f`` to float32 (the release's
+predictor frame tokens, whose rows/columns are rescaled floats). In float32 both are the same.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ROPE_THETA = 10000.0  # base of the frequency ladder, as in the release
+
+
+def rope_axis_dim(head_dim: int) -> int:
+    """Dims per axis (time, row, column): the largest even number <= head_dim // 3."""
+    return 2 * ((head_dim // 3) // 2)
+
+
+def _omega(half: int, like: Tensor) -> Tensor:
+    """Frequencies 1 / theta^(i/half) in the dtype of ``like``.
+
+    The operations (divide, power, reciprocal) follow the release's order, so bf16 rounding matches.
+    """
+    exponent = torch.arange(half, dtype=like.dtype, device=like.device) / float(half)  # [half]
+    return 1.0 / ROPE_THETA**exponent  # [half]
+
+
+def _partner(x: Tensor) -> Tensor:
+    """Pairwise partner: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    pairs = x.unflatten(-1, (-1, 2))  # [..., d/2, 2]
+    even, odd = pairs.unbind(-1)  # [..., d/2] each
+    return torch.stack((-odd, even), dim=-1).flatten(-2)  # [..., d]
+
+
+def rotate_axis(x: Tensor, pos: Tensor) -> Tensor:
+    """Rotate ``x`` [..., N, d] by positions ``pos`` [N] (or any shape broadcastable to [..., N]).
+
+    Returns a tensor of the dtype of ``x``. Where the release would hand attention a promoted
+    (float32) tensor, casting back here gives the same numbers as autocast's cast before attention.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even number of dims per axis, got {d}")
+    omega = _omega(d // 2, x)  # [d/2]
+    freq = pos.to(x.device).unsqueeze(-1) * omega  # [..., N, d/2]
+    cos, sin = freq.cos(), freq.sin()  # [..., N, d/2] each
+    cos = torch.cat((cos, cos), dim=-1)  # [..., N, d]  layout [f, f]
+    sin = torch.cat((sin, sin), dim=-1)  # [..., N, d]  layout [f, f]
+    out = x * cos + _partner(x) * sin  # [..., N, d]
+    return out.to(x.dtype)
+
+
+def apply_rope_3d(x: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
+    """Rotate the heads of ``x`` [B, heads, N, head_dim] by time ``t``, row ``r``, column ``c`` ([N] each).
+
+    The first d dims follow time, the next d row, the next d column; the rest pass through.
+    """
+    d = rope_axis_dim(x.shape[-1])
+    parts = [
+        rotate_axis(x[..., :d], t),  # [B, heads, N, d]
+        rotate_axis(x[..., d : 2 * d], r),  # [B, heads, N, d]
+        rotate_axis(x[..., 2 * d : 3 * d], c),  # [B, heads, N, d]
+        x[..., 3 * d :],  # [B, heads, N, head_dim - 3d]
+    ]
+    return torch.cat(parts, dim=-1)  # [B, heads, N, head_dim]
+
+
+def apply_rope_time(x: Tensor, t: Tensor) -> Tensor:
+    """Rotate only the time dims (the first d) of ``x`` [B, heads, N, head_dim]; the rest pass through.
+
+    This is what the AC predictor does to its action and state tokens.
+    """
+    d = rope_axis_dim(x.shape[-1])
+    rotated = rotate_axis(x[..., :d], t)  # [B, heads, N, d]
+    return torch.cat((rotated, x[..., d:]), dim=-1)  # [B, heads, N, head_dim]
+
+
+def grid_positions(
+    num_t: int, h: int, w: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(time, row, column) of the ``num_t * h * w`` tokens of a time-major, row-major grid.
+
+    Token n -> (n // (h*w), (n % (h*w)) // w, n % w), as int64 tensors [N] (integer positions, like
+    the release's encoder; convert to float and rescale for the predictor's frame tokens).
+    """
+    n = torch.arange(num_t * h * w, device=device)  # [N]
+    per_frame = h * w
+    return n // per_frame, (n % per_frame) // w, n % w  # [N] each

@@ -1,0 +1,71 @@
+"""The manifest: both shipped profiles load, overrides apply, bad input names the key and value."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import ManifestError, load_manifest
+
+MANIFEST = Path(__file__).resolve().parents[2] / "data_manifest.yaml"
+
+
+@pytest.mark.parametrize("profile", ["droid", "demo"])
+def test_shipped_profiles_load_with_required_keys(profile: str) -> None:
+    m = load_manifest(MANIFEST, profile)
+    assert m.profile == profile
+    for value in (m.data.root, m.data.episodes, m.cache.path):
+        assert value
+    assert Path(m.cache.path).is_absolute()  # resolved against the manifest's folder
+
+
+def test_droid_profile_is_the_paper_setup() -> None:
+    m = load_manifest(MANIFEST, "droid")
+    assert (m.data.camera, m.data.fps, m.data.frames_per_clip) == ("left_mp4_path", 4.0, 16)
+    assert (m.crop.size, m.crop.scale, m.crop.ratio) == (256, (1.777, 1.777), (0.75, 1.35))
+    assert (m.encoder.preset, m.encoder.precision, m.encoder.checkpoint_key) == ("vit_giant", "bf16", "target_encoder")
+    assert m.encoder.checkpoint.endswith("vitg.pt")
+
+
+def test_default_profile_and_overrides(tmp_path: Path) -> None:
+    m = load_manifest(MANIFEST, None, ["encoder.batch_size=7", "crop.scale=[0.3, 1]", "encoder.checkpoint=null",
+                                       f"cache.path={tmp_path}/c"])
+    assert m.profile == "demo"
+    assert m.encoder.batch_size == 7
+    assert m.crop.scale == (0.3, 1.0)
+    assert m.encoder.checkpoint is None
+    assert m.cache.path == f"{tmp_path}/c"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("encoder.bogus=1", "unknown key 'encoder.bogus'"),
+        ("bogus.key=1", "unknown key 'bogus'"),
+        ("crop.size=100", "crop.size: 100"),
+        ("data.fps=fast", "data.fps: 'fast'"),
+        ("views.phase=sometimes", "views.phase: 'sometimes'"),
+        ("encoder.preset=vit_tiny", "encoder.preset: 'vit_tiny'"),
+        ("cache.shard_frames=6", "cache.shard_frames: 6"),
+        ("crop.ratio=[1.0]", "crop.ratio"),
+        ("views.per_episode=0", "views.per_episode: 0"),
+        ("noequals", "dotted.key=value"),
+    ],
+)
+def test_bad_values_name_key_and_value(override: str, message: str) -> None:
+    with pytest.raises(ManifestError, match=message.replace("[", r"\[")):
+        load_manifest(MANIFEST, "demo", [override])
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest(tmp_path / "nope.yaml")
+    bad = tmp_path / "m.yaml"
+    bad.write_text("profiles: {a: {data: {root: x}}}\ndefault_profile: a\n")
+    with pytest.raises(ManifestError, match="missing key data.episodes"):
+        load_manifest(bad)
+    bad.write_text("profiles: {a: {}}\ndefault_profile: b\n")
+    with pytest.raises(ManifestError, match="profile 'b' not found"):
+        load_manifest(bad)
+    bad.write_text("profiles: {a: {}}\ndefault_profile: a\nextra: 1\n")
+    with pytest.raises(ManifestError, match="unknown key 'extra'"):
+        load_manifest(bad)
