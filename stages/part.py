@@ -66,7 +66,7 @@ def run_part(m: Manifest, store: FeatureStore, encoder: LoadedEncoder, part: Par
     (or on an episode's when extract.on_error is "raise")."""
     t0 = time.perf_counter()
     result = PartResult(part.part_id)
-    jobs = _prepare(m, part.episodes, result)
+    jobs = _prepare(m, part, result)
     frames = sum(len(j.indices) for j in jobs)
     if frames == 0:
         _finish_failures(m, store, part, result, set())
@@ -89,17 +89,17 @@ def _fail(m: Manifest, result: PartResult, task: EpisodeTask, err: EpisodeError)
     result.failures.append((task.episode_id, task.path, err.reason))
 
 
-def _prepare(m: Manifest, tasks: list[EpisodeTask], result: PartResult) -> list[ViewJob]:
+def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
     """Open each episode (cheap: no decoding), draw its views, lay their rows out one after another."""
     jobs: list[ViewJob] = []
-    for task in tasks:
+    for task in part.episodes:
         try:
             episode_jobs = _episode_jobs(m, task)
         except EpisodeError as err:
             _fail(m, result, task, err)
             continue
         for job in episode_jobs:
-            job.record.start = sum(j.record.length for j in jobs)
+            job.record.part, job.record.start = part.part_id, sum(j.record.length for j in jobs)
             jobs.append(job)
     return jobs
 

@@ -61,7 +61,7 @@ def test_bad_files(tmp_path: Path) -> None:
         load_manifest(tmp_path / "nope.yaml")
     bad = tmp_path / "m.yaml"
     bad.write_text("profiles: {a: {data: {root: x}}}\ndefault_profile: a\n")
-    with pytest.raises(ManifestError, match="missing key data.episodes"):
+    with pytest.raises(ManifestError, match=r"missing key data\.episodes"):
         load_manifest(bad)
     bad.write_text("profiles: {a: {}}\ndefault_profile: b\n")
     with pytest.raises(ManifestError, match="profile 'b' not found"):

@@ -22,7 +22,7 @@ def test_random_crops_fit_and_follow_the_ranges() -> None:
     rng = np.random.default_rng(0)
     boxes = [draw_crop(rng, 180, 320, (0.3, 1.0), (0.75, 1.35)) for _ in range(300)]
     for b in boxes:
-        assert 0 <= b.top and b.top + b.height <= 180 and 0 <= b.left and b.left + b.width <= 320
+        assert b.top >= 0 and b.top + b.height <= 180 and b.left >= 0 and b.left + b.width <= 320
         area = b.height * b.width / (180 * 320)
         assert 0.28 <= area <= 1.02
     assert len({b.as_list().__repr__() for b in boxes}) > 250  # real randomness, not one fallback

@@ -1,0 +1,65 @@
+"""The CLI end to end through typer's runner: help, synth -> extract -> status, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+
+PROFILE = {
+    "data": {"root": "data", "episodes": "episodes.txt", "fps": 4, "frames_per_clip": 4},
+    "views": {"per_episode": 1},
+    "crop": {"size": 32, "scale": [0.5, 1.0]},
+    "encoder": {"checkpoint": None, "preset": None, "embed_dim": 64, "depth": 1, "num_heads": 1, "mlp_ratio": 4.0,
+                "precision": "fp32", "batch_size": 8, "device": "cpu"},
+    "cache": {"path": "cache", "chunk_frames": 2, "shard_frames": 8},
+    "extract": {"episodes_per_part": 2, "scheduler": "inline"},
+}
+
+
+@pytest.mark.parametrize("command", [[], ["synth"], ["extract"], ["status"], ["demo"], ["bench"]])
+def test_help_on_every_command(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_synth_extract_status(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), "--episodes", "2", "--width", "64",
+                                 "--height", "48", "--min-seconds", "5", "--max-seconds", "6"])
+    assert result.exit_code == 0, result.output
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"default_profile": "t", "profiles": {"t": PROFILE}}))
+    result = runner.invoke(app, ["extract", "-m", str(manifest)])
+    assert result.exit_code == 0, result.output
+    assert "frames/s end to end" in result.output
+    result = runner.invoke(app, ["extract", "-m", str(manifest)])
+    assert result.exit_code == 0 and "Nothing to do" in result.output
+    result = runner.invoke(app, ["status", "-m", str(manifest), "--json"])
+    report = json.loads(result.output)
+    assert (report["episodes"], report["views_planned"], report["views_committed"]) == (2, 2, 2)
+    assert report["views_stale"] == 0 and report["views_failed"] == 0 and report["bytes_on_disk"] > 0
+    assert "fingerprint" in report and report["episodes_failed"] == []
+    result = runner.invoke(app, ["status", "-m", str(manifest)])
+    assert "committed 2" in result.output
+
+    # a broken episode: the run finishes, lists it, and exits 1
+    broken = next((tmp_path / "data").rglob("trajectory.h5"))
+    broken.write_bytes(b"not hdf5")
+    result = runner.invoke(app, ["extract", "-m", str(manifest)])
+    assert result.exit_code == 1
+    assert "failed" in result.output and "trajectory.h5" in result.output
+
+
+def test_bad_manifest_fails_before_any_work(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"default_profile": "t", "profiles": {"t": PROFILE}}))
+    result = runner.invoke(app, ["extract", "-m", str(manifest), "--set", "crop.size=33"])
+    assert result.exit_code == 2 and "crop.size: 33" in result.output
+    assert not (tmp_path / "cache").exists()

@@ -1,0 +1,265 @@
+"""Stage one end to end on tiny synthetic episodes: correctness, incremental re-runs, kill -9, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.manifest import Manifest, load_manifest
+from pipeline.store import FeatureStore
+from stages.augment import CropBox, crop_frames
+from stages.droid import decode_frames, open_episode
+from stages.encoder import fingerprint_spec, load_encoder
+from stages.extract import extract
+from stages.status import status_report
+
+TINY = {
+    "data": {"root": "data", "episodes": "episodes.txt", "fps": 4, "frames_per_clip": 4},
+    "views": {"per_episode": 2, "seed": 0},
+    "crop": {"size": 32, "scale": [0.5, 1.0], "ratio": [0.75, 1.35]},
+    "encoder": {"checkpoint": None, "preset": None, "embed_dim": 64, "depth": 1, "num_heads": 1, "mlp_ratio": 4.0,
+                "precision": "fp32", "batch_size": 8, "device": "cpu"},
+    "cache": {"path": "cache", "chunk_frames": 2, "shard_frames": 8},
+    "extract": {"episodes_per_part": 2, "scheduler": "inline", "decode_threads": 1},
+}
+
+
+def write_manifest(folder: Path, **changes: dict) -> Path:
+    """A manifest with the tiny profile (plus section changes) in `folder`; data lives in folder/data."""
+    profile = {k: {**v, **changes.get(k, {})} for k, v in TINY.items()}
+    path = folder / "manifest.yaml"
+    path.write_text(yaml.safe_dump({"default_profile": "tiny", "profiles": {"tiny": profile}}))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, synthetic_dataset: Path) -> Path:
+    """A private copy of the synthetic dataset under tmp_path/data, free to change."""
+    shutil.copytree(synthetic_dataset, tmp_path / "data")
+    write_manifest(tmp_path)
+    return tmp_path
+
+
+def load(workdir: Path, *overrides: str) -> Manifest:
+    return load_manifest(workdir / "manifest.yaml", None, list(overrides))
+
+
+def run(m: Manifest):
+    return extract(m, show_progress=False, echo=lambda _: None)
+
+
+def test_features_are_the_encoder_on_the_drawn_crop(workdir: Path) -> None:
+    m = load(workdir)
+    s = run(m)
+    assert not s.failed and s.views_done == 6 and s.frames > 0
+    store = FeatureStore(m.cache.path, fingerprint_spec(m)).check()
+    views = store.committed_views()
+    assert len(views) == 6 and {v.episode_id for v in views.values()} == {
+        line for line in (workdir / "data/episodes.txt").read_text().splitlines()}
+    rec = next(iter(views.values()))
+    ep = open_episode(rec.episode_path, m.data.camera)
+    index = store.read_rows(rec, "frame_index")
+    assert np.array_equal(index, np.arange(rec.phase, ep.num_usable, rec.stride))
+    crops = torch.from_numpy(np.ascontiguousarray(crop_frames(decode_frames(ep, index), CropBox(*rec.box))))
+    want = load_encoder(m, store.digest).encode_crops([crops], m.crop).to(torch.bfloat16)  # [F, tokens, D]
+    got = store.read_features(rec, 0, rec.length)
+    assert torch.equal(got, want)
+    states = store.read_rows(rec, "states")
+    np.testing.assert_allclose(states, ep.states[index], rtol=1e-6)
+    actions = store.read_rows(rec, "actions")
+    assert np.isnan(actions[-1]).all() and np.isfinite(actions[:-1]).all()
+    np.testing.assert_allclose(actions[:-1, :3], np.diff(states[:, :3], axis=0), atol=1e-6)
+
+
+def test_second_run_does_no_encoding(workdir: Path) -> None:
+    m = load(workdir)
+    run(m)
+    said: list[str] = []
+    s = extract(m, show_progress=False, echo=said.append)
+    assert s.views_done == 0 and s.frames == 0 and s.views_skipped == 6
+    assert "Nothing to do" in said[0]
+    r = status_report(m)
+    assert (r["views_planned"], r["views_committed"], r["views_stale"], r["views_failed"]) == (6, 6, 0, 0)
+    assert r["bytes_on_disk"] > 0
+
+
+def test_added_episodes_only_are_extracted(workdir: Path) -> None:
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    (workdir / "data/first.txt").write_text("\n".join(lines[:2]))
+    assert run(load(workdir, "data.episodes=first.txt")).views_done == 4
+    s = run(load(workdir))
+    assert s.views_done == 2 and s.views_skipped == 4
+
+
+def test_more_views_per_episode_adds_only_new_views(workdir: Path) -> None:
+    run(load(workdir, "views.per_episode=1"))
+    s = run(load(workdir))
+    assert (s.views_skipped, s.views_done) == (3, 3)
+
+
+def test_identical_draws_are_stored_once(workdir: Path) -> None:
+    m = load(workdir, "views.per_episode=3", "views.phase=first", "crop.scale=[1.777, 1.777]")
+    s = run(m)
+    assert s.views_done == 3  # every draw is the same fallback crop with the same phase
+    assert status_report(m)["views_planned"] == 3
+
+
+@pytest.mark.parametrize("override", ["encoder.seed=1", "crop.size=48", "data.fps=5", "crop.scale=[0.4, 1.0]",
+                                      "cache.dtype=float32", "encoder.depth=2"])
+def test_changed_settings_make_a_new_fingerprint(workdir: Path, override: str) -> None:
+    m0 = load(workdir)
+    run(m0)
+    m1 = load(workdir, override)
+    s = run(m1)
+    assert s.fingerprint != FeatureStore(m0.cache.path, fingerprint_spec(m0)).digest
+    assert s.views_skipped == 0 and s.views_done > 0  # nothing old reused
+
+
+def test_changed_episode_is_re_extracted(workdir: Path) -> None:
+    m = load(workdir)
+    run(m)
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    h5 = workdir / "data" / lines[1] / "trajectory.h5"
+    st = h5.stat()
+    os.utime(h5, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = status_report(m)
+    assert r["views_stale"] == 2 and r["episodes_by_state"]["stale"] == 1
+    s = run(m)
+    assert s.views_done == 2 and s.views_skipped == 4
+    r = status_report(m)
+    assert r["views_committed"] == 6 and r["views_stale"] == 0
+
+
+def _corrupt(folder: Path, how: str) -> None:
+    import h5py
+
+    mp4 = next((folder / "recordings/MP4").glob("*.mp4"))
+    meta = next(folder.glob("metadata_*.json"))
+    if how == "missing mp4":
+        for f in (folder / "recordings/MP4").glob("*.mp4"):
+            f.unlink()
+    elif how == "corrupt mp4":
+        for f in (folder / "recordings/MP4").glob("*.mp4"):
+            f.write_bytes(b"\x00garbage" * 100)
+    elif how == "missing metadata":
+        meta.unlink()
+    elif how in ("no cartesian_position", "nan states", "lengths disagree"):
+        with h5py.File(folder / "trajectory.h5", "r+") as f:
+            rs = f["observation/robot_state"]
+            if how == "no cartesian_position":
+                del rs["cartesian_position"]
+            elif how == "nan states":
+                data = rs["cartesian_position"][...]
+                data[3, 1] = np.nan
+                rs["cartesian_position"][...] = data
+            else:  # h5 five rows shorter than the video: beyond the known one-frame case
+                keep = len(rs["gripper_position"]) - 5
+                for name in ("cartesian_position", "gripper_position"):
+                    data = rs[name][:keep]
+                    del rs[name]
+                    rs.create_dataset(name, data=data)
+    assert mp4.parent.exists()
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("missing mp4", "mp4"), ("corrupt mp4", "mp4"), ("missing metadata", "metadata"),
+    ("no cartesian_position", "cartesian_position"), ("nan states", "cartesian_position"),
+    ("lengths disagree", "frames"),
+])
+def test_bad_episode_is_recorded_and_the_run_goes_on(workdir: Path, how: str, reason: str) -> None:
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    _corrupt(workdir / "data" / lines[0], how)
+    m = load(workdir)
+    s = run(m)
+    assert [f["episode"] for f in s.failed] == [lines[0]]
+    assert reason in s.failed[0]["reason"] and s.views_done == 4
+    r = status_report(m)
+    assert r["episodes_failed"][0]["episode"] == lines[0] and r["views_committed"] == 4
+    again = run(m)  # unchanged files: the failure stands, nothing is redone
+    assert again.views_done == 0 and len(again.failed) == 1
+
+
+def test_episode_shorter_than_a_clip_fails(workdir: Path) -> None:
+    m = load(workdir, "data.frames_per_clip=40")
+    s = run(m)
+    assert len(s.failed) == 3 and all("shorter than one clip" in f["reason"] for f in s.failed)
+
+
+def test_fixed_episode_is_retried(workdir: Path) -> None:
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    folder = workdir / "data" / lines[0]
+    backup = workdir / "backup"
+    shutil.copytree(folder, backup)
+    _corrupt(folder, "corrupt mp4")
+    m = load(workdir)
+    assert len(run(m).failed) == 1
+    shutil.rmtree(folder)
+    shutil.copytree(backup, folder)
+    s = run(m)
+    assert not s.failed and s.views_done == 2
+    assert status_report(m)["episodes_failed"] == []
+
+
+def test_on_error_raise_stops_the_run(workdir: Path) -> None:
+    from stages.droid import EpisodeError
+
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    _corrupt(workdir / "data" / lines[0], "missing mp4")
+    with pytest.raises(EpisodeError):
+        run(load(workdir, "extract.on_error=raise"))
+
+
+KILL_SCRIPT = """
+import sys
+from pipeline.manifest import load_manifest
+from stages.extract import extract
+extract(load_manifest(sys.argv[1], None, sys.argv[2:]), show_progress=False)
+"""
+
+
+def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path) -> None:
+    """Kill the extraction while a part is written but not committed; the next run completes the job."""
+    m = load(workdir, "extract.episodes_per_part=3", "encoder.batch_size=2")
+    root = Path(FeatureStore(m.cache.path, fingerprint_spec(m)).root)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(workdir / "manifest.yaml"),
+                             "extract.episodes_per_part=3", "encoder.batch_size=2"], stdout=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(root.glob("parts/*/features/c/*")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = FeatureStore(m.cache.path, fingerprint_spec(m))
+    assert list(root.glob("parts/*")), "the kill should land while a part is being written"
+    assert store.committed_views() == {} and status_report(m)["views_committed"] == 0
+    s = run(m)
+    assert s.views_done == 6 and not s.failed
+    fresh = load(workdir, f"cache.path={workdir}/fresh")
+    run(fresh)
+    assert_same_features(store, FeatureStore(fresh.cache.path, fingerprint_spec(fresh)))
+
+
+def test_dask_local_cluster_gives_the_same_store(workdir: Path) -> None:
+    m = load(workdir, "extract.scheduler=local", "views.per_episode=1")
+    s = run(m)
+    assert s.views_done == 3 and not s.failed
+    inline = load(workdir, "views.per_episode=1", f"cache.path={workdir}/inline")
+    run(inline)
+    assert_same_features(FeatureStore(m.cache.path, fingerprint_spec(m)),
+                         FeatureStore(inline.cache.path, fingerprint_spec(inline)))
+
+
+def assert_same_features(a: FeatureStore, b: FeatureStore) -> None:
+    va, vb = a.committed_views(), b.committed_views()
+    assert va.keys() == vb.keys() and va
+    for vid in va:
+        assert torch.equal(a.read_features(va[vid], 0, va[vid].length), b.read_features(vb[vid], 0, vb[vid].length))
