@@ -129,7 +129,8 @@ class ExtractConfig:
     scheduler: str = "local"  # local (a dask LocalCluster), inline (this process), or a dask scheduler address
     workers: int = 1  # local cluster worker processes (one per GPU)
     threads: int = 0  # torch threads per worker on CPU; 0 = cores / workers
-    decode_threads: int = 2  # decord threads per video reader
+    decode_workers: int = 1  # episodes decoded at once per worker (raise on GPU workers: 720p decode is slow)
+    decode_threads: int = 2  # decord (ffmpeg) threads per video reader
     on_error: Literal["record", "raise"] = "record"  # a bad episode: record it and go on, or stop the run
     retry_failed: bool = False  # re-try episodes whose failure is recorded and whose files did not change
 
@@ -137,6 +138,8 @@ class ExtractConfig:
         _require(self.episodes_per_part >= 1, "extract.episodes_per_part", self.episodes_per_part, "must be >= 1")
         _require(self.workers >= 1, "extract.workers", self.workers, "must be >= 1")
         _require(self.threads >= 0, "extract.threads", self.threads, "must be >= 0")
+        _require(self.decode_workers >= 1, "extract.decode_workers", self.decode_workers, "must be >= 1")
+        _require(self.decode_threads >= 0, "extract.decode_threads", self.decode_threads, "must be >= 0")
 
 
 @dataclass

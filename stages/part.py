@@ -26,7 +26,7 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.store import FeatureStore, PartWriter, ViewRecord, encode_features, view_id_for
-from stages.augment import CropBox, crop_frames, draw_view
+from stages.augment import draw_view
 from stages.droid import Episode, EpisodeError, actions_from_states, frame_grid, frame_stride, iter_frames, open_episode
 from stages.encoder import LoadedEncoder
 from stages.plan import EpisodeTask, PartTask, source_identity
@@ -156,38 +156,75 @@ def _finish_failures(m: Manifest, store: FeatureStore, part: PartTask, result: P
 # ----------------------------------------------------------------------------- the overlapped hot path
 
 
-def _decode(m: Manifest, jobs: list[ViewJob], out: queue.Queue, stop: threading.Event) -> None:
-    """Producer: per view, decoded + cropped uint8 batches tagged with their row offset."""
-    bad: set[str] = set()
+def _decode(m: Manifest, groups: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer: takes episodes off `groups` and emits decoded + cropped uint8 batches tagged with their
+    row offset. Several producers run at once (extract.decode_workers): 720p H.264 decodes at tens of
+    frames/s per thread, far below a GPU encoder, and decord releases the GIL while it decodes."""
     try:
-        for job in jobs:
-            rec = job.record
-            if rec.episode_id in bad:
-                out.put(("skip", rec, rec.start, rec.length))
-                continue
-            sent = 0
+        while not stop.is_set():
             try:
-                for frames in iter_frames(job.episode, job.indices, m.encoder.batch_size, m.extract.decode_threads):
-                    crop = np.ascontiguousarray(crop_frames(frames, CropBox(*rec.box)))  # [n, h, w, 3]
-                    out.put(("frames", rec, rec.start + sent, torch.from_numpy(crop)))
-                    sent += len(crop)
-                    if stop.is_set():
-                        return
-            except EpisodeError as err:
-                bad.add(rec.episode_id)
-                out.put(("fail", rec, err))
-                out.put(("skip", rec, rec.start + sent, rec.length - sent))
+                group = groups.get_nowait()
+            except queue.Empty:
+                return
+            _decode_episode(m, group, out, stop)
     except BaseException as err:  # anything unexpected must reach the main thread, not die silently
-        out.put(("error", None, err))
+        _put(out, ("error", None, err), stop)
     finally:
-        out.put(("end", None, None))
+        _put(out, ("end", None, None), stop)
 
 
-def _items(q: queue.Queue) -> Iterator[tuple]:
-    while True:
+def _put(q: queue.Queue, item: tuple, stop: threading.Event) -> None:
+    """Blocking put that gives up once the consumer has stopped (so no thread hangs on a full queue)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _by_episode(jobs: list[ViewJob]) -> Iterator[list[ViewJob]]:
+    """The views of one episode (they are laid out next to each other)."""
+    group: list[ViewJob] = []
+    for job in jobs:
+        if group and job.record.episode_id != group[0].record.episode_id:
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
+
+
+def _decode_episode(m: Manifest, group: list[ViewJob], out: queue.Queue, stop: threading.Event) -> None:
+    """Decode the union of the views' frames once (H.264 decodes every raw frame anyway); each view
+    takes its own frames and crop from every decoded batch."""
+    union = np.unique(np.concatenate([j.indices for j in group]))  # [U] sorted raw indices
+    sent = [0] * len(group)
+    pos = 0
+    try:
+        for frames in iter_frames(group[0].episode, union, m.encoder.batch_size, m.extract.decode_threads):
+            batch_index = union[pos : pos + len(frames)]  # [n] raw indices of this batch
+            pos += len(frames)
+            for v, job in enumerate(group):
+                rows = np.flatnonzero(np.isin(batch_index, job.indices))  # this view's frames, in order
+                if len(rows):
+                    t, left, h, w = job.record.box
+                    crop = frames[rows, t : t + h, left : left + w]  # [k, h, w, 3] (a copy: fancy index)
+                    _put(out, ("frames", job.record, job.record.start + sent[v], torch.from_numpy(crop)), stop)
+                    sent[v] += len(rows)
+    except EpisodeError as err:
+        _put(out, ("fail", group[0].record, err), stop)
+        for v, job in enumerate(group):
+            _put(out, ("skip", job.record, job.record.start + sent[v], job.record.length - sent[v]), stop)
+
+
+def _items(q: queue.Queue, producers: int) -> Iterator[tuple]:
+    """Items until every producer has said it ended; a producer's crash is re-raised here."""
+    while producers:
         item = q.get()
         if item[0] == "end":
-            return
+            producers -= 1
+            continue
         if item[0] == "error":
             raise item[2]
         yield item
@@ -196,18 +233,23 @@ def _items(q: queue.Queue) -> Iterator[tuple]:
 def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer: PartWriter,
                 result: PartResult, progress: Progress | None) -> set[str]:
     """Consumer: batch frames across views, encode, hand rows to the writer thread. Returns failed episodes."""
-    decoded: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
+    decoded: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH * m.extract.decode_workers)
+    groups: queue.Queue = queue.Queue()
+    for group in _by_episode(jobs):
+        groups.put(group)
     stop = threading.Event()
-    reader = threading.Thread(target=_decode, args=(m, jobs, decoded, stop), daemon=True, name="decode")
+    readers = [threading.Thread(target=_decode, args=(m, groups, decoded, stop), daemon=True, name=f"decode-{i}")
+               for i in range(m.extract.decode_workers)]
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     write_errors: list[BaseException] = []
     wthread = threading.Thread(target=_write_loop, args=(writer, write_q, write_errors), daemon=True, name="write")
-    reader.start()
+    for r in readers:
+        r.start()
     wthread.start()
     failed: set[str] = set()
     pending: list[tuple[int, torch.Tensor]] = []  # (row offset, cropped uint8 frames)
     try:
-        for item in _items(decoded):
+        for item in _items(decoded, len(readers)):
             kind, rec = item[0], item[1]
             if kind == "frames":
                 pending.append((item[2], item[3]))
@@ -225,8 +267,8 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
         stop.set()
         write_q.put(None)
         wthread.join()
-        _drain(decoded)
-        reader.join(timeout=10)
+        for r in readers:
+            r.join()
     if write_errors:
         raise write_errors[0]
     return failed
@@ -258,11 +300,3 @@ def _write_loop(writer: PartWriter, q: queue.Queue, errors: list[BaseException])
                 writer.skip(item[1], item[2])
         except BaseException as err:
             errors.append(err)
-
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
