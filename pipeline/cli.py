@@ -100,6 +100,42 @@ def status(
 
 
 @app.command()
+def train(
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: train.out of the manifest).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Stop after optimizer step N (the schedule is unchanged).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run folder to continue "
+                                         "from (without it, a run folder with a checkpoint is continued anyway).")]
+    = False,
+) -> None:
+    """Stage two: train the action-conditioned predictor from the feature cache (torchrun for several GPUs)."""
+    m = _load(manifest, profile, set_)
+    from stages.run_files import latest_checkpoint
+    from stages.train import train as run_train
+
+    run_dir = out or Path(m.train.out)
+    if resume and latest_checkpoint(run_dir) is None:
+        typer.secho(f"error: --resume: no checkpoint in {run_dir / 'checkpoints'}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    s = run_train(m, run_dir, steps)
+    _print_train_summary(s)
+
+
+def _print_train_summary(s) -> None:
+    if s.end_step == s.start_step:
+        typer.echo(f"Nothing to do: the run in {s.run_dir} is already at step {s.end_step}.")
+        return
+    typer.echo(f"\ntrained   steps {s.start_step + 1}..{s.end_step} in {s.seconds:.1f} s, "
+               f"{s.clips_per_second:.1f} clips/s, data wait {100 * s.data_wait_share:.1f}% of step time, "
+               f"{s.world_size} rank(s){'' if s.ranks_in_sync else ', RANKS OUT OF SYNC'}")
+    if s.first_loss is not None:
+        typer.echo(f"loss      {s.first_loss:.4f} -> {s.last_loss:.4f}")
+    typer.echo(f"results   {s.run_dir}: metrics.jsonl, loss.png, eval.json, eval.png, checkpoints/latest.pt")
+
+
+@app.command()
 def demo(
     manifest: ManifestOpt = Path("data_manifest.yaml"),
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile to run.")] = "demo",

@@ -143,6 +143,73 @@ class ExtractConfig:
 
 
 @dataclass
+class PredictorSection:
+    """The action-conditioned predictor (SPEC section 4); defaults are the released size (~300 M)."""
+
+    embed_dim: int = 1024  # predictor width
+    depth: int = 24  # blocks
+    num_heads: int = 16  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden / width
+    checkpoint: str | None = None  # vjepa2-ac-vitg.pt to fine-tune from; null = init from scratch
+    checkpoint_key: str = "predictor"  # entry of the checkpoint holding the predictor
+    seed: int = 0  # init seed when checkpoint is null
+
+    def validate(self) -> None:
+        _require(self.embed_dim % self.num_heads == 0, "predictor.embed_dim", self.embed_dim,
+                 f"must divide by predictor.num_heads {self.num_heads}")
+        _require(self.depth >= 1, "predictor.depth", self.depth, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Stage two: optimisation (SPEC section 6), windows, evaluation, checkpoints."""
+
+    out: str = "runs/default"  # run folder: config, metrics, plots, checkpoints
+    global_batch_size: int = 256  # clips per optimizer step over all ranks (8 x 32 GPUs in the release)
+    warmup_steps: int = 4500  # linear warmup start_lr -> lr
+    constant_steps: int = 85500  # then constant lr
+    decay_steps: int = 4500  # then linear decay to final_lr
+    start_lr: float = 7.5e-5  # lr at the start of warmup
+    lr: float = 4.25e-4  # peak lr
+    final_lr: float = 0.0  # lr at the end of the decay
+    weight_decay: float = 0.04  # on weights with ndim > 1; 0 on biases and 1-D parameters
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    eps: float = 1e-8  # AdamW
+    auto_steps: int = 2  # rollout steps of the loss
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on GPU (fp16 adds a grad scaler); CPU: fp32
+    grad_clip: float | None = None  # max gradient norm; null = no clipping (the release does not clip)
+    activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    heldout_fraction: float = 0.05  # episodes held out for evaluation, by a stable hash of the episode id
+    split_salt: str = ""  # changes which episodes are held out
+    seed: int = 0  # window sampling seed
+    log_every: int = 10  # steps between metric rows
+    eval_every: int = 1000  # steps between evaluations (and plots); 0 = only at the end
+    eval_windows: int = 64  # held-out windows per evaluation
+    eval_horizons: int = 4  # rollout horizons 1..k evaluated (k < frames_per_clip)
+    checkpoint_every: int = 5000  # steps between kept checkpoints (latest is written at every eval too)
+    loader_threads: int = 4  # threads reading windows
+    prefetch_batches: int = 2  # batches read ahead
+    device: str = "auto"  # auto (the rank's GPU if present), cpu, cuda
+
+    @property
+    def total_steps(self) -> int:
+        return self.warmup_steps + self.constant_steps + self.decay_steps
+
+    def validate(self) -> None:
+        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, "must be >= 1")
+        for name in ("warmup_steps", "constant_steps", "decay_steps"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _require(self.total_steps >= 1, "train.decay_steps", self.decay_steps, "total steps must be >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(self.auto_steps >= 1, "train.auto_steps", self.auto_steps, "must be >= 1")
+        _require(0 <= self.heldout_fraction < 1, "train.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
+        _require(self.eval_horizons >= 1, "train.eval_horizons", self.eval_horizons, "must be >= 1")
+        _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
+        _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+
+
+@dataclass
 class Manifest:
     """One resolved profile of data_manifest.yaml."""
 
@@ -152,6 +219,8 @@ class Manifest:
     views: ViewsConfig = field(default_factory=ViewsConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    predictor: PredictorSection = field(default_factory=PredictorSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
     profile: str = "default"  # the profile's name (set by the loader)
 
     def validate(self) -> None:
@@ -159,6 +228,10 @@ class Manifest:
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
                 sub.validate()
+        _require(self.train.auto_steps < self.data.frames_per_clip, "train.auto_steps", self.train.auto_steps,
+                 f"must be < data.frames_per_clip {self.data.frames_per_clip}")
+        _require(self.train.eval_horizons < self.data.frames_per_clip, "train.eval_horizons",
+                 self.train.eval_horizons, f"must be < data.frames_per_clip {self.data.frames_per_clip}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,7 +242,7 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ManifestError(f"{key}: {value!r} {why}")
 
 
-PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint")  # data.episodes is relative to data.root
+PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint", "predictor.checkpoint", "train.out")  # data.episodes is relative to data.root
 
 
 def load_manifest(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Manifest:

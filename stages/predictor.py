@@ -1,0 +1,351 @@
+"""The V-JEPA 2-AC action-conditioned predictor and its training loss.
+
+Why one file for both: the predictor only means something together with how it is trained and
+rolled out. The loss feeds it layer-normed features and its own layer-normed predictions, and
+planning later rolls it forward the same way. Keeping the model, the loss and the rollout in one
+place keeps those three in step. Everything follows the released code (SPEC.md sections 4 and 5)
+so that a released ``vjepa2-ac-vitg.pt`` loads strictly and the checkpoints we write load in the
+release:
+
+- per time step t the sequence is ``[action_t, state_t, frame_t tokens]`` (plus ``extrinsics_t``
+  after the state when ``use_extrinsics``);
+- pre-norm blocks with a block-causal mask: every token of step t attends to all tokens of steps
+  <= t, so a prediction for frame t+1 never sees the future;
+- 3-D RoPE on frame tokens (time, rescaled row and column, float32 positions) and time-only RoPE on
+  the action/state tokens (integer positions), as in ``stages/rope.py``;
+- the action/state tokens are dropped at the end, then ``predictor_norm`` and ``predictor_proj``.
+
+The loss is teacher forcing plus a short autoregressive rollout, both L1 against layer-normed
+targets; ``rollout`` exposes the autoregressive part for evaluation and planning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from stages.checkpoint import load_strict, read_state_dict
+from stages.rope import apply_rope_3d, apply_rope_time, grid_positions
+from stages.vit import INIT_CUTOFF, INIT_STD, Mlp
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """Size of the AC predictor; defaults are the released V-JEPA 2-AC predictor (~300 M parameters)."""
+
+    img_size: int = 256  # training resolution of the encoder; sets the RoPE grid g = img_size / patch
+    patch_size: int = 16  # encoder patch side; with img_size gives 16 x 16 = 256 tokens per frame
+    embed_dim: int = 1408  # encoder width D_enc (ViT-g): width of the input features and of the output
+    predictor_embed_dim: int = 1024  # predictor width P
+    depth: int = 24  # number of transformer blocks
+    num_heads: int = 16  # attention heads; head_dim 64 -> 20 RoPE dims per axis + 4 untouched
+    mlp_ratio: float = 4.0  # MLP hidden = int(P * mlp_ratio)
+    qkv_bias: bool = True  # the released qkv Linear has a bias
+    norm_eps: float = 1e-6  # LayerNorm eps of the release's blocks and predictor_norm
+    action_dim: int = 7  # width of actions and states (xyz, 3 Euler angles, gripper); "action_embed_dim"
+    use_extrinsics: bool = False  # add a camera-extrinsics token per step (released model: no)
+
+    def __post_init__(self) -> None:
+        if self.predictor_embed_dim % self.num_heads:
+            raise ValueError(
+                f"predictor_embed_dim {self.predictor_embed_dim} is not a multiple of num_heads {self.num_heads}"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side at img_size (16): frame rows/columns are rescaled to this grid."""
+        return self.img_size // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens of one encoded frame at img_size (256 for 256 px, patch 16)."""
+        return self.grid_size**2
+
+    @property
+    def head_dim(self) -> int:
+        return self.predictor_embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return int(self.predictor_embed_dim * self.mlp_ratio)
+
+    @property
+    def cond_tokens(self) -> int:
+        """Conditioning tokens per time step: action, state (and extrinsics)."""
+        return 3 if self.use_extrinsics else 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Layout(NamedTuple):
+    """Everything the blocks need about a (T, h, w) input besides the tokens themselves."""
+
+    mask: Tensor  # [N, N] bool, True = may attend; N = T * (K + h*w)
+    frame_t: Tensor  # [T, 1] float32 time of frame tokens
+    frame_r: Tensor  # [h*w] float32 row, rescaled to the training grid
+    frame_c: Tensor  # [h*w] float32 column, rescaled to the training grid
+    cond_t: Tensor  # [T, 1] int64 time of action/state tokens
+    num_t: int  # time steps T
+    hw: int  # frame tokens per step
+
+
+def block_causal_mask(num_t: int, tokens_per_step: int, device: torch.device | str | None = None) -> Tensor:
+    """Boolean [N, N] mask (True = may attend) where each token of step t sees every token of steps <= t.
+
+    Within a step attention is full (actions, states and frame tokens see each other), so the
+    prediction for frame t+1 can use a_t and s_t but nothing from later steps.
+    """
+    step = torch.arange(num_t * tokens_per_step, device=device) // tokens_per_step  # [N]
+    return step[:, None] >= step[None, :]  # [N, N]
+
+
+class ACAttention(nn.Module):
+    """Multi-head self-attention over [a, s, frame] steps with per-kind RoPE and a block-causal mask."""
+
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.cond_tokens = cfg.cond_tokens
+        self.qkv = nn.Linear(cfg.predictor_embed_dim, 3 * cfg.predictor_embed_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.predictor_embed_dim, cfg.predictor_embed_dim)
+
+    def _rotate(self, x: Tensor, lay: _Layout) -> Tensor:
+        """RoPE per token kind, re-assembled per step in [a, s, frame] order.
+
+        x is [B, heads, T, K + hw, hd]; action/state tokens turn by their integer time only (in x's
+        dtype), frame tokens by float32 (time, row, column) like the release. A Linear acts on each
+        token alone, so one qkv over the whole sequence equals the release's per-kind qkv.
+        """
+        n_cond = self.cond_tokens
+        cond = apply_rope_time(x[:, :, :, :n_cond], lay.cond_t)  # [B, heads, T, K, hd]
+        frame = apply_rope_3d(x[:, :, :, n_cond:], lay.frame_t, lay.frame_r, lay.frame_c)  # [B, heads, T, hw, hd]
+        return torch.cat((cond, frame), dim=3).flatten(2, 3)  # [B, heads, N, hd]
+
+    def forward(self, x: Tensor, lay: _Layout) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # [B, N, 3, heads, hd]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, hd] each
+        steps = (lay.num_t, self.cond_tokens + lay.hw)
+        q = self._rotate(q.unflatten(2, steps), lay)  # [B, heads, N, hd]
+        k = self._rotate(k.unflatten(2, steps), lay)  # [B, heads, N, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=lay.mask)  # [B, heads, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
+
+
+class ACBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (key names as in the release)."""
+
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.predictor_embed_dim, eps=cfg.norm_eps)
+        self.attn = ACAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.predictor_embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.predictor_embed_dim, cfg.mlp_hidden_dim)
+
+    def forward(self, x: Tensor, lay: _Layout) -> Tensor:
+        x = x + self.attn(self.norm1(x), lay)  # [B, N, P]
+        return x + self.mlp(self.norm2(x))  # [B, N, P]
+
+
+class ACPredictor(nn.Module):
+    """V-JEPA 2-AC predictor: (z [B, T*hw, D_enc], actions [B, T, 7], states [B, T, 7]) -> [B, T*hw, D_enc].
+
+    Output frame t is the prediction of the features of frame t+1. Works for any T >= 1 (the rollout
+    calls it with a growing T). ``state_dict()`` keys are the release's names, without prefix.
+    """
+
+    def __init__(self, cfg: PredictorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        P = cfg.predictor_embed_dim
+        self.predictor_embed = nn.Linear(cfg.embed_dim, P)
+        self.action_encoder = nn.Linear(cfg.action_dim, P)
+        self.state_encoder = nn.Linear(cfg.action_dim, P)
+        # Always created (6 = action_dim - 1 inputs, as in the release) so released checkpoints load.
+        self.extrinsics_encoder = nn.Linear(cfg.action_dim - 1, P)
+        self.predictor_blocks = nn.ModuleList(ACBlock(cfg) for _ in range(cfg.depth))
+        self.predictor_norm = nn.LayerNorm(P, eps=cfg.norm_eps)
+        self.predictor_proj = nn.Linear(P, cfg.embed_dim)
+        self.activation_checkpointing: bool = False  # recompute blocks in backward to save memory
+        self._layouts: dict[tuple[int, int, str], _Layout] = {}  # (T, hw, device) -> mask and positions
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The release's init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm 1/0, then
+        block l's (1-based) attn.proj and mlp.fc2 weights divided by sqrt(2 l) so the residual
+        stream's variance does not grow with depth."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF, generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for layer_id, block in enumerate(self.predictor_blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def forward(self, z: Tensor, actions: Tensor, states: Tensor, extrinsics: Tensor | None = None) -> Tensor:
+        num_t = actions.shape[1]
+        hw = self._check_inputs(z, actions, states, extrinsics)
+        lay = self._layout(num_t, hw, z.device)
+        x = self.predictor_embed(z).unflatten(1, (num_t, hw))  # [B, T, hw, P]
+        cond = [self.action_encoder(actions), self.state_encoder(states)]  # 2 x [B, T, P]
+        if self.cfg.use_extrinsics:
+            cond.append(self.extrinsics_encoder(extrinsics))  # [B, T, P]
+        cond_tokens = torch.stack(cond, dim=2)  # [B, T, K, P]
+        x = torch.cat((cond_tokens, x), dim=2).flatten(1, 2)  # [B, T*(K+hw), P]
+        for block in self.predictor_blocks:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = activation_checkpoint(block, x, lay, use_reentrant=False)  # [B, T*(K+hw), P]
+            else:
+                x = block(x, lay)  # [B, T*(K+hw), P]
+        x = x.unflatten(1, (num_t, -1))[:, :, self.cfg.cond_tokens :].flatten(1, 2)  # [B, T*hw, P]
+        return self.predictor_proj(self.predictor_norm(x))  # [B, T*hw, D_enc]
+
+    def _check_inputs(self, z: Tensor, actions: Tensor, states: Tensor, extrinsics: Tensor | None) -> int:
+        """Validate shapes; return hw, the frame tokens per time step."""
+        num_t = actions.shape[1]
+        if z.dim() != 3 or z.shape[-1] != self.cfg.embed_dim:
+            raise ValueError(f"expected z [B, T*hw, {self.cfg.embed_dim}], got {tuple(z.shape)}")
+        if num_t < 1 or states.shape[:2] != actions.shape[:2] or actions.shape[0] != z.shape[0]:
+            raise ValueError(
+                f"actions {tuple(actions.shape)} and states {tuple(states.shape)} must be [B, T, "
+                f"{self.cfg.action_dim}] with the batch of z {tuple(z.shape)}"
+            )
+        if z.shape[1] % num_t:
+            raise ValueError(f"z has {z.shape[1]} tokens, not a multiple of T = {num_t}")
+        if self.cfg.use_extrinsics and (extrinsics is None or extrinsics.shape[:2] != actions.shape[:2]):
+            raise ValueError("use_extrinsics is set: pass extrinsics [B, T, action_dim - 1]")
+        return z.shape[1] // num_t
+
+    def _layout(self, num_t: int, hw: int, device: torch.device) -> _Layout:
+        """Mask and RoPE positions for T steps of hw frame tokens, built once per (T, hw, device).
+
+        Frame rows/columns are scaled by g / h and g / w (g = img_size / patch), as float32 like the
+        release, so a frame at another resolution spans the training grid. The frame grid is taken
+        to be square (h = w = sqrt(hw)), as it is for the release's square inputs.
+        """
+        key = (num_t, hw, str(device))
+        if key not in self._layouts:
+            side = math.isqrt(hw)
+            if side * side != hw:
+                raise ValueError(f"{hw} tokens per frame do not form a square grid")
+            _, row, col = grid_positions(1, side, side, device=device)  # [hw] each
+            scale = self.cfg.grid_size / side
+            steps = torch.arange(num_t, device=device)  # [T]
+            self._layouts[key] = _Layout(
+                mask=block_causal_mask(num_t, self.cfg.cond_tokens + hw, device),  # [N, N]
+                frame_t=steps.to(torch.float32)[:, None],  # [T, 1]
+                frame_r=row.to(torch.float32) * scale,  # [hw]
+                frame_c=col.to(torch.float32) * scale,  # [hw]
+                cond_t=steps[:, None],  # [T, 1]
+                num_t=num_t,
+                hw=hw,
+            )
+        return self._layouts[key]
+
+
+def build_predictor(
+    cfg: PredictorConfig, checkpoint: str | Path | None = None, checkpoint_key: str = "predictor", seed: int = 0
+) -> ACPredictor:
+    """A predictor with seeded random weights (training from scratch) or a released file's weights.
+
+    Built on the meta device and materialised once, so there is no throw-away init and the global RNG
+    is untouched; random weights come from a local generator and are bit-identical per (cfg, seed).
+    A checkpoint loads strictly: any missing or unexpected key is a CheckpointError naming the file.
+    The model is returned in train mode with gradients enabled; call ``.eval()`` for planning.
+    """
+    with torch.device("meta"):
+        model = ACPredictor(cfg)
+    model.to_empty(device="cpu")
+    if checkpoint is None:
+        model.init_weights(torch.Generator(device="cpu").manual_seed(seed))
+    else:
+        state = read_state_dict(checkpoint, checkpoint_key)
+        load_strict(model, state, source=f"{checkpoint}[{checkpoint_key!r}]")
+    return model
+
+
+def layer_norm_features(x: Tensor) -> Tensor:
+    """Layer norm over the last dim without affine weights, in float32 ("normalize_reps").
+
+    Targets and the predictor's inputs/outputs live on this scale, so an L1 distance between them is
+    comparable across dims. The release calls ``F.layer_norm`` with its default eps (1e-5), which
+    autocast runs in float32; autocast is switched off here so the same holds on every device.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.layer_norm(x.float(), (x.shape[-1],))  # [..., D]
+
+
+def _extend(predictor: ACPredictor, z: Tensor, actions: Tensor, states: Tensor, steps: int, hw: int) -> Tensor:
+    """Append ``steps`` predicted frames to the context z [B, k*hw, D], one at a time.
+
+    With n frames in z, the predictor sees actions/states of steps < n (ground-truth states; only the
+    frames are the model's own) and its last output frame, layer-normed, becomes frame n.
+    """
+    for _ in range(steps):
+        n = z.shape[1] // hw
+        nxt = layer_norm_features(predictor(z, actions[:, :n], states[:, :n]))[:, -hw:]  # [B, hw, D]
+        z = torch.cat((z, nxt), dim=1)  # [B, (n+1)*hw, D]
+    return z
+
+
+def rollout(predictor: ACPredictor, h0: Tensor, actions: Tensor, states: Tensor, steps: int) -> Tensor:
+    """Predict ``steps`` frames autoregressively from the layer-normed first frame h0 [B, hw, D].
+
+    actions/states are [B, >= steps, 7]; step n uses actions[:, :n+1] and ground-truth states[:, :n+1],
+    as in the loss. Returns [B, steps, hw, D], each frame layer-normed. Gradients flow if enabled:
+    wrap in ``torch.no_grad()`` for evaluation and planning.
+    """
+    if actions.shape[1] < steps or states.shape[1] < steps:
+        raise ValueError(f"{steps} steps need >= {steps} actions and states, got {actions.shape[1]}, {states.shape[1]}")
+    hw = h0.shape[1]
+    z = _extend(predictor, h0, actions, states, steps, hw)  # [B, (1+steps)*hw, D]
+    return z[:, hw:].unflatten(1, (steps, hw))  # [B, steps, hw, D]
+
+
+def ac_loss(
+    predictor: ACPredictor, features: Tensor, actions: Tensor, states: Tensor, auto_steps: int = 2
+) -> tuple[Tensor, Tensor]:
+    """(teacher-forcing L1, rollout L1) of a T-frame clip, exactly as the release trains (SPEC section 5).
+
+    features: raw encoder features [B, T*hw, D] or [B, T, hw, D]; actions [B, T-1, 7]; states [B, T, 7].
+    Targets are layer-normed and detached, so gradients reach only the predictor. Teacher forcing
+    predicts frames 1..T-1 from ground-truth frames 0..T-2; the rollout starts from frame 0 and the
+    first teacher-forced prediction and feeds its own predictions back for ``auto_steps`` frames.
+    """
+    num_t = states.shape[1]
+    if features.dim() == 4:
+        features = features.flatten(1, 2)  # [B, T*hw, D]
+    if features.shape[1] % num_t or actions.shape[1] != num_t - 1:
+        raise ValueError(
+            f"features {tuple(features.shape)}, actions {tuple(actions.shape)}, states {tuple(states.shape)}: "
+            "need T frames, T-1 actions, T states"
+        )
+    if not 1 <= auto_steps <= num_t - 1:
+        raise ValueError(f"auto_steps {auto_steps} must be in [1, T-1 = {num_t - 1}]")
+    hw = features.shape[1] // num_t
+    h = layer_norm_features(features.detach())  # [B, T*hw, D]
+
+    z_tf = layer_norm_features(predictor(h[:, :-hw], actions, states[:, :-1]))  # [B, (T-1)*hw, D]
+    tf_loss = (z_tf - h[:, hw:]).abs().mean()
+
+    z = torch.cat((h[:, :hw], z_tf[:, :hw]), dim=1)  # [B, 2*hw, D]
+    z = _extend(predictor, z, actions, states, auto_steps - 1, hw)  # [B, (1+auto_steps)*hw, D]
+    z_ar = z[:, hw:]  # [B, auto_steps*hw, D]
+    roll_loss = (z_ar - h[:, hw : (auto_steps + 1) * hw]).abs().mean()
+    return tf_loss, roll_loss

@@ -1,0 +1,281 @@
+"""Stage two: train the action-conditioned predictor from the feature cache.
+
+`train()` reads top to bottom: set-up (ranks, store, windows, model, optimizer, resume) -> for each
+step: next batch -> loss -> optimizer step -> log -> eval -> checkpoint -> summary. The frozen encoder
+never runs here: its features come from the store (as written, before the layer norm, which the loss
+applies), so a step costs only the predictor's forward and backward.
+
+Resuming is exact: the window sampler is a function of (seed, rank, batch number) and the learning
+rate a function of the step, so N steps + kill + resume + M steps equals N+M steps uninterrupted.
+Committed parts added to the store since the last start are picked up when a run (re)starts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
+from pipeline.manifest import Manifest
+from stages.encoder import fingerprint_spec, vit_config
+from stages.evaluate import evaluate, format_eval
+from stages.optim import build_optimizer, set_schedule
+from stages.plots import plot_horizons, plot_losses
+from stages.predictor import ACPredictor, PredictorConfig, ac_loss, build_predictor
+from stages.run_files import (
+    append_jsonl,
+    latest_checkpoint,
+    load_checkpoint,
+    read_jsonl,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_jsonl,
+)
+from stages.windows import WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
+
+EVAL_BATCH = 16  # windows per evaluation forward
+
+
+@dataclass
+class TrainSummary:
+    """What a run of `pipeline train` did."""
+
+    run_dir: str
+    start_step: int
+    end_step: int
+    world_size: int
+    train_episodes: int
+    heldout_episodes: int
+    train_views: int
+    seconds: float = 0.0
+    clips_per_second: float = 0.0
+    data_wait_share: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    ranks_in_sync: bool = True
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def predictor_config(m: Manifest) -> PredictorConfig:
+    """The predictor's architecture: the manifest's predictor section on the encoder's grid and width."""
+    enc = vit_config(m)
+    p = m.predictor
+    return PredictorConfig(img_size=m.crop.size, patch_size=enc.patch_size, embed_dim=enc.embed_dim,
+                           predictor_embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads,
+                           mlp_ratio=p.mlp_ratio)
+
+
+def autocast_for(m: Manifest, device: torch.device) -> AbstractContextManager:
+    """bf16 / fp16 autocast on a GPU as the manifest says; fp32 on the CPU (no fast fp16 path there)."""
+    if device.type != "cuda" or m.train.precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if m.train.precision == "bf16" else torch.float16)
+
+
+def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume: bool = True,
+          show_progress: bool = True, echo=print) -> TrainSummary:
+    """Run (or continue) training into `out`; stops after optimizer step `steps` (default: the schedule's end)."""
+    info = init_distributed(m.train.device)
+    cfg, T = m.train, m.data.frames_per_clip
+    run_dir = Path(out or cfg.out)
+    if cfg.global_batch_size % info.world_size:
+        raise ValueError(f"train.global_batch_size {cfg.global_batch_size} must divide by the world size "
+                         f"{info.world_size}")
+
+    # -- data: only committed parts of the store that matches this manifest's fingerprint ---------------
+    pcfg = predictor_config(m)
+    store = open_training_store(m.cache.path, fingerprint_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
+    views = store.committed_views().values()
+    train_idx, held_idx = (WindowIndex.from_views(views, split=split, frames_per_clip=T, camera=m.data.camera,
+                                                  heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt)
+                           for split in ("train", "heldout"))
+    if not train_idx.episodes:
+        raise ValueError(f"no training windows of {T} frames in {store.url}")
+
+    # -- model, optimizer, resume ---------------------------------------------------------------------------
+    model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.extrinsics_encoder.requires_grad_(pcfg.use_extrinsics)  # in checkpoints, unused by default
+    model.to(info.device).train()
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
+    step = _resume(run_dir, model, optimizer, scaler, info) if resume else 0
+    loss_fn = _LossModule(model, cfg.auto_steps)
+    ddp = DistributedDataParallel(loss_fn) if info.enabled else loss_fn
+    autocast = autocast_for(m, info.device)
+    if info.is_main:
+        _start_run_dir(run_dir, m, step)
+    last = min(steps or cfg.total_steps, cfg.total_steps)
+    loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
+                          start_batch=step, threads=cfg.loader_threads, prefetch=cfg.prefetch_batches,
+                          device=info.device)
+    held = eval_windows(held_idx, T, cfg.eval_windows, cfg.seed) if held_idx.episodes else []
+    summary = TrainSummary(str(run_dir), step, step, info.world_size, len(train_idx.episodes),
+                           len(held_idx.episodes), train_idx.num_views)
+    if info.is_main:
+        echo(f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter predictor on "
+             f"{summary.train_episodes} episodes ({summary.train_views} views), {summary.heldout_episodes} held out; "
+             f"steps {step + 1}..{last} of {cfg.total_steps}, global batch {cfg.global_batch_size} on "
+             f"{info.world_size} x {info.device.type}; run folder {run_dir}")
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main),
+               dynamic_ncols=True, desc="train")
+    window = _Window()
+    t_start = time.perf_counter()
+    try:
+        while step < last:
+            step += 1
+            t0 = time.perf_counter()
+            batch = next(loader)
+            lr = set_schedule(optimizer, step, cfg)
+            with autocast:
+                tf_loss, roll_loss = ddp(batch.features.float(), batch.actions, batch.states)
+                loss = tf_loss + roll_loss
+            scaler.scale(loss).backward()
+            grad_norm = _clip(model, optimizer, scaler, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            window.add(loss.item(), tf_loss.item(), roll_loss.item(), batch.wait_seconds, time.perf_counter() - t0)
+
+            if step % cfg.log_every == 0 or step == last:
+                row = window.row(step, lr, grad_norm, cfg.global_batch_size, info)
+                summary.first_loss = summary.first_loss if summary.first_loss is not None else row["loss"]
+                summary.last_loss = row["loss"]
+                if info.is_main:
+                    append_jsonl(run_dir / "metrics.jsonl", row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{row['clips_per_s']:.1f}",
+                                    wait=f"{100 * row['data_wait_share']:.0f}%")
+            bar.update(1)
+
+            at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == last
+            if at_eval:
+                summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info)
+            if at_eval or step % cfg.checkpoint_every == 0:
+                _checkpoint(run_dir, m, model, optimizer, scaler, step, loader, info,
+                            keep=step % cfg.checkpoint_every == 0)
+    finally:
+        bar.close()
+        loader.close()
+    summary.end_step = step
+    summary.seconds = time.perf_counter() - t_start
+    totals = window.totals
+    summary.clips_per_second = totals["steps"] * cfg.global_batch_size / max(totals["time"], 1e-9)
+    summary.data_wait_share = totals["wait"] / max(totals["time"], 1e-9)
+    summary.ranks_in_sync = params_in_sync(model, info)
+    if info.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
+    shutdown(info)
+    return summary
+
+
+class _LossModule(torch.nn.Module):
+    """The whole loss as one module, so DDP sees one forward per step (the loss calls the predictor
+    1 + auto_steps - 1 times; DDP does not allow several forwards of the wrapped module per backward)."""
+
+    def __init__(self, predictor: ACPredictor, auto_steps: int) -> None:
+        super().__init__()
+        self.predictor, self.auto_steps = predictor, auto_steps
+
+    def forward(self, features: torch.Tensor, actions: torch.Tensor, states: torch.Tensor) -> tuple:
+        return ac_loss(self.predictor, features, actions, states, self.auto_steps)
+
+
+class _Window:
+    """Accumulates per-step figures between two log rows (and over the whole run)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, float, float, float]] = []
+        self.totals = {"steps": 0, "wait": 0.0, "time": 0.0}
+
+    def add(self, loss: float, tf: float, roll: float, wait: float, seconds: float) -> None:
+        self.rows.append((loss, tf, roll, wait, seconds))
+        self.totals["steps"] += 1
+        self.totals["wait"] += wait
+        self.totals["time"] += seconds
+
+    def row(self, step: int, lr: float, grad_norm: float | None, batch: int, info: DistInfo) -> dict[str, Any]:
+        n = len(self.rows)
+        loss, tf, roll, wait, secs = (sum(col) / n for col in zip(*self.rows, strict=True))
+        loss, tf, roll = all_mean([loss, tf, roll], info)
+        self.rows = []
+        return {"step": step, "loss": loss, "tf_loss": tf, "rollout_loss": roll, "lr": lr,
+                "grad_norm": grad_norm, "clips_per_s": batch / secs, "step_seconds": secs,
+                "data_wait_share": wait / secs, "time": time.time()}
+
+
+def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          max_norm: float | None) -> float | None:
+    """Clip the gradient norm (after unscaling fp16 gradients); returns the norm before clipping."""
+    if max_norm is None:
+        return None
+    scaler.unscale_(optimizer)
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+
+def _resume(run_dir: Path, model: ACPredictor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            info: DistInfo) -> int:
+    """Load the run's latest checkpoint if there is one; returns the step to continue after."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return 0
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["predictor"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)])
+    return int(ckpt["step"])
+
+
+def _start_run_dir(run_dir: Path, m: Manifest, step: int) -> None:
+    """Save the resolved config; forget metric rows past the step we resume from (they are redone)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(m.to_dict(), indent=1))
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        truncate_jsonl(run_dir / name, step)
+
+
+def _evaluate_and_plot(m: Manifest, model: ACPredictor, store: Any, held: list, autocast: AbstractContextManager,
+                       step: int, run_dir: Path, info: DistInfo) -> dict[str, Any]:
+    """Rank 0 evaluates on the held-out windows and redraws the plots; the others wait."""
+    result: dict[str, Any] = {}
+    if info.is_main and held:
+        T = m.data.frames_per_clip
+        batches = (load_windows(store, held[i : i + EVAL_BATCH], T, info.device)
+                   for i in range(0, len(held), EVAL_BATCH))
+        result = evaluate(model, batches, m.train.auto_steps, m.train.eval_horizons, autocast, step)
+        append_jsonl(run_dir / "eval.jsonl", result)
+        (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+        tqdm.write(format_eval(result))
+        plot_horizons(result, run_dir / "eval.png")
+    if info.is_main:
+        plot_losses(read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"), run_dir / "loss.png")
+    barrier(info)
+    return result
+
+
+def _checkpoint(run_dir: Path, m: Manifest, model: ACPredictor, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, step: int, loader: WindowLoader, info: DistInfo, keep: bool) -> None:
+    """Rank 0 writes latest.pt (and a kept copy every checkpoint_every steps); every rank's RNG is saved."""
+    states = [rng_state()]
+    if info.enabled:
+        states = [None] * info.world_size
+        torch.distributed.all_gather_object(states, rng_state())
+    if info.is_main:
+        payload = {"predictor": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "step": step, "rng": states, "loader": loader.state_dict(),
+                   "config": m.to_dict(), "predictor_config": predictor_config(m).to_dict()}
+        save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
+        if keep:
+            save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)
+    barrier(info)

@@ -1,0 +1,427 @@
+"""Training windows from the feature store: which views a run may use, how windows are drawn, and how
+their rows reach the trainer without making it wait.
+
+Why this is one module of its own: stage two never decodes video, so its data path is only this --
+pick a window of T consecutive frames inside one committed view (DESIGN section 1) and read its rows.
+Three properties of that path decide whether a run can be trusted and resumed, so they live here:
+
+- the train / held-out split is a pure function of the episode id, so adding episodes to the store
+  never moves an old episode from one side to the other;
+- the windows of global batch `b` on rank `r` come from their own generator seeded with
+  (seed, r, b): a resumed run needs only the next batch number (no replay), prefetching ahead cannot
+  change what a resumed run sees, and every DDP rank draws its own stream;
+- what comes out is exactly what `FeatureStore.read_features` gives (bf16 stays bf16, bit for bit);
+  the layer norm and any casting are the trainer's business.
+
+Sampling follows the release: an episode uniformly, then one of its views uniformly, then a start
+uniformly in [0, length - T]. Reads run on a thread pool (zarr releases the GIL for file I/O and
+decoding), a few batches ahead of the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import weakref
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.store import STATE_DIM, FeatureStore, StoreError, ViewRecord
+
+SPLITS = ("train", "heldout", "all")
+CPU = torch.device("cpu")
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# -- the split ---------------------------------------------------------------------------------------
+
+
+def split_of(episode_id: str, heldout_fraction: float, salt: str = "") -> str:
+    """"train" or "heldout" for an episode, from a hash of its id alone.
+
+    A hash (not a shuffled list) keeps every episode on its side forever: episodes added later are
+    split by the same rule, and none of the old ones move into or out of the held-out set.
+    """
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction {heldout_fraction!r} must be in [0, 1]")
+    digest = hashlib.sha256((salt + episode_id).encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64  # uniform in [0, 1)
+    return "heldout" if u < heldout_fraction else "train"
+
+
+# -- the index ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Window:
+    """T consecutive stored frames of one view: rows start .. start+T-1 of `view`."""
+
+    view: ViewRecord
+    start: int
+
+
+class WindowIndex:
+    """The committed views of one split, grouped by episode, that are long enough for a T-frame window.
+
+    Built once at start-up from the commit records (no array is opened). Views shorter than T are
+    dropped and counted; an episode none of whose views is long enough is dropped with them.
+    """
+
+    def __init__(self, store: FeatureStore, *, split: str, frames_per_clip: int, heldout_fraction: float = 0.0,
+                 salt: str = "", camera: str | None = None):
+        self._build(store.committed_views().values(), split, frames_per_clip, heldout_fraction, salt, camera)
+
+    @classmethod
+    def from_views(cls, views: Iterable[ViewRecord], *, split: str, frames_per_clip: int,
+                   heldout_fraction: float = 0.0, salt: str = "", camera: str | None = None) -> WindowIndex:
+        """The same index from view records at hand (a store's subset, or records made up in tests)."""
+        index = cls.__new__(cls)
+        index._build(views, split, frames_per_clip, heldout_fraction, salt, camera)
+        return index
+
+    def _build(self, views: Iterable[ViewRecord], split: str, frames_per_clip: int, heldout_fraction: float,
+               salt: str, camera: str | None) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} must be one of {SPLITS}")
+        if frames_per_clip < 2:
+            raise ValueError(f"frames_per_clip {frames_per_clip} must be >= 2 (a window needs one action)")
+        self.split, self.frames_per_clip = split, frames_per_clip
+        self.heldout_fraction, self.salt, self.camera = heldout_fraction, salt, camera
+        self.dropped_views = 0  # views of this split shorter than frames_per_clip
+        grouped: dict[str, list[ViewRecord]] = defaultdict(list)
+        for v in views:
+            if camera is not None and v.camera != camera:
+                continue
+            if split != "all" and split_of(v.episode_id, heldout_fraction, salt) != split:
+                continue
+            if v.length < frames_per_clip:
+                self.dropped_views += 1
+                continue
+            grouped[v.episode_id].append(v)
+        self._views = {e: sorted(vs, key=lambda v: v.view_id) for e, vs in grouped.items()}
+        self.episodes: list[str] = sorted(self._views)
+
+    def views_of(self, episode: str) -> list[ViewRecord]:
+        """The episode's usable views, sorted by view id (a stable order for the sampler)."""
+        return self._views[episode]
+
+    def _all_views(self) -> Iterable[ViewRecord]:
+        return (v for vs in self._views.values() for v in vs)
+
+    @property
+    def num_views(self) -> int:
+        return sum(len(vs) for vs in self._views.values())
+
+    @property
+    def num_frames(self) -> int:
+        return sum(v.length for v in self._all_views())
+
+    @property
+    def num_windows(self) -> int:
+        """Distinct T-frame windows (start positions) over all usable views."""
+        return sum(v.length - self.frames_per_clip + 1 for v in self._all_views())
+
+    def __repr__(self) -> str:
+        return (f"WindowIndex(split={self.split!r}, T={self.frames_per_clip}, episodes={len(self.episodes)}, "
+                f"views={self.num_views}, frames={self.num_frames}, windows={self.num_windows}, "
+                f"dropped_views={self.dropped_views})")
+
+
+# -- opening the store for training ------------------------------------------------------------------
+
+
+def open_training_store(cache_path: str, spec: dict[str, Any], tokens_per_frame: int, dim: int) -> FeatureStore:
+    """The manifest's store, checked against what the predictor expects, before any training starts.
+
+    A mismatch found here costs seconds; found after the first batch (or, worse, not found because
+    shapes happen to broadcast) it costs a run. The fingerprint check refuses another encoder's or
+    another augmentation's features; the shape check refuses a predictor config that disagrees with
+    the manifest's encoder and crop size.
+    """
+    store = FeatureStore(cache_path, spec)
+    if not store.exists():
+        raise StoreError(
+            f"no feature store for this manifest under {cache_path}: expected fingerprint {store.digest[:16]} "
+            f"at {store.url}; found {_stores_under(store) or 'no stores'}. Run `pipeline extract` with this "
+            "manifest (and profile) first.")
+    store.check()
+    views = store.committed_views()
+    if not views:
+        raise StoreError(
+            f"{store.url}: the store has no committed views (extraction never finished a part). "
+            "Run `pipeline extract` with this manifest to fill it.")
+    part = next(iter(views.values())).part
+    arr = store.array(part, "features")
+    found_tokens, found_dim = arr.shape[1:]
+    if (found_tokens, found_dim) != (tokens_per_frame, dim):
+        raise StoreError(
+            f"{store.url}: committed features are {found_tokens} tokens x {found_dim} wide per frame "
+            f"(part {part}), but the predictor config expects {tokens_per_frame} tokens x {dim}. The manifest's "
+            "encoder / crop.size and the predictor's config must agree: fix the predictor config, or run "
+            "`pipeline extract` with the manifest the predictor is configured for.")
+    return store
+
+
+def _stores_under(store: FeatureStore) -> str:
+    """The fingerprint folders that do exist under the cache path, for the error message."""
+    try:
+        parent = store.root.rsplit("/", 1)[0]
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(parent, detail=False)]
+    except (FileNotFoundError, OSError):
+        return ""
+    return ", ".join(f"store {n}" for n in sorted(names))
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+
+
+def sample_batch(index: WindowIndex, batch_size: int, seed: int, rank: int, batch_number: int) -> list[Window]:
+    """The windows of global batch `batch_number` on `rank`: episode, then view, then start, uniformly.
+
+    Each (seed, rank, batch) has its own generator, so any batch can be drawn without drawing the
+    ones before it: resuming needs only the batch number, and ranks never share a stream.
+    """
+    if not index.episodes:
+        raise ValueError(f"no windows to sample: {index}")
+    if min(seed, rank, batch_number) < 0:
+        raise ValueError(f"seed {seed}, rank {rank}, batch_number {batch_number} must be >= 0")
+    rng = np.random.default_rng([seed, rank, batch_number])
+    T = index.frames_per_clip
+    out = []
+    for _ in range(batch_size):
+        views = index.views_of(index.episodes[rng.integers(len(index.episodes))])
+        view = views[rng.integers(len(views))]
+        out.append(Window(view, int(rng.integers(view.length - T + 1))))
+    return out
+
+
+def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> list[Window]:
+    """A fixed set of up to `max_windows` windows, spread evenly over episodes, then views, then time.
+
+    Evaluation compares checkpoints, so it must see the same windows every time. Each episode offers
+    its windows in the order (view 0, start 0), (view 1, start 0), ..., (view 0, start T), ... (non-
+    overlapping starts); episodes take turns in a seeded order, so a small `max_windows` still
+    covers as many episodes as it can, without favouring the alphabetically first ones.
+    """
+    order = [index.episodes[i] for i in np.random.default_rng(seed).permutation(len(index.episodes))]
+    queues = [deque(_episode_windows(index.views_of(e), T)) for e in order]
+    out: list[Window] = []
+    while len(out) < max_windows and any(queues):
+        for q in queues:
+            if q and len(out) < max_windows:
+                out.append(q.popleft())
+    return out
+
+
+def _episode_windows(views: list[ViewRecord], T: int) -> list[Window]:
+    """One episode's non-overlapping windows, interleaved over its views."""
+    starts = [list(range(0, v.length - T + 1, T)) for v in views]
+    return [Window(v, s[k]) for k in range(max(map(len, starts), default=0))
+            for v, s in zip(views, starts, strict=True) if k < len(s)]
+
+
+# -- reading -----------------------------------------------------------------------------------------
+
+_ROWS: weakref.WeakKeyDictionary[FeatureStore, dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]] = (
+    weakref.WeakKeyDictionary())
+_ROWS_LOCK = threading.Lock()
+
+
+def _view_rows(store: FeatureStore, view: ViewRecord) -> tuple[np.ndarray, np.ndarray]:
+    """A view's states [F, 7] and actions [F, 7], read once per store and kept (56 bytes per frame).
+
+    Keyed by where the rows are (part, first row): a re-extracted view lives elsewhere.
+    """
+    key = (view.part, view.start)
+    with _ROWS_LOCK:
+        cache = _ROWS.setdefault(store, {})
+        hit = cache.get(key)
+    if hit is None:  # two threads may both read a view once; harmless and cheaper than a lock around I/O
+        hit = (np.asarray(store.read_rows(view, "states"), np.float32),
+               np.asarray(store.read_rows(view, "actions"), np.float32))
+        with _ROWS_LOCK:
+            cache[key] = hit
+    return hit
+
+
+def read_window(store: FeatureStore, window: Window, T: int) -> tuple[Tensor, Tensor, Tensor]:
+    """features [T, tokens, D] as stored, actions [T-1, 7] float32, states [T, 7] float32."""
+    view, s = window.view, window.start
+    features = store.read_features(view, s, T)  # [T, tokens, D], stored dtype; checks the bounds
+    states, actions = _view_rows(store, view)
+    a = actions[s : s + T - 1]  # [T-1, 7]; the view's last row (NaN) is never inside
+    if not np.isfinite(a).all():
+        raise StoreError(f"non-finite actions in view {view.view_id} rows {s}..{s + T - 2} (part {view.part})")
+    return features, torch.from_numpy(a.copy()), torch.from_numpy(states[s : s + T].copy())  # [T-1,7], [T,7]
+
+
+@dataclass
+class Batch:
+    """One batch of windows, on the trainer's device."""
+
+    features: Tensor  # [B, T, tokens, D], stored dtype
+    actions: Tensor  # [B, T-1, 7] float32
+    states: Tensor  # [B, T, 7] float32
+    batch_number: int  # global batch number (-1 for evaluation batches)
+    wait_seconds: float = 0.0  # how long the trainer blocked waiting for this batch
+    windows: list[Window] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class _Buffers:
+    """CPU tensors a batch is assembled in (pinned for a CUDA trainer, so the copy can be asynchronous)."""
+
+    features: Tensor  # [B, T, tokens, D]
+    actions: Tensor  # [B, T-1, 7]
+    states: Tensor  # [B, T, 7]
+
+    @classmethod
+    def empty(cls, B: int, T: int, layout: tuple[int, int, torch.dtype], pin: bool) -> _Buffers:
+        tokens, dim, dtype = layout
+        return cls(torch.empty((B, T, tokens, dim), dtype=dtype, pin_memory=pin),
+                   torch.empty((B, T - 1, STATE_DIM), dtype=torch.float32, pin_memory=pin),
+                   torch.empty((B, T, STATE_DIM), dtype=torch.float32, pin_memory=pin))
+
+    def fill(self, i: int, store: FeatureStore, window: Window, T: int) -> None:
+        """Read one window into row i (runs on a reader thread; rows are disjoint)."""
+        features, actions, states = read_window(store, window, T)
+        self.features[i].copy_(features)
+        self.actions[i].copy_(actions)
+        self.states[i].copy_(states)
+
+    def to_batch(self, device: torch.device, batch_number: int, wait: float, windows: list[Window]) -> Batch:
+        nb = self.features.is_pinned()
+        return Batch(self.features.to(device, non_blocking=nb), self.actions.to(device, non_blocking=nb),
+                     self.states.to(device, non_blocking=nb), batch_number, wait, windows)
+
+
+def feature_layout(store: FeatureStore, view: ViewRecord) -> tuple[int, int, torch.dtype]:
+    """(tokens, D, dtype) of the stored features; one fingerprint means one layout for every part."""
+    arr = store.array(view.part, "features")
+    return int(arr.shape[1]), int(arr.shape[2]), _TORCH_DTYPES[arr.attrs["logical_dtype"]]
+
+
+def load_windows(store: FeatureStore, windows: list[Window], T: int, device: torch.device) -> Batch:
+    """An evaluation batch of the given windows, read in this thread."""
+    if not windows:
+        raise ValueError("load_windows needs at least one window")
+    buffers = _Buffers.empty(len(windows), T, feature_layout(store, windows[0].view), pin=False)
+    for i, w in enumerate(windows):
+        buffers.fill(i, store, w, T)
+    return buffers.to_batch(device, -1, 0.0, windows)
+
+
+# -- the training loader -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    """A batch whose windows are being read in the background."""
+
+    batch_number: int
+    windows: list[Window]
+    buffers: _Buffers
+    reads: list[Future]
+
+
+class WindowLoader:
+    """Endless batches for training, read `prefetch` batches ahead on `threads` reader threads.
+
+    The state is just the next batch number (plus seed and rank): batches are drawn from their own
+    generators, so restarting at batch k gives exactly the batches k, k+1, ... of an uninterrupted run.
+    """
+
+    def __init__(self, store: FeatureStore, index: WindowIndex, batch_size: int, frames_per_clip: int, seed: int,
+                 rank: int = 0, start_batch: int = 0, threads: int = 4, prefetch: int = 2,
+                 device: torch.device = CPU, pin_memory: bool | None = None):
+        if frames_per_clip != index.frames_per_clip:
+            raise ValueError(f"frames_per_clip {frames_per_clip} != the index's {index.frames_per_clip}")
+        if not index.episodes:
+            raise ValueError(f"no training windows: {index}")
+        if batch_size < 1 or threads < 1 or prefetch < 0:
+            raise ValueError(f"batch_size {batch_size} and threads {threads} must be >= 1, prefetch {prefetch} >= 0")
+        self.store, self.index, self.batch_size, self.T = store, index, batch_size, frames_per_clip
+        self.seed, self.rank, self.prefetch = seed, rank, prefetch
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._layout = feature_layout(store, index.views_of(index.episodes[0])[0])
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader")
+        self._pending: deque[_Pending] = deque()
+        self._next = start_batch  # the next batch __next__ returns
+        self._fill(self._next + prefetch)
+
+    # -- iteration ---------------------------------------------------------------------------------
+    def __iter__(self) -> WindowLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        return self.next()
+
+    def next(self) -> Batch:
+        """The next batch; blocks only if its reads have not finished yet (the time is in wait_seconds)."""
+        self._fill(self._next + 1)
+        pending = self._pending.popleft()
+        t0 = time.perf_counter()
+        try:
+            for f in pending.reads:
+                f.result()  # re-raises a reader's error here, in the trainer
+        except BaseException:
+            self._drop_pending()  # a retry starts again at this same batch number
+            raise
+        wait = time.perf_counter() - t0
+        self._next += 1
+        self._fill(self._next + self.prefetch)  # keep the readers busy while the trainer computes
+        return pending.buffers.to_batch(self.device, pending.batch_number, wait, pending.windows)
+
+    def _fill(self, upto: int) -> None:
+        """Submit the reads of every batch before `upto` that is not yet in flight."""
+        b = self._pending[-1].batch_number + 1 if self._pending else self._next
+        for number in range(b, upto):
+            windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
+            buffers = _Buffers.empty(self.batch_size, self.T, self._layout, self.pin_memory)
+            reads = [self._pool.submit(buffers.fill, i, self.store, w, self.T) for i, w in enumerate(windows)]
+            self._pending.append(_Pending(number, windows, buffers, reads))
+
+    # -- resuming ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"batch_number": self._next, "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, sd: dict[str, int]) -> None:
+        """Continue at sd's batch number with sd's seed; reads in flight are dropped.
+
+        The rank stays this loader's own: it is a property of the process, and a checkpoint saved by
+        rank 0 and loaded on every rank must not give all ranks rank 0's stream.
+        """
+        self._drop_pending()
+        self.seed, self._next = int(sd["seed"]), int(sd["batch_number"])
+        self._fill(self._next + self.prefetch)
+
+    def _drop_pending(self) -> None:
+        for p in self._pending:
+            for f in p.reads:
+                f.cancel()
+        for p in self._pending:  # reads already running finish into buffers nobody will look at
+            for f in p.reads:
+                if not f.cancelled():
+                    f.exception()
+        self._pending.clear()
+
+    # -- shutting down -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the reader threads (reads in flight are dropped)."""
+        self._drop_pending()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> WindowLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
