@@ -7,6 +7,8 @@ Exit codes: 0 success; 1 the run finished but some episodes failed; 2 bad manife
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +26,20 @@ ProfileOpt = Annotated[
 ]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable).")]
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors about the user's input (store, checkpoint, files, values) end with a message and exit 2,
+    not a traceback."""
+    from pipeline.store import StoreError
+    from stages.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (StoreError, CheckpointError, FileNotFoundError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 def _load(manifest: Path, profile: str | None, overrides: list[str] | None) -> Manifest:
@@ -67,7 +83,8 @@ def extract(
     from stages.extract import extract as run_extract
     from stages.status import human_bytes
 
-    s = run_extract(m, scheduler=scheduler)
+    with _user_errors():
+        s = run_extract(m, scheduler=scheduler)
     if json_out:
         typer.echo(json.dumps(s.to_dict(), indent=1))
     else:
@@ -95,7 +112,8 @@ def status(
     m = _load(manifest, profile, set_)
     from stages.status import format_report, status_report
 
-    report = status_report(m)
+    with _user_errors():
+        report = status_report(m)
     typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
 
 
@@ -119,7 +137,8 @@ def train(
     if resume and latest_checkpoint(run_dir) is None:
         typer.secho(f"error: --resume: no checkpoint in {run_dir / 'checkpoints'}", fg=typer.colors.RED, err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
-    s = run_train(m, run_dir, steps)
+    with _user_errors():
+        s = run_train(m, run_dir, steps)
     _print_train_summary(s)
 
 
@@ -140,23 +159,30 @@ def demo(
     manifest: ManifestOpt = Path("data_manifest.yaml"),
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile to run.")] = "demo",
     set_: SetOpt = None,
-    episodes: Annotated[int, typer.Option(help="Synthetic episodes to write if data.root has none.")] = 12,
+    episodes: Annotated[int, typer.Option(help="Synthetic episodes to write if data.root has none.")] = 16,
 ) -> None:
-    """The whole job on built-in data: write synthetic DROID episodes (once), extract, report."""
+    """The whole job on built-in data: synthetic DROID episodes (once), extract, train, evaluate, plot."""
     m = _load(manifest, profile, set_)
     from stages.extract import extract as run_extract
-    from stages.status import format_report, status_report
     from stages.synthetic import write_synthetic_dataset
+    from stages.train import train as run_train
 
     root = Path(m.data.root)
     if not (root / "episodes.txt").exists():
         typer.echo(f"Writing {episodes} synthetic DROID-format episodes to {root} ...")
         write_synthetic_dataset(root, episodes, seed=0, progress=True)
-    s = run_extract(m)
-    typer.echo(f"\nextract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "
-               f"({s.frames_per_second:.1f} frames/s end to end, encoder alone {s.encoder_frames_per_second:.1f})")
-    typer.echo(format_report(status_report(m)))
-    typer.echo(f"\nResults: feature store under {m.cache.path}; episodes under {root}")
+    with _user_errors():
+        s = run_extract(m)
+        typer.echo(f"extract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "
+                   f"({s.frames_per_second:.1f} frames/s end to end); {s.views_skipped} views already cached\n")
+        t = run_train(m)
+    _print_train_summary(t)
+    if t.eval:
+        from stages.evaluate import format_eval
+
+        typer.echo(format_eval(t.eval))
+    typer.echo(f"\nResults: episodes {root}, feature store {s.store}, run {t.run_dir} "
+               f"(loss.png, eval.png, metrics.jsonl, eval.json, checkpoints/)")
     if s.failed:
         raise typer.Exit(EXIT_FAILED)
 

@@ -242,7 +242,8 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ManifestError(f"{key}: {value!r} {why}")
 
 
-PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint", "predictor.checkpoint", "train.out")  # data.episodes is relative to data.root
+# Keys holding paths; data.episodes is not one of them: it is relative to data.root.
+PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint", "predictor.checkpoint", "train.out")
 
 
 def load_manifest(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Manifest:
@@ -348,6 +349,11 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ManifestError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")

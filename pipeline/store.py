@@ -40,10 +40,12 @@ import torch
 import zarr
 import zarr.codecs
 from fsspec.implementations.local import LocalFileSystem
+from zarr.core.buffer.cpu import NDBuffer
 
 FORMAT_VERSION = 1
 STATE_DIM = 7  # xyz + 3 Euler angles + gripper
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FP16_MAX = 65504.0
 
 
@@ -166,13 +168,25 @@ class FeatureStore:
             self._arrays[key] = zarr.open_array(store=f"{self.url}/parts/{part}", path=name, mode="r")
         return self._arrays[key]
 
-    def read_features(self, view: ViewRecord, start: int, length: int) -> torch.Tensor:
-        """Rows start..start+length of a view's features, exactly as written: [length, tokens, D]."""
+    def read_features(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start..start+length of a view's features, exactly as written: [length, tokens, D].
+
+        With `out` (a contiguous CPU tensor of the stored dtype) zarr decodes straight into it: no
+        temporary array, which is ~40% of the read time of a ViT-g window (11.5 MB).
+        """
         if start < 0 or start + length > view.length:
             raise StoreError(f"window {start}+{length} outside view {view.view_id} of {view.length} frames")
         arr = self.array(view.part, "features")
-        rows = arr[view.start + start : view.start + start + length]  # [length, tokens, D]
-        return decode_features(rows, arr.attrs["logical_dtype"])
+        rows = slice(view.start + start, view.start + start + length)
+        logical = arr.attrs["logical_dtype"]
+        if out is None:
+            return decode_features(arr[rows], logical)  # [length, tokens, D]
+        if TORCH_DTYPES[logical] != out.dtype or tuple(arr.shape[1:]) != tuple(out.shape[1:]):
+            raise StoreError(f"part {view.part} holds {logical} {tuple(arr.shape[1:])} features, "
+                             f"the buffer is {out.dtype} {tuple(out.shape[1:])}")
+        target = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out  # bf16 is stored as its bits
+        arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target.numpy()))
+        return out
 
     def read_rows(self, view: ViewRecord, name: str) -> np.ndarray:
         """A small per-frame array (states, actions, frame_index) of a whole view."""

@@ -28,11 +28,13 @@ def test_droid_profile_is_the_paper_setup() -> None:
 
 def test_default_profile_and_overrides(tmp_path: Path) -> None:
     m = load_manifest(MANIFEST, None, ["encoder.batch_size=7", "crop.scale=[0.3, 1]", "encoder.checkpoint=null",
+                                       "train.lr=3e-4",
                                        f"cache.path={tmp_path}/c"])
     assert m.profile == "demo"
     assert m.encoder.batch_size == 7
     assert m.crop.scale == (0.3, 1.0)
     assert m.encoder.checkpoint is None
+    assert m.train.lr == 3e-4  # YAML 1.1 reads 3e-4 as a string; floats accept it
     assert m.cache.path == f"{tmp_path}/c"
 
 

@@ -109,3 +109,18 @@ def test_two_process_ddp_stays_in_sync(workdir: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["ranks_in_sync"] and summary["end_step"] == 4
     assert len(losses(run)) == 4  # only rank 0 writes
+
+
+def test_parts_committed_later_are_used_after_a_restart(workdir: Path, synthetic_dataset: Path) -> None:
+    lines = (synthetic_dataset / "episodes.txt").read_text().splitlines()
+    (workdir / "two.txt").write_text("\n".join(str(synthetic_dataset / e) for e in lines[:2]))
+    cache = f"cache.path={workdir}/growing"
+    m_two = load(workdir, cache, f"data.episodes={workdir / 'two.txt'}", "train.heldout_fraction=0")
+    extract(m_two, show_progress=False, echo=lambda _: None)
+    run = workdir / "growing_run"
+    first = train(m_two, run, steps=2, show_progress=False, echo=lambda _: None)
+    assert first.train_episodes == 2
+    m_all = load(workdir, cache, "train.heldout_fraction=0")
+    extract(m_all, show_progress=False, echo=lambda _: None)
+    second = train(m_all, run, steps=4, show_progress=False, echo=lambda _: None)
+    assert (second.start_step, second.train_episodes) == (2, 3)

@@ -182,6 +182,9 @@ def test_loader_output_is_the_store_bit_for_bit(store: FeatureStore, index: Wind
             assert same_bits(batch.features[i], store.read_features(w.view, w.start, T))
             actions = store.read_rows(w.view, "actions")[w.start : w.start + T - 1]
             assert np.array_equal(batch.actions[i].numpy(), actions)
+    every = [Window(v, s) for e in index.episodes for v in index.views_of(e) for s in range(v.length - T + 1)]
+    batch = load_windows(store, every, T, torch.device("cpu"))  # every start: all chunk and shard boundaries
+    assert all(same_bits(batch.features[i], store.read_features(w.view, w.start, T)) for i, w in enumerate(every))
     with WindowLoader(store, index, batch_size=6, frames_per_clip=T, seed=3, threads=1, prefetch=0) as serial:
         for batch in batches:  # thread count and prefetch depth change nothing
             assert_same_batch(batch, next(serial))
@@ -226,7 +229,7 @@ def test_a_read_error_reaches_the_trainer_and_the_batch_can_be_retried(
     with WindowLoader(store, index, batch_size=4, frames_per_clip=T, seed=4, prefetch=0) as reference:
         want = next(reference)
 
-    def broken(*_: object) -> torch.Tensor:
+    def broken(*_: object, **__: object) -> None:
         raise OSError("disk gone")
 
     monkeypatch.setattr(store, "read_features", broken)
