@@ -59,12 +59,13 @@ def synth(
     height: Annotated[int, typer.Option(help="Video height in pixels (720 for DROID's size).")] = 180,
     min_seconds: Annotated[float, typer.Option(help="Shortest episode.")] = 10.0,
     max_seconds: Annotated[float, typer.Option(help="Longest episode.")] = 20.0,
+    scenes: Annotated[int, typer.Option(help="Episodes share this many scenes (cameras, table); 0 = one each.")] = 0,
 ) -> None:
     """Write synthetic episodes in the real DROID raw layout (metadata json, trajectory.h5, H.264 MP4s)."""
     from stages.synthetic import write_synthetic_dataset
 
     folders = write_synthetic_dataset(out, episodes, seed=seed, width=width, height=height,
-                                      min_seconds=min_seconds, max_seconds=max_seconds, progress=True)
+                                      min_seconds=min_seconds, max_seconds=max_seconds, progress=True, scenes=scenes)
     typer.echo(f"Wrote {len(folders)} episodes to {out} (list: {out / 'episodes.txt'})")
 
 

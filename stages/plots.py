@@ -22,6 +22,8 @@ def plot_losses(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
         ax.plot(e_steps, [e["tf_loss"] + e["rollout_loss"] for e in evals], "o-", color="C1", label="held-out loss")
         ax.plot(e_steps, [e["tf_loss"] for e in evals], "o--", color="C1", label="held-out tf_loss")
         ax.plot(e_steps, [e["rollout_loss"] for e in evals], "o:", color="C1", label="held-out rollout_loss")
+        copy = evals[-1]["horizons"][0]["copy_l1"]  # what tf_loss must beat to be a prediction at all
+        ax.axhline(copy, color="0.5", linestyle="--", linewidth=1, label="held-out copy-last-frame L1 (h=1)")
     ax.set(xlabel="optimizer step", ylabel="L1 on layer-normed features", title="V-JEPA 2-AC predictor")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

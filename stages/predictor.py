@@ -22,6 +22,7 @@ targets; ``rollout`` exposes the autoregressive part for evaluation and planning
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stages.checkpoint import load_strict, read_state_dict
 from stages.rope import apply_rope_3d, apply_rope_time, grid_positions
-from stages.vit import INIT_CUTOFF, INIT_STD, Mlp
+from stages.vit import Block, init_release_weights
 
 
 @dataclass(frozen=True)
@@ -110,52 +111,17 @@ def block_causal_mask(num_t: int, tokens_per_step: int, device: torch.device | s
     return step[:, None] >= step[None, :]  # [N, N]
 
 
-class ACAttention(nn.Module):
-    """Multi-head self-attention over [a, s, frame] steps with per-kind RoPE and a block-causal mask."""
+def _rotate_kinds(x: Tensor, lay: _Layout, n_cond: int) -> Tensor:
+    """RoPE per token kind on q or k [B, heads, N, hd], re-assembled per step in [a, s, frame] order.
 
-    def __init__(self, cfg: PredictorConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.cond_tokens = cfg.cond_tokens
-        self.qkv = nn.Linear(cfg.predictor_embed_dim, 3 * cfg.predictor_embed_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.predictor_embed_dim, cfg.predictor_embed_dim)
-
-    def _rotate(self, x: Tensor, lay: _Layout) -> Tensor:
-        """RoPE per token kind, re-assembled per step in [a, s, frame] order.
-
-        x is [B, heads, T, K + hw, hd]; action/state tokens turn by their integer time only (in x's
-        dtype), frame tokens by float32 (time, row, column) like the release. A Linear acts on each
-        token alone, so one qkv over the whole sequence equals the release's per-kind qkv.
-        """
-        n_cond = self.cond_tokens
-        cond = apply_rope_time(x[:, :, :, :n_cond], lay.cond_t)  # [B, heads, T, K, hd]
-        frame = apply_rope_3d(x[:, :, :, n_cond:], lay.frame_t, lay.frame_r, lay.frame_c)  # [B, heads, T, hw, hd]
-        return torch.cat((cond, frame), dim=3).flatten(2, 3)  # [B, heads, N, hd]
-
-    def forward(self, x: Tensor, lay: _Layout) -> Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # [B, N, 3, heads, hd]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, hd] each
-        steps = (lay.num_t, self.cond_tokens + lay.hw)
-        q = self._rotate(q.unflatten(2, steps), lay)  # [B, heads, N, hd]
-        k = self._rotate(k.unflatten(2, steps), lay)  # [B, heads, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=lay.mask)  # [B, heads, N, hd]
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
-
-
-class ACBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (key names as in the release)."""
-
-    def __init__(self, cfg: PredictorConfig) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.predictor_embed_dim, eps=cfg.norm_eps)
-        self.attn = ACAttention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.predictor_embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.predictor_embed_dim, cfg.mlp_hidden_dim)
-
-    def forward(self, x: Tensor, lay: _Layout) -> Tensor:
-        x = x + self.attn(self.norm1(x), lay)  # [B, N, P]
-        return x + self.mlp(self.norm2(x))  # [B, N, P]
+    Action/state tokens turn by their integer time only (in x's dtype), frame tokens by float32
+    (time, row, column) like the release. A Linear acts on each token alone, so one qkv over the
+    whole sequence equals the release's per-kind qkv.
+    """
+    x = x.unflatten(2, (lay.num_t, n_cond + lay.hw))  # [B, heads, T, K + hw, hd]
+    cond = apply_rope_time(x[:, :, :, :n_cond], lay.cond_t)  # [B, heads, T, K, hd]
+    frame = apply_rope_3d(x[:, :, :, n_cond:], lay.frame_t, lay.frame_r, lay.frame_c)  # [B, heads, T, hw, hd]
+    return torch.cat((cond, frame), dim=3).flatten(2, 3)  # [B, heads, N, hd]
 
 
 class ACPredictor(nn.Module):
@@ -174,29 +140,17 @@ class ACPredictor(nn.Module):
         self.state_encoder = nn.Linear(cfg.action_dim, P)
         # Always created (6 = action_dim - 1 inputs, as in the release) so released checkpoints load.
         self.extrinsics_encoder = nn.Linear(cfg.action_dim - 1, P)
-        self.predictor_blocks = nn.ModuleList(ACBlock(cfg) for _ in range(cfg.depth))
+        self.predictor_blocks = nn.ModuleList(
+            Block(P, cfg.num_heads, cfg.mlp_hidden_dim, cfg.qkv_bias, cfg.norm_eps) for _ in range(cfg.depth)
+        )
         self.predictor_norm = nn.LayerNorm(P, eps=cfg.norm_eps)
         self.predictor_proj = nn.Linear(P, cfg.embed_dim)
         self.activation_checkpointing: bool = False  # recompute blocks in backward to save memory
         self._layouts: dict[tuple[int, int, str], _Layout] = {}  # (T, hw, device) -> mask and positions
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The release's init: trunc-normal(0.02) Linear weights, zero biases, LayerNorm 1/0, then
-        block l's (1-based) attn.proj and mlp.fc2 weights divided by sqrt(2 l) so the residual
-        stream's variance does not grow with depth."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF, generator=generator)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer_id, block in enumerate(self.predictor_blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        init_release_weights(self, self.predictor_blocks, generator)
 
     def forward(self, z: Tensor, actions: Tensor, states: Tensor, extrinsics: Tensor | None = None) -> Tensor:
         num_t = actions.shape[1]
@@ -208,11 +162,12 @@ class ACPredictor(nn.Module):
             cond.append(self.extrinsics_encoder(extrinsics))  # [B, T, P]
         cond_tokens = torch.stack(cond, dim=2)  # [B, T, K, P]
         x = torch.cat((cond_tokens, x), dim=2).flatten(1, 2)  # [B, T*(K+hw), P]
+        rotate = functools.partial(_rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens)
         for block in self.predictor_blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = activation_checkpoint(block, x, lay, use_reentrant=False)  # [B, T*(K+hw), P]
+                x = activation_checkpoint(block, x, rotate, lay.mask, use_reentrant=False)  # [B, T*(K+hw), P]
             else:
-                x = block(x, lay)  # [B, T*(K+hw), P]
+                x = block(x, rotate, lay.mask)  # [B, T*(K+hw), P]
         x = x.unflatten(1, (num_t, -1))[:, :, self.cfg.cond_tokens :].flatten(1, 2)  # [B, T*hw, P]
         return self.predictor_proj(self.predictor_norm(x))  # [B, T*hw, D_enc]
 

@@ -85,6 +85,7 @@ WRIST_TILT = np.deg2rad(22.0)  # wrist camera pitched towards the fingers
 TEXTURE_SIZE = 256  # texels along one side of the table / floor tile
 TEXTURE_METRES = 0.5  # the tile's side on the table
 STEREO_BASELINE = {"wrist": 0.063, "ext1": 0.12, "ext2": 0.12}  # ZED mini / ZED 2, metres
+SCENE_STREAM = 7_919  # seeds shared scenes apart from the per-episode streams
 
 
 def write_synthetic_dataset(
@@ -97,34 +98,43 @@ def write_synthetic_dataset(
     max_seconds: float = 20.0,
     short_video_every: int = 3,
     progress: bool = False,
+    scenes: int = 0,
 ) -> list[Path]:
     """Write `episodes` DROID-format episodes under `out` plus `out/episodes.txt`; return the folders.
 
     Every `short_video_every`-th episode (1-based) gets MP4s one frame shorter than its
-    trajectory.h5, the known DROID case (0 disables).
+    trajectory.h5, the known DROID case (0 disables). `scenes` > 0 makes episode i share the scene
+    (camera placement, table texture, block colour) of episode i % scenes, like many episodes recorded
+    in one lab set-up; 0 gives every episode a scene of its own.
     """
-    _check_args(episodes, width, height, min_seconds, max_seconds, short_video_every)
+    _check_args(episodes, width, height, min_seconds, max_seconds, short_video_every, scenes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folders: list[Path] = []
     used: set[str] = set()
     for i in _progress(range(episodes), progress):
         rng = np.random.default_rng((seed, i))
-        plan = _plan_episode(rng, used, min_seconds, max_seconds)
+        # a scene (cameras, table, block colour) of its own, or one of `scenes` shared ones, as in a lab
+        scene = rng if scenes == 0 else np.random.default_rng((seed, SCENE_STREAM, i % scenes))
+        plan = _plan_episode(rng, scene, used, min_seconds, max_seconds)
         short = short_video_every > 0 and (i + 1) % short_video_every == 0
-        folders.append(_write_episode(out, plan, rng, width, height, short))
+        folders.append(_write_episode(out, plan, scene, width, height, short))
     lines = [str(f.relative_to(out)) for f in folders]
     (out / "episodes.txt").write_text("".join(f"{line}\n" for line in lines))
     return folders
 
 
-def _check_args(episodes: int, width: int, height: int, min_s: float, max_s: float, short_every: int) -> None:
+def _check_args(
+    episodes: int, width: int, height: int, min_s: float, max_s: float, short_every: int, scenes: int
+) -> None:
     if episodes < 0:
         raise ValueError(f"episodes must be >= 0, got {episodes}")
     if width < 16 or height < 16 or width % 2 or height % 2:
         raise ValueError(f"width and height must be even and >= 16 (H.264 yuv420p), got {width}x{height}")
     if not 1.0 <= min_s <= max_s:
         raise ValueError(f"need 1 <= min_seconds <= max_seconds, got {min_s}, {max_s}")
+    if scenes < 0:
+        raise ValueError(f"scenes must be >= 0, got {scenes}")
     if short_every < 0:
         raise ValueError(f"short_video_every must be >= 0, got {short_every}")
 
@@ -165,7 +175,9 @@ class _Plan:
     block_rgb: tuple[int, int, int]
 
 
-def _plan_episode(rng: np.random.Generator, used: set[str], min_s: float, max_s: float) -> _Plan:
+def _plan_episode(
+    rng: np.random.Generator, scene: np.random.Generator, used: set[str], min_s: float, max_s: float
+) -> _Plan:
     lab = str(rng.choice(LABS))
     when = dt.datetime(2023, 3, 1, 8) + dt.timedelta(
         days=int(rng.integers(0, 240)), seconds=int(rng.integers(0, 11 * 3600))
@@ -189,9 +201,9 @@ def _plan_episode(rng: np.random.Generator, used: set[str], min_s: float, max_s:
         serials=dict(zip(("wrist", "ext1", "ext2"), serials, strict=True)),
         task=str(rng.choice(TASKS)),
         motion=_simulate(rng, num_rows),
-        ext_poses={"ext1": _ext_pose(rng, +1.0), "ext2": _ext_pose(rng, -1.0)},
-        ext_focal={"ext1": float(rng.uniform(0.5, 0.56)), "ext2": float(rng.uniform(0.54, 0.58))},
-        block_rgb=BLOCK_RGBS[int(rng.integers(len(BLOCK_RGBS)))],
+        ext_poses={"ext1": _ext_pose(scene, +1.0), "ext2": _ext_pose(scene, -1.0)},
+        ext_focal={"ext1": float(scene.uniform(0.5, 0.56)), "ext2": float(scene.uniform(0.54, 0.58))},
+        block_rgb=BLOCK_RGBS[int(scene.integers(len(BLOCK_RGBS)))],
     )
 
 
@@ -528,7 +540,7 @@ def _frames(plan: _Plan, cams: dict[str, _Camera], count: int) -> Iterator[dict[
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_episode(out: Path, plan: _Plan, rng: np.random.Generator, width: int, height: int, short: bool) -> Path:
+def _write_episode(out: Path, plan: _Plan, scene: np.random.Generator, width: int, height: int, short: bool) -> Path:
     """Write one episode into a temporary folder, then move it into place."""
     final = out / plan.folder
     tmp = final.with_name(f".{final.name}.partial")  # hidden: globs like "*/success/*/*" skip it
@@ -537,7 +549,7 @@ def _write_episode(out: Path, plan: _Plan, rng: np.random.Generator, width: int,
     poses = _camera_poses(plan)
     _write_metadata(tmp, plan, poses)
     _write_h5(tmp / "trajectory.h5", plan, poses)
-    ground = _ground_palette(rng)
+    ground = _ground_palette(scene)
     cams = {
         "wrist": _Camera(width, height, 0.45, ground),
         "ext1": _Camera(width, height, plan.ext_focal["ext1"], ground),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,22 +89,27 @@ class PatchEmbed3D(nn.Module):
         return x.flatten(2).transpose(1, 2)  # [B, T'*h*w, D]
 
 
+Rotate = Callable[[Tensor], Tensor]  # RoPE applied to q or k [B, heads, N, hd]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with 3-D RoPE on q and k (no mask, scale head_dim^-0.5)."""
+    """Multi-head self-attention; `rotate` puts RoPE on q and k, `mask` (True = may attend) is optional.
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    Shared by the encoder (3-D RoPE, no mask) and the AC predictor (RoPE per token kind, block-causal
+    mask): both are the release's attention with key names qkv / proj.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, pos: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rotate: Rotate, mask: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # [B, N, 3, heads, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, hd] each
-        q = apply_rope_3d(q, *pos)  # [B, heads, N, hd]
-        k = apply_rope_3d(k, *pos)  # [B, heads, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, hd]
+        out = F.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask)  # [B, heads, N, hd]
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
@@ -121,18 +127,36 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) (encoder and predictor)."""
 
-    def __init__(self, cfg: ViTConfig) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool, norm_eps: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_hidden_dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, pos: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        x = x + self.attn(self.norm1(x), pos)  # [B, N, D]
+    def forward(self, x: Tensor, rotate: Rotate, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), rotate, mask)  # [B, N, D]
         return x + self.mlp(self.norm2(x))  # [B, N, D]
+
+
+@torch.no_grad()
+def init_release_weights(model: nn.Module, blocks: nn.ModuleList, generator: torch.Generator | None = None) -> None:
+    """The release's init (encoder and predictor): trunc-normal(0.02) Linear/Conv weights, zero biases,
+    LayerNorm 1/0, then block l's (1-based) attn.proj and mlp.fc2 weights divided by sqrt(2 l) so the
+    residual stream's variance does not grow with depth."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.Conv3d):
+            nn.init.trunc_normal_(m.weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for layer_id, block in enumerate(blocks, start=1):
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
 
 
 class VisionTransformer(nn.Module):
@@ -145,35 +169,22 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed3D(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_hidden_dim, cfg.qkv_bias, cfg.norm_eps)
+            for _ in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The release's init: trunc-normal(0.02) weights, zero biases, LayerNorm 1/0, then
-        block l's (1-based) attn.proj and mlp.fc2 weights divided by sqrt(2 l) to keep the
-        residual stream's variance from growing with depth."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear | nn.Conv3d):
-                nn.init.trunc_normal_(
-                    m.weight, std=INIT_STD, a=-INIT_CUTOFF, b=INIT_CUTOFF, generator=generator
-                )
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer_id, block in enumerate(self.blocks, start=1):
-            block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        init_release_weights(self, self.blocks, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         num_t, h, w = self._grid(x)
-        pos = grid_positions(num_t, h, w, device=x.device)  # 3 x [N]
+        t, r, c = grid_positions(num_t, h, w, device=x.device)  # 3 x [N]
         x = self.patch_embed(x)  # [B, N, D]
         for block in self.blocks:
-            x = block(x, pos)  # [B, N, D]
+            x = block(x, lambda q: apply_rope_3d(q, t, r, c))  # [B, N, D]
         return self.norm(x)  # [B, N, D]
 
     def _grid(self, x: Tensor) -> tuple[int, int, int]:

@@ -200,3 +200,19 @@ def test_wrist_view_changes_with_motion(sharper_episode: Path) -> None:
 
 def test_dataset_lists_like_droid(synthetic_dataset: Path, synthetic_episodes: list[Path]) -> None:
     assert list_episodes("episodes.txt", synthetic_dataset) == sorted(synthetic_episodes)
+
+
+@pytest.mark.parametrize("scenes", [0, 1])
+def test_shared_scenes(tmp_path: Path, scenes: int) -> None:
+    """scenes=1: every episode is filmed by the same cameras over the same table; 0: each its own."""
+    folders = write_synthetic_dataset(tmp_path, 2, seed=3, width=32, height=32, min_seconds=2, max_seconds=2,
+                                      scenes=scenes)
+    extrinsics, first_frames = [], []
+    for folder in folders:
+        ep = open_episode(folder, "left_mp4_path")
+        with h5py.File(folder / "trajectory.h5") as f:
+            extrinsics.append(f[f"observation/camera_extrinsics/{ep.serial}_left"][0])
+        first_frames.append(decode_frames(ep, np.array([0])).astype(int))
+    same_camera = np.allclose(extrinsics[0], extrinsics[1])
+    assert same_camera == (scenes == 1)
+    assert (np.abs(first_frames[0] - first_frames[1]).mean() < 30) or scenes == 0
