@@ -171,17 +171,19 @@ def demo(
     root = Path(m.data.root)
     if not (root / "episodes.txt").exists():
         typer.echo(f"Writing {episodes} synthetic DROID-format episodes to {root} ...")
-        write_synthetic_dataset(root, episodes, seed=0, progress=True)
+        write_synthetic_dataset(root, episodes, seed=0, progress=True, scenes=1)  # one lab set-up
     with _user_errors():
         s = run_extract(m)
-        typer.echo(f"extract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "
-                   f"({s.frames_per_second:.1f} frames/s end to end); {s.views_skipped} views already cached\n")
+        if s.views_done:
+            typer.echo(f"extract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "
+                       f"({s.frames_per_second:.1f} frames/s end to end); {s.views_skipped} views already cached\n")
         t = run_train(m)
     _print_train_summary(t)
-    if t.eval:
+    final_eval = Path(t.run_dir) / "eval.json"
+    if t.end_step == t.start_step and final_eval.exists():  # nothing trained now: show the last evaluation
         from stages.evaluate import format_eval
 
-        typer.echo(format_eval(t.eval))
+        typer.echo(format_eval(json.loads(final_eval.read_text())))
     typer.echo(f"\nResults: episodes {root}, feature store {s.store}, run {t.run_dir} "
                f"(loss.png, eval.png, metrics.jsonl, eval.json, checkpoints/)")
     if s.failed:

@@ -121,14 +121,14 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     held = eval_windows(held_idx, T, cfg.eval_windows, cfg.seed) if held_idx.episodes else []
     summary = TrainSummary(str(run_dir), step, step, info.world_size, len(train_idx.episodes),
                            len(held_idx.episodes), train_idx.num_views)
-    if info.is_main:
+    if info.is_main and step < last:
         echo(f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter predictor on "
              f"{summary.train_episodes} episodes ({summary.train_views} views), {summary.heldout_episodes} held out; "
              f"steps {step + 1}..{last} of {cfg.total_steps}, global batch {cfg.global_batch_size} on "
              f"{info.world_size} x {info.device.type}; run folder {run_dir}")
 
     # -- the loop -----------------------------------------------------------------------------------------
-    bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main),
+    bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main) or step >= last,
                dynamic_ncols=True, desc="train")
     window = _Window()
     t_start = time.perf_counter()
@@ -253,7 +253,8 @@ def _evaluate_and_plot(m: Manifest, model: ACPredictor, store: Any, held: list, 
         T = m.data.frames_per_clip
         batches = (load_windows(store, held[i : i + EVAL_BATCH], T, info.device)
                    for i in range(0, len(held), EVAL_BATCH))
-        result = evaluate(model, batches, m.train.auto_steps, m.train.eval_horizons, autocast, step)
+        horizons = min(m.train.eval_horizons, T - 1)  # a T-frame window holds T - 1 future frames
+        result = evaluate(model, batches, m.train.auto_steps, horizons, autocast, step)
         append_jsonl(run_dir / "eval.jsonl", result)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         tqdm.write(format_eval(result))

@@ -124,3 +124,32 @@ def test_parts_committed_later_are_used_after_a_restart(workdir: Path, synthetic
     extract(m_all, show_progress=False, echo=lambda _: None)
     second = train(m_all, run, steps=4, show_progress=False, echo=lambda _: None)
     assert (second.start_step, second.train_episodes) == (2, 3)
+
+
+def test_kill_9_then_resume_matches_the_uninterrupted_run(workdir: Path) -> None:
+    """kill -9 after a checkpoint (rows logged past it are redone), resume, compare with one clean run.
+
+    Every run is a fresh `pipeline train` process, so all three compute under the same process state.
+    """
+    import signal
+    import time
+
+    def cli(run: Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline.cli", "train", "-m", str(workdir / "manifest.yaml"), "--out",
+                str(run), "--steps", "30"]
+
+    run = workdir / "killed"
+    proc = subprocess.Popen(cli(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "latest.pt").exists() and len(losses(run)) >= 13:
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run should be killed half-way"
+    assert 13 <= len(losses(run)) < 30
+    subprocess.run(cli(run), check=True, capture_output=True, timeout=240)
+    assert json.loads((run / "summary.json").read_text())["start_step"] in (10, 20)
+    whole = workdir / "whole30"
+    subprocess.run(cli(whole), check=True, capture_output=True, timeout=240)
+    assert losses(run) == losses(whole)
