@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.store import StoreError
 from stages.extract import extract
-from stages.train import train
+from stages.predictor import build_predictor
+from stages.train import predictor_config, train
 from stages.windows import split_of
 
 PROFILE = {
@@ -78,6 +80,20 @@ def test_loss_falls_and_results_are_written(workdir: Path) -> None:
     result = json.loads((run / "eval.json").read_text())
     assert [h["horizon"] for h in result["horizons"]] == [1, 2] and result["windows"] > 0
     assert len((run / "eval.jsonl").read_text().splitlines()) == 5
+    # the checkpoint's predictor uses the release's key names: it loads strictly as a released file would
+    ckpt = run / "checkpoints" / "latest.pt"
+    model = build_predictor(predictor_config(load(workdir)), str(ckpt), "predictor")
+    assert set(model.state_dict()) == set(torch.load(ckpt, weights_only=False)["predictor"])
+
+
+def test_gradient_clipping_and_activation_checkpointing(workdir: Path) -> None:
+    run = workdir / "clipped"
+    m = load(workdir, "train.grad_clip=0.5", "train.activation_checkpointing=true")
+    s = train(m, run, steps=3, show_progress=False, echo=lambda _: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert s.end_step == 3 and all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in rows)
+    plain = train(load(workdir), workdir / "plain", steps=1, show_progress=False, echo=lambda _: None)
+    assert plain.first_loss == pytest.approx(rows[0]["loss"], rel=1e-5)  # same first step with or without them
 
 
 def test_resume_continues_exactly(workdir: Path) -> None:
