@@ -250,6 +250,8 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
     pending: list[tuple[int, torch.Tensor]] = []  # (row offset, cropped uint8 frames)
     try:
         for item in _items(decoded, len(readers)):
+            if write_errors:
+                break  # the part cannot be committed: stop encoding, report the write error below
             kind, rec = item[0], item[1]
             if kind == "frames":
                 pending.append((item[2], item[3]))
@@ -261,7 +263,7 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
             elif kind == "fail":
                 failed.add(rec.episode_id)
                 _fail(m, result, EpisodeTask(rec.episode_id, rec.episode_path, {}), item[2])
-        if pending:
+        if pending and not write_errors:
             _encode_batch(m, encoder, pending, write_q, result, progress)
     finally:
         stop.set()

@@ -291,3 +291,20 @@ def test_parallel_decoders_give_the_same_store(workdir: Path) -> None:
     run(two)
     assert_same_features(FeatureStore(one.cache.path, fingerprint_spec(one)),
                          FeatureStore(two.cache.path, fingerprint_spec(two)), exact=False)
+
+
+def test_a_failing_write_commits_nothing_and_the_rerun_completes(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.store import PartWriter
+
+    def broken(*_: object) -> None:
+        raise OSError("disk full")
+
+    m = load(workdir)
+    monkeypatch.setattr(PartWriter, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run(m)
+    assert FeatureStore(m.cache.path, fingerprint_spec(m)).committed_views() == {}
+    monkeypatch.undo()
+    assert run(m).views_done == 6
