@@ -119,6 +119,35 @@ def status(
 
 
 @app.command()
+def gc(
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+) -> None:
+    """Free space: remove uncommitted parts (left by killed runs) and parts whose views were all re-extracted.
+
+    Do not run it while an extract writes to the same store: a part being written is uncommitted too.
+    """
+    m = _load(manifest, profile, set_)
+    from pipeline.store import FeatureStore
+    from stages.encoder import fingerprint_spec
+    from stages.status import human_bytes
+
+    with _user_errors():
+        store = FeatureStore(m.cache.path, fingerprint_spec(m)).check()
+        doomed = [(p, "uncommitted") for p in store.uncommitted_parts()]
+        doomed += [(p, "superseded") for p in store.superseded_parts()]
+        freed = 0
+        for part, why in doomed:
+            freed += store.part_bytes(part)
+            typer.echo(f"{'would remove' if dry_run else 'removed'} {why} part {part}")
+            if not dry_run:
+                store.drop_part(part)
+    typer.echo(f"{len(doomed)} parts, {human_bytes(freed)} {'to free' if dry_run else 'freed'} in {store.url}")
+
+
+@app.command()
 def train(
     manifest: ManifestOpt = Path("data_manifest.yaml"),
     profile: ProfileOpt = None,

@@ -161,6 +161,22 @@ class FeatureStore:
         done = {p.rsplit("/", 1)[-1][: -len(".json")] for p in self.fs.glob(f"{self.root}/commits/*.json")}
         return sorted(parts - done)
 
+    def superseded_parts(self) -> list[str]:
+        """Committed parts none of whose views is the newest record any more (all re-extracted since)."""
+        live = {rec.part for rec in self.committed_views().values()}
+        return sorted({c["part"] for c in self.commits()} - live)
+
+    def part_bytes(self, part_id: str) -> int:
+        path = f"{self.root}/parts/{part_id}"
+        return int(self.fs.du(path)) if self.fs.exists(path) else 0
+
+    def drop_part(self, part_id: str) -> None:
+        """Remove a part: its commit record first (readers stop seeing it), then its data."""
+        commit = f"{self.root}/commits/{part_id}.json"
+        if self.fs.exists(commit):
+            self.fs.rm(commit)
+        self.remove_part(part_id)
+
     # -- reading data --------------------------------------------------------------------------
     def array(self, part: str, name: str) -> zarr.Array:
         key = (part, name)

@@ -24,7 +24,9 @@ PROFILE = {
 }
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["extract"], ["status"], ["demo"], ["bench"]])
+@pytest.mark.parametrize(
+    "command", [[], ["synth"], ["extract"], ["status"], ["train"], ["gc"], ["demo"], ["bench"]]
+)
 def test_help_on_every_command(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
@@ -63,3 +65,26 @@ def test_bad_manifest_fails_before_any_work(tmp_path: Path) -> None:
     result = runner.invoke(app, ["extract", "-m", str(manifest), "--set", "crop.size=33"])
     assert result.exit_code == 2 and "crop.size: 33" in result.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_gc_removes_uncommitted_and_superseded_parts(tmp_path: Path) -> None:
+    runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), "--episodes", "2", "--width", "64", "--height", "48",
+                        "--min-seconds", "5", "--max-seconds", "6"])
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"default_profile": "t", "profiles": {"t": {
+        **PROFILE, "extract": {"episodes_per_part": 1, "scheduler": "inline"}}}}))
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
+    cache = next((tmp_path / "cache").iterdir())
+    (cache / "parts" / "leftover" / "features").mkdir(parents=True)  # what a killed task leaves behind
+    h5 = next((tmp_path / "data").rglob("trajectory.h5"))
+    h5.touch()  # that episode is re-extracted into a new part; its old part is superseded
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
+    parts_before = {p.name for p in (cache / "parts").iterdir()}
+    result = runner.invoke(app, ["gc", "-m", str(manifest), "--dry-run"])
+    assert "would remove uncommitted part leftover" in result.output and "superseded" in result.output
+    assert {p.name for p in (cache / "parts").iterdir()} == parts_before
+    result = runner.invoke(app, ["gc", "-m", str(manifest)])
+    assert result.exit_code == 0 and "2 parts" in result.output
+    assert len(list((cache / "parts").iterdir())) == 2 and len(list((cache / "commits").iterdir())) == 2
+    report = json.loads(runner.invoke(app, ["status", "-m", str(manifest), "--json"]).output)
+    assert report["views_committed"] == 2 and report["uncommitted_parts"] == []

@@ -85,3 +85,19 @@ def test_failure_records(tmp_path: Path) -> None:
     assert store.failures()["lab/ep 1"]["reason"] == "corrupt"
     store.clear_failure("lab/ep 1")
     assert store.failures() == {}
+
+
+def test_object_store_layout_through_fsspec() -> None:
+    """The store on an fsspec URL (memory://, the same code path as s3:// or gs://): commits are single
+    PUTs, zarr goes through FsspecStore, and everything reads back exactly."""
+    url = "memory://bucket/test-object-store"
+    store = FeatureStore(url, {"x": 1}).create()
+    feats = torch.randn(9, 3, 8)
+    write_part(store, "p", feats)
+    assert store.uncommitted_parts() == ["p"]
+    store.commit("p", [view("v", "p", 0, 9)], 9)
+    again = FeatureStore(url, {"x": 1}).check()
+    rec = again.committed_views()["v"]
+    out = torch.empty(4, 3, 8, dtype=torch.bfloat16)
+    assert torch.equal(again.read_features(rec, 3, 4, out=out), feats[3:7].to(torch.bfloat16))
+    assert again.bytes_on_disk() > feats.numel() * 2 and again.uncommitted_parts() == []

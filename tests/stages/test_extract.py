@@ -308,3 +308,11 @@ def test_a_failing_write_commits_nothing_and_the_rerun_completes(
     assert FeatureStore(m.cache.path, fingerprint_spec(m)).committed_views() == {}
     monkeypatch.undo()
     assert run(m).views_done == 6
+
+
+def test_extract_into_an_object_store_url(workdir: Path) -> None:
+    m = load(workdir, "cache.path=memory://bucket/extract-cache")
+    assert run(m).views_done == 6
+    again = run(m)
+    assert again.views_done == 0 and again.views_skipped == 6
+    assert status_report(m)["views_committed"] == 6
