@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from pipeline.manifest import Manifest
 from pipeline.store import FeatureStore
 from stages.encoder import fingerprint_spec, load_encoder
-from stages.part import PartResult, Progress, run_part
+from stages.part import PartResult, run_part
 from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes
 
 EVENT_TOPIC = "pipeline-extract-progress"
@@ -104,9 +104,8 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Summary
 def _run_inline(m: Manifest, spec: dict, store: FeatureStore, parts: list[PartTask], _sched: str, bar: tqdm):
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
     encoder = load_encoder(m, store.digest)
-    progress: Progress = lambda kind, n: bar.update(n)  # noqa: E731
     for part in parts:
-        yield run_part(m, store, encoder, part, progress)
+        yield run_part(m, store, encoder, part, bar.update)
 
 
 def _worker_task(m: Manifest, spec: dict, part: PartTask) -> PartResult:
@@ -115,7 +114,10 @@ def _worker_task(m: Manifest, spec: dict, part: PartTask) -> PartResult:
 
     store = FeatureStore(m.cache.path, spec)
     worker = get_worker()
-    progress: Progress = lambda kind, n: worker.log_event(EVENT_TOPIC, {"frames": n})  # noqa: E731
+
+    def progress(frames: int) -> None:
+        worker.log_event(EVENT_TOPIC, {"frames": frames})
+
     return run_part(m, store, load_encoder(m, store.digest), part, progress)
 
 

@@ -31,7 +31,7 @@ from stages.droid import Episode, EpisodeError, actions_from_states, frame_grid,
 from stages.encoder import LoadedEncoder
 from stages.plan import EpisodeTask, PartTask, source_identity
 
-Progress = Callable[[str, int], None]  # (event, count): ("frames", n) | ("episode", 1)
+Progress = Callable[[int], None]  # called with the number of frames just encoded
 QUEUE_DEPTH = 4  # decoded batches in flight: enough to hide decode jitter, small enough for RAM
 
 
@@ -56,7 +56,6 @@ class PartResult:
     bytes_written: int = 0
     encode_seconds: float = 0.0
     seconds: float = 0.0
-    episodes_done: list[str] = field(default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (episode_id, path, reason)
 
 
@@ -83,10 +82,11 @@ def run_part(m: Manifest, store: FeatureStore, encoder: LoadedEncoder, part: Par
     return result
 
 
-def _fail(m: Manifest, result: PartResult, task: EpisodeTask, err: EpisodeError) -> None:
+def _fail(m: Manifest, result: PartResult, episode_id: str, path: str, err: EpisodeError) -> None:
+    """extract.on_error: stop the run, or record the episode as failed and go on."""
     if m.extract.on_error == "raise":
         raise err
-    result.failures.append((task.episode_id, task.path, err.reason))
+    result.failures.append((episode_id, path, err.reason))
 
 
 def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
@@ -96,7 +96,7 @@ def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
         try:
             episode_jobs = _episode_jobs(m, task)
         except EpisodeError as err:
-            _fail(m, result, task, err)
+            _fail(m, result, task.episode_id, task.path, err)
             continue
         for job in episode_jobs:
             job.record.part, job.record.start = part.part_id, sum(j.record.length for j in jobs)
@@ -144,10 +144,8 @@ def _finish_failures(m: Manifest, store: FeatureStore, part: PartTask, result: P
     """Record this part's failures, clear old failure records of episodes that now succeeded."""
     failed_ids = failed | {f[0] for f in result.failures}
     for task in part.episodes:
-        if task.episode_id in failed_ids:
-            continue
-        store.clear_failure(task.episode_id)
-        result.episodes_done.append(task.episode_id)
+        if task.episode_id not in failed_ids:
+            store.clear_failure(task.episode_id)
     for eid, path, reason in result.failures:
         store.write_failure(eid, {"path": path, "reason": reason, "time": time.time(),
                                   "source": source_identity(Path(path), m.data.camera)})
@@ -262,7 +260,7 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
                 write_q.put(("skip", item[2], item[3]))
             elif kind == "fail":
                 failed.add(rec.episode_id)
-                _fail(m, result, EpisodeTask(rec.episode_id, rec.episode_path, {}), item[2])
+                _fail(m, result, rec.episode_id, rec.episode_path, item[2])
         if pending and not write_errors:
             _encode_batch(m, encoder, pending, write_q, result, progress)
     finally:
@@ -288,7 +286,7 @@ def _encode_batch(m: Manifest, encoder: LoadedEncoder, pending: list[tuple[int, 
         write_q.put(("rows", offset, stored[row : row + len(t)]))
         row += len(t)
     if progress:
-        progress("frames", row)
+        progress(row)
 
 
 def _write_loop(writer: PartWriter, q: queue.Queue, errors: list[BaseException]) -> None:

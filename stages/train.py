@@ -110,7 +110,8 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
     step = _resume(run_dir, model, optimizer, scaler, info) if resume else 0
     loss_fn = _LossModule(model, cfg.auto_steps)
-    ddp = DistributedDataParallel(loss_fn) if info.enabled else loss_fn
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
     autocast = autocast_for(m, info.device)
     if info.is_main:
         _start_run_dir(run_dir, m, step)
