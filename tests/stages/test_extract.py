@@ -316,3 +316,11 @@ def test_extract_into_an_object_store_url(workdir: Path) -> None:
     again = run(m)
     assert again.views_done == 0 and again.views_skipped == 6
     assert status_report(m)["views_committed"] == 6
+
+
+def test_listed_episode_folder_that_does_not_exist(workdir: Path) -> None:
+    episodes = workdir / "data" / "episodes.txt"
+    episodes.write_text(episodes.read_text() + "LAB/success/2026-01-01/not_there\n")
+    s = run(load(workdir))
+    assert [f["episode"] for f in s.failed] == ["LAB/success/2026-01-01/not_there"]
+    assert "does not exist" in s.failed[0]["reason"] and s.views_done == 6
