@@ -131,11 +131,11 @@ def gc(
     """
     m = _load(manifest, profile, set_)
     from pipeline.store import FeatureStore
-    from stages.encoder import fingerprint_spec
+    from stages.encoder import reader_spec
     from stages.status import human_bytes
 
     with _user_errors():
-        store = FeatureStore(m.cache.path, fingerprint_spec(m)).check()
+        store = FeatureStore(m.cache.path, reader_spec(m)).check()
         doomed = [(p, "uncommitted") for p in store.uncommitted_parts()]
         doomed += [(p, "superseded") for p in store.superseded_parts()]
         freed = 0

@@ -93,6 +93,19 @@ def view_id_for(episode_id: str, camera: str, phase: int, stride: int, box: list
     return hashlib.sha1(canonical_json([episode_id, camera, phase, stride, box]).encode()).hexdigest()[:20]
 
 
+def store_specs(cache_path: str) -> dict[str, dict[str, Any]]:
+    """url -> fingerprint spec of every store under a cache path (each records the spec it was made for)."""
+    cache_path = cache_path.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(cache_path)
+    out = {}
+    for path in sorted(fs.glob(f"{root}/*/zarr.json")):
+        url = f"{cache_path}/{path.rstrip('/').rsplit('/', 2)[-2]}"
+        fingerprint = zarr.open_group(store=url, mode="r").attrs.get("fingerprint")
+        if isinstance(fingerprint, dict) and "spec" in fingerprint:
+            out[url] = fingerprint["spec"]
+    return out
+
+
 class FeatureStore:
     """One fingerprint's store under a cache path: create/open with checks, list commits, write parts."""
 

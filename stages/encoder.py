@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pipeline.manifest import CropConfig, Manifest
-from pipeline.store import FORMAT_VERSION
+from pipeline.store import FORMAT_VERSION, store_specs
 from stages.augment import preprocess
 from stages.vit import VIT_PRESETS, VisionTransformer, ViTConfig, build_encoder, encode_frames, weights_digest
 
@@ -55,11 +55,11 @@ def weights_identity(m: Manifest) -> str:
     return f"sha256:{_IDENTITY[key]}[{e.checkpoint_key}]"
 
 
-def fingerprint_spec(m: Manifest) -> dict[str, Any]:
+def fingerprint_spec(m: Manifest, weights: str | None = None) -> dict[str, Any]:
     """Everything that determines the bytes of a stored feature (DESIGN section 2)."""
     return {
         "format_version": FORMAT_VERSION,
-        "encoder": {"arch": vit_config(m).to_dict(), "weights": weights_identity(m),
+        "encoder": {"arch": vit_config(m).to_dict(), "weights": weights or weights_identity(m),
                     "precision": m.encoder.precision, "per_frame": "each frame repeated into one tubelet"},
         "crop": {"size": m.crop.size, "scale": list(m.crop.scale), "ratio": list(m.crop.ratio),
                  "resize": "bilinear, align_corners=False, antialias=False"},
@@ -67,6 +67,29 @@ def fingerprint_spec(m: Manifest) -> dict[str, Any]:
         "sampling": {"fps": m.data.fps, "stride": "ceil(video_fps / fps)"},
         "features": {"dtype": m.cache.dtype, "layer_norm": False},
     }
+
+
+def reader_spec(m: Manifest) -> dict[str, Any]:
+    """The fingerprint for reading the store (train, status). A training machine may hold the cache but
+    not the encoder checkpoint: then the store is found by everything else in the fingerprint, whose
+    recorded weights digest must come from the same checkpoint entry; more than one candidate is an error.
+    """
+    ckpt = m.encoder.checkpoint
+    if ckpt is None or Path(ckpt).exists():
+        return fingerprint_spec(m)
+    want = _without_weights(fingerprint_spec(m, weights="?"))
+    entry = f"[{m.encoder.checkpoint_key}]"
+    found = [spec for spec in store_specs(m.cache.path).values()
+             if _without_weights(spec) == want and str(spec["encoder"]["weights"]).endswith(entry)]
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"encoder.checkpoint {ckpt} is not on this machine, and {len(found)} feature stores under "
+            f"{m.cache.path} match the rest of the manifest (need exactly one to know its weights digest)")
+    return found[0]
+
+
+def _without_weights(spec: dict[str, Any]) -> dict[str, Any]:
+    return {**spec, "encoder": {k: v for k, v in spec["encoder"].items() if k != "weights"}}
 
 
 def pick_device(requested: str) -> torch.device:

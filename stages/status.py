@@ -7,13 +7,13 @@ from typing import Any
 
 from pipeline.manifest import Manifest
 from pipeline.store import FeatureStore
-from stages.encoder import fingerprint_spec
+from stages.encoder import reader_spec
 from stages.plan import plan_episodes
 
 
 def status_report(m: Manifest) -> dict[str, Any]:
     """Counts of planned / committed / stale / failed views and episodes, bytes, failures with reasons."""
-    store = FeatureStore(m.cache.path, fingerprint_spec(m))
+    store = FeatureStore(m.cache.path, reader_spec(m))
     report: dict[str, Any] = {"profile": m.profile, "fingerprint": store.digest, "store": store.url,
                               "store_exists": store.exists()}
     if store.exists():

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
 from pipeline.manifest import Manifest
-from stages.encoder import fingerprint_spec, vit_config
+from stages.encoder import reader_spec, vit_config
 from stages.evaluate import evaluate, format_eval
 from stages.optim import build_optimizer, set_schedule
 from stages.plots import plot_horizons, plot_losses
@@ -93,7 +93,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
 
     # -- data: only committed parts of the store that matches this manifest's fingerprint ---------------
     pcfg = predictor_config(m)
-    store = open_training_store(m.cache.path, fingerprint_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
+    store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
     views = store.committed_views().values()
     train_idx, held_idx = (WindowIndex.from_views(views, split=split, frames_per_clip=T, camera=m.data.camera,
                                                   heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt)

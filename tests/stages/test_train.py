@@ -169,3 +169,23 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(workdir: Path) -> None
     whole = workdir / "whole30"
     subprocess.run(cli(whole), check=True, capture_output=True, timeout=240)
     assert losses(run) == losses(whole)
+
+
+def test_training_machine_without_the_encoder_checkpoint(workdir: Path) -> None:
+    """Extract with a checkpoint file, then train where that file is absent: the store is found by the
+    rest of the fingerprint, and its recorded weights digest is used."""
+    from stages.encoder import vit_config
+    from stages.status import status_report
+    from stages.vit import build_encoder
+
+    ckpt = workdir / "encoder.pt"
+    m = load(workdir, f"encoder.checkpoint={ckpt}", f"cache.path={workdir}/ckpt-cache")
+    torch.save({"target_encoder": build_encoder(vit_config(m), None, seed=3).state_dict()}, ckpt)
+    extract(m, show_progress=False, echo=lambda _: None)
+    with_file = status_report(m)
+    ckpt.unlink()
+    s = train(m, workdir / "no-ckpt", steps=1, show_progress=False, echo=lambda _: None)
+    assert s.end_step == 1
+    assert status_report(m)["fingerprint"] == with_file["fingerprint"]
+    with pytest.raises(FileNotFoundError, match="is not on this machine"):
+        status_report(load(workdir, f"encoder.checkpoint={ckpt}", f"cache.path={workdir}/empty-cache"))
