@@ -22,11 +22,12 @@ import torch
 
 from pipeline.manifest import Manifest
 from pipeline.store import FeatureStore, encode_features
-from stages.augment import CropBox, crop_frames, draw_view
-from stages.droid import frame_grid, frame_stride, iter_frames, list_episodes, open_episode
+from stages.augment import CropBox, crop_frames
+from stages.droid import iter_frames, list_episodes
 from stages.encoder import fingerprint_spec, load_encoder
 from stages.extract import extract
-from stages.plan import episode_id_for
+from stages.part import episode_jobs
+from stages.plan import EpisodeTask, episode_id_for
 
 WINDOW = 16  # frames per read in the window benchmark
 VITG_FRAMES = 64  # frames of 256 x 1408 written for the ViT-g sized store figures (46 MB in bf16)
@@ -65,15 +66,14 @@ def run_bench(m: Manifest, episodes: int) -> dict[str, Any]:
 
 
 def _decode(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:
+    """View 0 of each episode, decoded and cropped exactly as extraction draws it."""
+    one_view = dataclasses.replace(m, views=dataclasses.replace(m.views, per_episode=1))
     crops, t0 = [], time.perf_counter()
     for folder in folders:
-        ep = open_episode(folder, m.data.camera)
-        stride = frame_stride(ep.video_fps, m.data.fps)
-        eid = episode_id_for(folder, Path(m.data.root))
-        d = draw_view(m.views.seed, eid, 0, ep.frame_hw, stride, m.crop.scale, m.crop.ratio, m.views.phase == "random")
-        for batch in iter_frames(ep, frame_grid(ep.num_usable, stride, d.phase), m.encoder.batch_size,
-                                 m.extract.decode_threads):
-            crops.append(torch.from_numpy(np.ascontiguousarray(crop_frames(batch, CropBox(*d.box.as_list())))))
+        job = episode_jobs(one_view, EpisodeTask(episode_id_for(folder, Path(m.data.root)), str(folder), {}))[0]
+        box = CropBox(*job.record.box)
+        for batch in iter_frames(job.episode, job.indices, m.encoder.batch_size, m.extract.decode_threads):
+            crops.append(torch.from_numpy(np.ascontiguousarray(crop_frames(batch, box))))
     return crops, time.perf_counter() - t0
 
 

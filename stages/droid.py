@@ -81,7 +81,19 @@ class Episode:
 
     def source_files(self) -> list[Path]:
         """The files this episode's data comes from (to detect changed episodes)."""
-        return [*sorted(self.path.glob(METADATA_GLOB)), self.path / H5_NAME, self.video_path]
+        return source_files(self.path, self.camera_key)
+
+
+def source_files(folder: Path, camera_key: str) -> list[Path]:
+    """metadata json(s), trajectory.h5 and the camera's MP4 of an episode folder, as far as they can be
+    named; never raises (planning stats these for a broken episode too, to notice when it is fixed)."""
+    files = [*sorted(folder.glob(METADATA_GLOB)), folder / H5_NAME]
+    try:
+        metadata_path, metadata = _read_metadata(folder)
+        files.append(folder / MP4_DIR / _video_name(folder, metadata_path, metadata, camera_key))
+    except EpisodeError:
+        pass
+    return files
 
 
 # ----------------------------------------------------------------------------- episode lists

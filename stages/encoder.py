@@ -22,7 +22,7 @@ from stages.augment import preprocess
 from stages.vit import VIT_PRESETS, VisionTransformer, ViTConfig, build_encoder, encode_frames, weights_digest
 
 _LOADED: dict[str, LoadedEncoder] = {}  # per process: key -> loaded encoder
-_IDENTITY: dict[tuple, str] = {}  # per process: checkpoint file (path, size, mtime) -> sha256
+_IDENTITY: dict[tuple, str] = {}  # per process: checkpoint file (path, size, mtime) or random init -> sha256
 
 
 def vit_config(m: Manifest) -> ViTConfig:
@@ -40,7 +40,10 @@ def weights_identity(m: Manifest) -> str:
     seeded random weights (cheap for the small demo configs; built once per process)."""
     e = m.encoder
     if e.checkpoint is None:
-        return f"random:{weights_digest(build_encoder(vit_config(m), None, seed=e.seed))}"
+        key = ("random", tuple(sorted(vit_config(m).to_dict().items())), e.seed)
+        if key not in _IDENTITY:
+            _IDENTITY[key] = weights_digest(build_encoder(vit_config(m), None, seed=e.seed))
+        return f"random:{_IDENTITY[key]}"
     path = Path(e.checkpoint)
     st = path.stat() if path.exists() else None
     key = (str(path.resolve()), st.st_size if st else -1, st.st_mtime_ns if st else -1)

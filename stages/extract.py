@@ -72,9 +72,11 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
          f"({summary.views_skipped} views already committed, {len(summary.failed)} failed before)")
     t0 = time.perf_counter()
     bar = tqdm(total=None, unit="frame", desc="extract", disable=not show_progress, dynamic_ncols=True)
-    runner = _run_inline if (scheduler or m.extract.scheduler) == "inline" else _run_dask
+    scheduler = scheduler or m.extract.scheduler
+    results = (_run_inline(m, store, parts, bar) if scheduler == "inline"
+               else _run_dask(m, spec, store, parts, scheduler, bar))
     try:
-        for result in runner(m, spec, store, parts, scheduler or m.extract.scheduler, bar):
+        for result in results:
             _add(summary, result)
             bar.set_postfix(parts=f"{summary.parts}/{len(parts)}", failed=len(summary.failed))
     finally:
@@ -101,7 +103,7 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Summary
     return s
 
 
-def _run_inline(m: Manifest, spec: dict, store: FeatureStore, parts: list[PartTask], _sched: str, bar: tqdm):
+def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], bar: tqdm):
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
     encoder = load_encoder(m, store.digest)
     for part in parts:

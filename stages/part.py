@@ -94,17 +94,18 @@ def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
     jobs: list[ViewJob] = []
     for task in part.episodes:
         try:
-            episode_jobs = _episode_jobs(m, task)
+            views = episode_jobs(m, task)
         except EpisodeError as err:
             _fail(m, result, task.episode_id, task.path, err)
             continue
-        for job in episode_jobs:
+        for job in views:
             job.record.part, job.record.start = part.part_id, sum(j.record.length for j in jobs)
             jobs.append(job)
     return jobs
 
 
-def _episode_jobs(m: Manifest, task: EpisodeTask) -> list[ViewJob]:
+def episode_jobs(m: Manifest, task: EpisodeTask) -> list[ViewJob]:
+    """Open an episode (no decoding) and draw its views: the distinct ones not already committed."""
     folder = Path(task.path)
     if not folder.is_dir():
         raise EpisodeError(folder, "episode folder does not exist")

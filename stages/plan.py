@@ -10,7 +10,6 @@ episode never seen, or changed, goes to a worker, which opens it and draws its v
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from pipeline.manifest import Manifest
 from pipeline.store import FeatureStore, ViewRecord, canonical_json, view_id_for
 from stages.augment import draw_view
-from stages.droid import frame_stride, list_episodes
+from stages.droid import frame_stride, list_episodes, source_files
 
 Source = dict[str, list[int]]
 
@@ -70,16 +69,8 @@ def episode_id_for(folder: Path, root: Path) -> str:
 
 def source_identity(folder: Path, camera_key: str) -> Source:
     """Size and mtime of the files an episode's views are made from; never raises (missing = absent)."""
-    files = [*sorted(folder.glob("metadata_*.json")), folder / "trajectory.h5"]
-    try:
-        meta = json.loads(files[0].read_text()) if files[0].name.startswith("metadata_") else {}
-        video = str(meta.get(camera_key, "")).split("recordings/MP4/")[-1]
-        if video:
-            files.append(folder / "recordings" / "MP4" / video)
-    except (OSError, ValueError, IndexError):
-        pass
     out: Source = {}
-    for f in files:
+    for f in source_files(folder, camera_key):
         try:
             st = f.stat()
             out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.store import STATE_DIM, TORCH_DTYPES, FeatureStore, StoreError, ViewRecord
+from pipeline.store import STATE_DIM, TORCH_DTYPES, FeatureStore, StoreError, ViewRecord, store_specs
 
 SPLITS = ("train", "heldout", "all")
 CPU = torch.device("cpu")
@@ -173,13 +173,8 @@ def open_training_store(cache_path: str, spec: dict[str, Any], tokens_per_frame:
 
 
 def _stores_under(store: FeatureStore) -> str:
-    """The fingerprint folders that do exist under the cache path, for the error message."""
-    try:
-        parent = store.root.rsplit("/", 1)[0]
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(parent, detail=False)]
-    except (FileNotFoundError, OSError):
-        return ""
-    return ", ".join(f"store {n}" for n in sorted(names))
+    """The stores that do exist under the cache path, for the error message."""
+    return ", ".join(f"store {url.rsplit('/', 1)[-1]}" for url in store_specs(store.cache_path))
 
 
 # -- sampling ----------------------------------------------------------------------------------------
