@@ -33,7 +33,7 @@ def _user_errors() -> Iterator[None]:
     """Errors about the user's input (store, checkpoint, files, values) end with a message and exit 2,
     not a traceback."""
     from pipeline.store import StoreError
-    from stages.checkpoint import CheckpointError
+    from stages.models.release_weights import CheckpointError
 
     try:
         yield
@@ -82,22 +82,10 @@ def extract(
     """Stage one: encode the missing views of the manifest's episodes into the feature store."""
     m = _load(manifest, profile, set_)
     from stages.extract import extract as run_extract
-    from stages.status import human_bytes
 
     with _user_errors():
         s = run_extract(m, scheduler=scheduler)
-    if json_out:
-        typer.echo(json.dumps(s.to_dict(), indent=1))
-    else:
-        typer.echo(
-            f"\nstore      {s.store}\n"
-            f"episodes   {s.episodes}   views: planned {s.views_planned}, done now {s.views_done}, "
-            f"skipped (committed) {s.views_skipped}, failed episodes {len(s.failed)}\n"
-            f"frames     {s.frames} in {s.seconds:.1f} s = {s.frames_per_second:.1f} frames/s end to end"
-            f" (encoder alone {s.encoder_frames_per_second:.1f} frames/s)\n"
-            f"written    {human_bytes(s.bytes_written)}")
-        for f in s.failed:
-            typer.secho(f"failed     {f['episode']}: {f['reason']}", fg=typer.colors.YELLOW)
+    typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else "\n" + s.format())
     if s.failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -111,11 +99,11 @@ def status(
 ) -> None:
     """What the feature store holds for the manifest: fingerprint, views planned/committed/stale/failed, bytes."""
     m = _load(manifest, profile, set_)
-    from stages.status import format_report, status_report
+    from stages.status import status_report
 
     with _user_errors():
         report = status_report(m)
-    typer.echo(json.dumps(report, indent=1) if json_out else format_report(report))
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.format())
 
 
 @app.command()
@@ -130,21 +118,10 @@ def gc(
     Do not run it while an extract writes to the same store: a part being written is uncommitted too.
     """
     m = _load(manifest, profile, set_)
-    from pipeline.store import FeatureStore
-    from stages.encoder import reader_spec
-    from stages.status import human_bytes
+    from stages.gc import collect_garbage
 
     with _user_errors():
-        store = FeatureStore(m.cache.path, reader_spec(m)).check()
-        doomed = [(p, "uncommitted") for p in store.uncommitted_parts()]
-        doomed += [(p, "superseded") for p in store.superseded_parts()]
-        freed = 0
-        for part, why in doomed:
-            freed += store.part_bytes(part)
-            typer.echo(f"{'would remove' if dry_run else 'removed'} {why} part {part}")
-            if not dry_run:
-                store.drop_part(part)
-    typer.echo(f"{len(doomed)} parts, {human_bytes(freed)} {'to free' if dry_run else 'freed'} in {store.url}")
+        typer.echo(collect_garbage(m, dry_run).format())
 
 
 @app.command()
@@ -160,7 +137,7 @@ def train(
 ) -> None:
     """Stage two: train the action-conditioned predictor from the feature cache (torchrun for several GPUs)."""
     m = _load(manifest, profile, set_)
-    from stages.run_files import latest_checkpoint
+    from stages.run_dir import latest_checkpoint
     from stages.train import train as run_train
 
     run_dir = out or Path(m.train.out)
@@ -169,19 +146,7 @@ def train(
         raise typer.Exit(EXIT_BAD_INPUT)
     with _user_errors():
         s = run_train(m, run_dir, steps)
-    _print_train_summary(s)
-
-
-def _print_train_summary(s) -> None:
-    if s.end_step == s.start_step:
-        typer.echo(f"Nothing to do: the run in {s.run_dir} is already at step {s.end_step}.")
-        return
-    typer.echo(f"\ntrained   steps {s.start_step + 1}..{s.end_step} in {s.seconds:.1f} s, "
-               f"{s.clips_per_second:.1f} clips/s, data wait {100 * s.data_wait_share:.1f}% of step time, "
-               f"{s.world_size} rank(s){'' if s.ranks_in_sync else ', RANKS OUT OF SYNC'}")
-    if s.first_loss is not None:
-        typer.echo(f"loss      {s.first_loss:.4f} -> {s.last_loss:.4f}")
-    typer.echo(f"results   {s.run_dir}: metrics.jsonl, loss.png, eval.json, eval.png, checkpoints/latest.pt")
+    typer.echo("\n" + s.format())
 
 
 @app.command()
@@ -193,28 +158,11 @@ def demo(
 ) -> None:
     """The whole job on built-in data: synthetic DROID episodes (once), extract, train, evaluate, plot."""
     m = _load(manifest, profile, set_)
-    from stages.extract import extract as run_extract
-    from stages.synthetic import write_synthetic_dataset
-    from stages.train import train as run_train
+    from stages.demo import run_demo
 
-    root = Path(m.data.root)
-    if not (root / "episodes.txt").exists():
-        typer.echo(f"Writing {episodes} synthetic DROID-format episodes to {root} ...")
-        write_synthetic_dataset(root, episodes, seed=0, progress=True, scenes=1)  # one lab set-up
     with _user_errors():
-        s = run_extract(m)
-        if s.views_done:
-            typer.echo(f"extract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "
-                       f"({s.frames_per_second:.1f} frames/s end to end); {s.views_skipped} views already cached\n")
-        t = run_train(m)
-    _print_train_summary(t)
-    final_eval = Path(t.run_dir) / "eval.json"
-    if t.end_step == t.start_step and final_eval.exists():  # nothing trained now: show the last evaluation
-        from stages.evaluate import format_eval
-
-        typer.echo(format_eval(json.loads(final_eval.read_text())))
-    typer.echo(f"\nResults: episodes {root}, feature store {s.store}, run {t.run_dir} "
-               f"(loss.png, eval.png, metrics.jsonl, eval.json, checkpoints/)")
+        s = run_demo(m, episodes, echo=typer.echo)
+    typer.echo("\n" + s.format())
     if s.failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -229,12 +177,13 @@ def bench(
 ) -> None:
     """Measure encoder-only vs end-to-end extraction frames/s on the same frames, and the store codecs."""
     m = _load(manifest, profile, set_)
-    from stages.bench import format_bench, run_bench
+    from stages.bench import run_bench
 
-    figures = run_bench(m, episodes)
-    typer.echo(format_bench(figures))
+    with _user_errors():
+        report = run_bench(m, episodes)
+    typer.echo(report.format())
     if out:
-        out.write_text(json.dumps(figures, indent=1))
+        out.write_text(json.dumps(report.to_dict(), indent=1))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ silently produce (and cache) the wrong features.
 Relative paths in a manifest are resolved against the manifest's own folder, so a manifest and its
 data can move together; `--set` values are resolved against the current directory, like any other
 command-line path. URLs (`s3://...`, `gs://...`) are left as they are.
+
+Naming: a section of the manifest is an `XSection` (`DataSection`, `TrainSection`, ...); a model
+architecture derived from it is an `XConfig` (`ViTConfig`, `PredictorConfig` in `stages/models/`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class ManifestError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     """Where the DROID episodes are and how they are sampled in time."""
 
     root: str  # folder the episode list is relative to
@@ -48,7 +51,7 @@ class DataConfig:
 
 
 @dataclass
-class ViewsConfig:
+class ViewsSection:
     """How many views (phase + crop box) are drawn per episode, reproducibly."""
 
     per_episode: int = 1  # views per episode; identical draws are stored once
@@ -60,7 +63,7 @@ class ViewsConfig:
 
 
 @dataclass
-class CropConfig:
+class CropSection:
     """Random-resize-crop and normalisation (SPEC section 2); the defaults are the release's."""
 
     size: int = 256  # output side in pixels (the encoder's img_size)
@@ -77,7 +80,7 @@ class CropConfig:
 
 
 @dataclass
-class EncoderConfig:
+class EncoderSection:
     """The frozen V-JEPA 2 encoder: a preset or an explicit small config of the same code."""
 
     checkpoint: str | None = None  # released vitg.pt etc.; null = random init with `seed` (demos, tests)
@@ -105,7 +108,7 @@ class EncoderConfig:
 
 
 @dataclass
-class CacheConfig:
+class CacheSection:
     """The feature store (DESIGN section 2)."""
 
     path: str  # local folder or fsspec URL; one sub-store per fingerprint lives under it
@@ -122,7 +125,7 @@ class CacheConfig:
 
 
 @dataclass
-class ExtractConfig:
+class ExtractSection:
     """How stage one is scheduled."""
 
     episodes_per_part: int = 8  # episodes per part = per task = per commit
@@ -161,7 +164,7 @@ class PredictorSection:
 
 
 @dataclass
-class TrainConfig:
+class TrainSection:
     """Stage two: optimisation (SPEC section 6), windows, evaluation, checkpoints."""
 
     out: str = "runs/default"  # run folder: config, metrics, plots, checkpoints
@@ -213,14 +216,14 @@ class TrainConfig:
 class Manifest:
     """One resolved profile of data_manifest.yaml."""
 
-    data: DataConfig
-    cache: CacheConfig
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    crop: CropConfig = field(default_factory=CropConfig)
-    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    data: DataSection
+    cache: CacheSection
+    encoder: EncoderSection = field(default_factory=EncoderSection)
+    views: ViewsSection = field(default_factory=ViewsSection)
+    crop: CropSection = field(default_factory=CropSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
     predictor: PredictorSection = field(default_factory=PredictorSection)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     profile: str = "default"  # the profile's name (set by the loader)
 
     def validate(self) -> None:

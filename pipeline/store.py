@@ -42,6 +42,8 @@ import zarr.codecs
 from fsspec.implementations.local import LocalFileSystem
 from zarr.core.buffer.cpu import NDBuffer
 
+from pipeline.manifest import CacheSection
+
 FORMAT_VERSION = 1
 STATE_DIM = 7  # xyz + 3 Euler angles + gripper
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
@@ -222,8 +224,8 @@ class FeatureStore:
         return self.array(view.part, name)[view.start : view.start + view.length]
 
     # -- writing -------------------------------------------------------------------------------
-    def part_writer(self, part_id: str, frames: int, tokens: int, dim: int, cache_cfg: Any) -> PartWriter:
-        return PartWriter(self, part_id, frames, tokens, dim, cache_cfg)
+    def part_writer(self, part_id: str, frames: int, tokens: int, dim: int, cache: CacheSection) -> PartWriter:
+        return PartWriter(self, part_id, frames, tokens, dim, cache)
 
     def write_failure(self, episode_id: str, record: dict[str, Any]) -> None:
         self._write_json(f"failures/{episode_key(episode_id)}.json", {"episode_id": episode_id, **record})
@@ -273,24 +275,27 @@ class PartWriter:
     never arrive (an episode that failed half-way) stay zero and are simply not listed in the commit.
     """
 
-    def __init__(self, store: FeatureStore, part_id: str, frames: int, tokens: int, dim: int, cache_cfg: Any):
+    def __init__(self, store: FeatureStore, part_id: str, frames: int, tokens: int, dim: int, cache: CacheSection):
         self.store, self.part_id, self.frames = store, part_id, frames
-        self.logical_dtype = cache_cfg.dtype
-        self.shard = cache_cfg.shard_frames
+        self.logical_dtype = cache.dtype
+        self.shard = cache.shard_frames
         group = zarr.open_group(store=f"{store.url}/parts/{part_id}", mode="w")  # overwrites a killed try
-        zstd = cache_cfg.compressor == "zstd"
-        compressors = zarr.codecs.ZstdCodec(level=cache_cfg.compression_level) if zstd else None
+        compressors = zarr.codecs.ZstdCodec(level=cache.compression_level) if cache.compressor == "zstd" else None
         self.features = group.create_array(
-            "features", shape=(frames, tokens, dim), dtype=STORAGE_DTYPES[cache_cfg.dtype],
-            chunks=(cache_cfg.chunk_frames, tokens, dim), shards=(self.shard, tokens, dim),
-            compressors=compressors, fill_value=0, attributes={"logical_dtype": cache_cfg.dtype})
+            "features", shape=(frames, tokens, dim), dtype=STORAGE_DTYPES[cache.dtype],
+            chunks=(cache.chunk_frames, tokens, dim), shards=(self.shard, tokens, dim),
+            compressors=compressors, fill_value=0, attributes={"logical_dtype": cache.dtype})
         self.group = group
         self._buffers: dict[int, np.ndarray] = {}
         self._filled: dict[int, int] = {}
         self.bytes_written = 0
 
-    def write(self, offset: int, feats: np.ndarray) -> None:
-        """Rows offset..offset+len(feats) of the features (already encoded for storage)."""
+    def write(self, offset: int, features: torch.Tensor) -> None:
+        """Rows offset..offset+len(features) of the encoder's output, converted to the storage dtype here."""
+        self._put(offset, encode_features(features, self.logical_dtype))
+
+    def _put(self, offset: int, feats: np.ndarray) -> None:
+        """Rows already in the storage dtype into their shard buffers; full shards are written at once."""
         row = offset
         while row < offset + len(feats):
             idx = row // self.shard
@@ -308,7 +313,7 @@ class PartWriter:
 
     def skip(self, offset: int, count: int) -> None:
         """Rows that will never arrive (a failed view): count them as filled so shards still complete."""
-        self.write(offset, np.zeros((count, *self.features.shape[1:]), self.features.dtype))
+        self._put(offset, np.zeros((count, *self.features.shape[1:]), self.features.dtype))
 
     def _flush(self, idx: int) -> None:
         buf = self._buffers.pop(idx)

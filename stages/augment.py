@@ -5,7 +5,8 @@ The draws come from a seed derived from (manifest seed, episode id, view number)
 worker or another machine draws exactly the same views -- which is what makes the cache incremental.
 With the released settings (scale 1.777, ratio 0.75..1.35) no draw fits a 16:9 frame and every view
 gets the same centre fallback crop; the view key is computed from the draw's content, so identical
-draws collapse to one stored view.
+draws collapse to one stored view. `draw_views` is the one function that decides which views of an
+episode exist: planning (from the store alone) and extraction (from the opened episode) both call it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.manifest import CropSection, ViewsSection
+from pipeline.store import view_id_for
 
 MAX_TRIES = 10  # Inception-style crop: attempts before the fallback
 
@@ -92,6 +96,29 @@ def draw_view(
     rng = np.random.default_rng(view_seed(seed, episode_id, view))
     phase = int(rng.integers(0, stride)) if random_phase else 0
     return ViewDraw(phase, draw_crop(rng, frame_hw[0], frame_hw[1], scale, ratio))
+
+
+@dataclass(frozen=True)
+class DrawnView:
+    """A distinct view of an episode: its content key and its draw."""
+
+    view_id: str
+    draw: ViewDraw
+
+
+def draw_views(views: ViewsSection, crop: CropSection, camera: str, episode_id: str, frame_hw: tuple[int, int],
+               stride: int) -> list[DrawnView]:
+    """The distinct views the manifest asks for of one episode and camera, in draw order.
+
+    View k is drawn from (views.seed, episode, k); identical draws (always, under the released crop
+    settings) give the same view id and are listed once.
+    """
+    out: dict[str, DrawnView] = {}
+    for k in range(views.per_episode):
+        d = draw_view(views.seed, episode_id, k, frame_hw, stride, crop.scale, crop.ratio, views.phase == "random")
+        vid = view_id_for(episode_id, camera, d.phase, stride, d.box.as_list())
+        out.setdefault(vid, DrawnView(vid, d))
+    return list(out.values())
 
 
 def crop_frames(frames: np.ndarray, box: CropBox) -> np.ndarray:

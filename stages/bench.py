@@ -13,28 +13,42 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore, encode_features
+from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
-from stages.droid import iter_frames, list_episodes
-from stages.encoder import fingerprint_spec, load_encoder
+from stages.droid import episode_id_for, iter_frames, list_episodes
+from stages.encoder import load_encoder
 from stages.extract import extract
+from stages.fingerprint import fingerprint_spec
 from stages.part import episode_jobs
-from stages.plan import EpisodeTask, episode_id_for
+from stages.plan import EpisodeTask
 
 WINDOW = 16  # frames per read in the window benchmark
 VITG_FRAMES = 64  # frames of 256 x 1408 written for the ViT-g sized store figures (46 MB in bf16)
 
 
-def run_bench(m: Manifest, episodes: int) -> dict[str, Any]:
-    """All figures as a dict (frames/s, MB/s, ratios)."""
+@dataclass
+class BenchReport:
+    """The figures of one `pipeline bench` run (frames/s, MB/s, ratios), keyed as documented in the README."""
+
+    figures: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.figures
+
+    def format(self) -> str:
+        return format_bench(self.figures)
+
+
+def run_bench(m: Manifest, episodes: int) -> BenchReport:
+    """Measure everything on the manifest's first `episodes` episodes."""
     folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
     crops, decode_s = _decode(m, folders)
     frames = sum(len(c) for c in crops)
@@ -54,7 +68,7 @@ def run_bench(m: Manifest, episodes: int) -> dict[str, Any]:
         big = torch.randn(VITG_FRAMES, 256, 1408)  # [F, tokens, D]: ViT-g sized rows (random values)
         codecs_vitg = {name: _codec(m, big, f"{tmp}/vitg-{name}", name, level)
                        for name, level in (("none", 0), ("zstd-1", 1))}
-    return {
+    return BenchReport({
         "device": str(encoder.device), "threads": torch.get_num_threads(), "episodes": len(folders),
         "frames": frames, "tokens": encoder.tokens, "dim": encoder.dim, "feature_dtype": m.cache.dtype,
         "decode_fps": frames / decode_s, "encoder_fps": frames / encode_s,
@@ -62,15 +76,16 @@ def run_bench(m: Manifest, episodes: int) -> dict[str, Any]:
         "end_to_end_vs_encoder": summary.frames_per_second / (frames / encode_s),
         "end_to_end_vs_slower_stage": summary.frames_per_second / min(frames / encode_s, frames / decode_s),
         "decode_workers": m.extract.decode_workers, "store": codecs, "store_vitg_size": codecs_vitg,
-    }
+    })
 
 
 def _decode(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:
     """View 0 of each episode, decoded and cropped exactly as extraction draws it."""
-    one_view = dataclasses.replace(m, views=dataclasses.replace(m.views, per_episode=1))
+    one_view = dataclasses.replace(m.views, per_episode=1)
     crops, t0 = [], time.perf_counter()
     for folder in folders:
-        job = episode_jobs(one_view, EpisodeTask(episode_id_for(folder, Path(m.data.root)), str(folder), {}))[0]
+        task = EpisodeTask(episode_id_for(folder, Path(m.data.root)), str(folder), {})
+        job = episode_jobs(task, m.data, one_view, m.crop)[0]
         box = CropBox(*job.record.box)
         for batch in iter_frames(job.episode, job.indices, m.encoder.batch_size, m.extract.decode_threads):
             crops.append(torch.from_numpy(np.ascontiguousarray(crop_frames(batch, box))))
@@ -88,25 +103,25 @@ def _encode(m: Manifest, encoder: Any, crops: list[torch.Tensor]) -> tuple[torch
 
 def _codec(m: Manifest, feats: torch.Tensor, path: str, name: str, level: int) -> dict[str, float]:
     """Write all frames as one part with this codec, then read random 16-frame windows back."""
-    cfg = SimpleNamespace(**{**dataclasses.asdict(m.cache), "compressor": "zstd" if level else "none",
-                             "compression_level": max(level, 1)})
+    cache = dataclasses.replace(m.cache, compressor="zstd" if level else "none", compression_level=max(level, 1))
     store = FeatureStore(path, {"bench": name}).create()
-    data = encode_features(feats, m.cache.dtype)  # [F, tokens, D]
+    n = len(feats)
     t0 = time.perf_counter()
-    writer = store.part_writer("bench", len(data), data.shape[1], data.shape[2], cfg)
-    writer.write(0, data)
-    writer.finish(np.zeros((len(data), 7)), np.zeros((len(data), 7)), np.arange(len(data)))
+    writer = store.part_writer("bench", n, feats.shape[1], feats.shape[2], cache)
+    writer.write(0, feats)
+    writer.finish(np.zeros((n, 7)), np.zeros((n, 7)), np.arange(n))
     write_s = time.perf_counter() - t0
+    nbytes = writer.bytes_written
     arr = store.array("bench", "features")
     rng = np.random.default_rng(0)
-    starts = rng.integers(0, max(1, len(data) - WINDOW), size=32)
+    starts = rng.integers(0, max(1, n - WINDOW), size=32)
     t0 = time.perf_counter()
     for s in starts:
         arr[s : s + WINDOW]
     read_s = time.perf_counter() - t0
-    window_bytes = min(WINDOW, len(data)) * data[0].nbytes * len(starts)
-    return {"write_MBps": data.nbytes / write_s / 1e6, "read_MBps": window_bytes / read_s / 1e6,
-            "ratio": data.nbytes / max(1, store.bytes_on_disk())}
+    window_bytes = min(WINDOW, n) * (nbytes // n) * len(starts)
+    return {"write_MBps": nbytes / write_s / 1e6, "read_MBps": window_bytes / read_s / 1e6,
+            "ratio": nbytes / max(1, store.bytes_on_disk())}
 
 
 def format_bench(f: dict[str, Any]) -> str:

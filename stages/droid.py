@@ -96,6 +96,32 @@ def source_files(folder: Path, camera_key: str) -> list[Path]:
     return files
 
 
+Source = dict[str, list[int]]  # file name (relative to the episode folder) -> [size, mtime_ns]
+
+
+def source_identity(folder: Path, camera_key: str) -> Source:
+    """Size and mtime of the files an episode's views are made from; never raises (missing = absent).
+
+    Recorded with every committed view and failure, so a changed or fixed episode is noticed by
+    planning without opening a video."""
+    out: Source = {}
+    for f in source_files(folder, camera_key):
+        try:
+            st = f.stat()
+            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            continue
+    return out
+
+
+def episode_id_for(folder: Path, root: Path) -> str:
+    """An episode's id: its folder relative to data.root (stable when the data set moves)."""
+    try:
+        return folder.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return folder.resolve().as_posix()
+
+
 # ----------------------------------------------------------------------------- episode lists
 
 

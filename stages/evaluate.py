@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from stages.predictor import ACPredictor, ac_loss, layer_norm_features, rollout
+from stages.models.predictor import ACPredictor, ac_loss, layer_norm_features, rollout
 from stages.windows import Batch
 
 

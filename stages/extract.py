@@ -17,16 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.manifest import Manifest
+from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
-from stages.encoder import fingerprint_spec, load_encoder
-from stages.part import PartResult, run_part
+from stages.encoder import load_encoder
+from stages.fingerprint import fingerprint_spec
+from stages.part import PartResult, PartSettings, run_part
 from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes
 
 EVENT_TOPIC = "pipeline-extract-progress"
 
 
 @dataclass
-class Summary:
+class ExtractSummary:
     """What a run of `pipeline extract` did."""
 
     store: str
@@ -54,9 +56,19 @@ class Summary:
         return {**self.__dict__, "frames_per_second": self.frames_per_second,
                 "encoder_frames_per_second": self.encoder_frames_per_second}
 
+    def format(self) -> str:
+        lines = [f"store      {self.store}",
+                 f"episodes   {self.episodes}   views: planned {self.views_planned}, done now {self.views_done}, "
+                 f"skipped (committed) {self.views_skipped}, failed episodes {len(self.failed)}",
+                 f"frames     {self.frames} in {self.seconds:.1f} s = {self.frames_per_second:.1f} frames/s end to end"
+                 f" (encoder alone {self.encoder_frames_per_second:.1f} frames/s)",
+                 f"written    {human_bytes(self.bytes_written)}"]
+        lines += [f"failed     {f['episode']}: {f['reason']}" for f in self.failed]
+        return "\n".join(lines)
+
 
 def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = True,
-            echo: Callable[[str], None] = print) -> Summary:
+            echo: Callable[[str], None] = print) -> ExtractSummary:
     """Bring the store up to date with the manifest; returns the run's summary."""
     spec = fingerprint_spec(m)
     store = FeatureStore(m.cache.path, spec).create()
@@ -85,7 +97,7 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     return summary
 
 
-def _add(summary: Summary, r: PartResult) -> None:
+def _add(summary: ExtractSummary, r: PartResult) -> None:
     summary.parts += 1
     summary.views_done += r.views
     summary.frames += r.frames
@@ -94,8 +106,8 @@ def _add(summary: Summary, r: PartResult) -> None:
     summary.failed += [{"episode": e, "path": p, "reason": why} for e, p, why in r.failures]
 
 
-def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Summary:
-    s = Summary(store=store.url, fingerprint=store.digest, episodes=len(plans))
+def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> ExtractSummary:
+    s = ExtractSummary(store=store.url, fingerprint=store.digest, episodes=len(plans))
     s.views_planned = sum(p.planned for p in plans)
     s.views_skipped = sum(p.committed for p in plans)
     s.failed = [{"episode": p.episode_id, "path": p.path, "reason": p.reason, "recorded": "earlier run"}
@@ -106,8 +118,9 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Summary
 def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], bar: tqdm):
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
     encoder = load_encoder(m, store.digest)
+    settings = PartSettings.from_manifest(m)
     for part in parts:
-        yield run_part(m, store, encoder, part, bar.update)
+        yield run_part(part, store, encoder, settings, bar.update)
 
 
 def _worker_task(m: Manifest, spec: dict, part: PartTask) -> PartResult:
@@ -120,7 +133,7 @@ def _worker_task(m: Manifest, spec: dict, part: PartTask) -> PartResult:
     def progress(frames: int) -> None:
         worker.log_event(EVENT_TOPIC, {"frames": frames})
 
-    return run_part(m, store, load_encoder(m, store.digest), part, progress)
+    return run_part(part, store, load_encoder(m, store.digest), PartSettings.from_manifest(m), progress)
 
 
 def _run_dask(m: Manifest, spec: dict, store: FeatureStore, parts: list[PartTask], scheduler: str, bar: tqdm):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.manifest import TrainConfig
+from pipeline.manifest import TrainSection
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
+def learning_rate(step: int, cfg: TrainSection) -> float:
     """lr used by optimizer step `step` (1-based): linear warmup, constant, linear decay to final_lr."""
     if step <= cfg.warmup_steps:
         return cfg.start_lr + (step / cfg.warmup_steps) * (cfg.lr - cfg.start_lr)
@@ -24,7 +24,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr - (step - decay_start) / cfg.decay_steps * (cfg.lr - cfg.final_lr)
 
 
-def weight_decay(step: int, cfg: TrainConfig) -> float:
+def weight_decay(step: int, cfg: TrainSection) -> float:
     """Weight decay of step `step`: constant in the release (kept a function so the schedule lives here)."""
     return cfg.weight_decay
 
@@ -40,12 +40,12 @@ def param_groups(model: nn.Module, decay: float) -> list[dict]:
             {"params": without, "weight_decay": 0.0, "apply_wd": False}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainSection) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=learning_rate(1, cfg), betas=cfg.betas,
                              eps=cfg.eps)
 
 
-def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
+def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainSection) -> float:
     """Put step `step`'s lr and weight decay into every group; returns the lr."""
     lr, wd = learning_rate(step, cfg), weight_decay(step, cfg)
     for group in optimizer.param_groups:

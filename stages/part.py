@@ -3,13 +3,14 @@
 The hot path overlaps its three kinds of work so that the encoder -- the expensive part on a GPU
 worker -- never waits:
 
-    decode thread   decord -> crop (uint8, numpy view) ->  queue  ->
-    main thread     to device -> resize + normalise -> encoder (batched across views) -> storage dtype ->  queue  ->
-    writer thread   buffer rows per shard -> write whole shards (zarr)
+    decode threads  decord -> crop (uint8)                          -- Frames / Skip / Failed / End ->
+    main thread     to device -> resize + normalise -> encoder (batched across views)  -- Rows / Skip ->
+    writer thread   storage dtype -> buffer rows per shard -> write whole shards (zarr)
 
-A bad episode is recorded as failed with its reason and the part goes on with the others; its rows,
-already allocated, are left as zeros and not listed in the commit record. The commit record is written
-last: a part killed at any moment is simply not there for readers, and its retry overwrites it.
+What crosses a queue is a small typed message handled with `match` (DESIGN section 5). A bad episode
+is recorded as failed with its reason and the part goes on with the others; its rows, already
+allocated, are skipped and not listed in the commit record. The commit record is written last: a part
+killed at any moment is simply not there for readers.
 """
 
 from __future__ import annotations
@@ -20,19 +21,48 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore, PartWriter, ViewRecord, encode_features, view_id_for
-from stages.augment import draw_view
-from stages.droid import Episode, EpisodeError, actions_from_states, frame_grid, frame_stride, iter_frames, open_episode
+from pipeline.manifest import CacheSection, CropSection, DataSection, Manifest, ViewsSection
+from pipeline.store import FeatureStore, PartWriter, ViewRecord
+from stages.augment import draw_views
+from stages.droid import (
+    Episode,
+    EpisodeError,
+    actions_from_states,
+    frame_grid,
+    frame_stride,
+    iter_frames,
+    open_episode,
+    source_identity,
+)
 from stages.encoder import LoadedEncoder
-from stages.plan import EpisodeTask, PartTask, source_identity
+from stages.plan import EpisodeTask, PartTask
 
 Progress = Callable[[int], None]  # called with the number of frames just encoded
 QUEUE_DEPTH = 4  # decoded batches in flight: enough to hide decode jitter, small enough for RAM
+
+
+@dataclass(frozen=True)
+class PartSettings:
+    """The manifest settings a part depends on, and nothing else (the encoder comes loaded)."""
+
+    data: DataSection  # camera, fps, frames_per_clip
+    views: ViewsSection  # how many views, seed, phase rule
+    crop: CropSection  # crop draws and preprocessing
+    cache: CacheSection  # storage dtype, chunks, shards, codec
+    batch_size: int  # frames per decoded batch and per encoder forward (encoder.batch_size)
+    decode_workers: int  # episodes decoded at once (extract.decode_workers)
+    decode_threads: int  # decord threads per reader (extract.decode_threads)
+    on_error: Literal["record", "raise"]  # a bad episode: record it and go on, or stop (extract.on_error)
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> PartSettings:
+        return cls(m.data, m.views, m.crop, m.cache, m.encoder.batch_size, m.extract.decode_workers,
+                   m.extract.decode_threads, m.extract.on_error)
 
 
 @dataclass
@@ -59,44 +89,98 @@ class PartResult:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (episode_id, path, reason)
 
 
-def run_part(m: Manifest, store: FeatureStore, encoder: LoadedEncoder, part: PartTask,
+# -- messages between the threads ----------------------------------------------------------------
+
+
+@dataclass
+class Frames:
+    """Decoded, cropped uint8 frames [k, h, w, 3] of one view, for rows offset..offset+k of the part."""
+
+    offset: int
+    crops: torch.Tensor
+
+
+@dataclass
+class Skip:
+    """Rows offset..offset+count will never arrive (their episode failed while decoding)."""
+
+    offset: int
+    count: int
+
+
+@dataclass
+class Failed:
+    """An episode failed while decoding; its views are not committed."""
+
+    record: ViewRecord
+    error: EpisodeError
+
+
+@dataclass
+class Rows:
+    """Encoded features [k, tokens, D] (float) for rows offset..offset+k of the part."""
+
+    offset: int
+    features: torch.Tensor
+
+
+@dataclass
+class End:
+    """A producer is done (the writer's queue ends with one too)."""
+
+
+@dataclass
+class Crashed:
+    """A decode thread died of something that is not an episode's fault; re-raised in the main thread."""
+
+    error: BaseException
+
+
+Decoded = Frames | Skip | Failed | End | Crashed
+ToWrite = Rows | Skip | End
+
+
+# -- the part ------------------------------------------------------------------------------------
+
+
+def run_part(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, settings: PartSettings,
              progress: Progress | None = None) -> PartResult:
     """Extract and commit one part; returns counts. Raises only on errors that are not an episode's fault
-    (or on an episode's when extract.on_error is "raise")."""
+    (or on an episode's when on_error is "raise")."""
     t0 = time.perf_counter()
     result = PartResult(part.part_id)
-    jobs = _prepare(m, part, result)
+    jobs = _prepare(part, settings, result)
     frames = sum(len(j.indices) for j in jobs)
     if frames == 0:
-        _finish_failures(m, store, part, result, set())
+        _finish_failures(store, part, result, set(), settings.data.camera)
         result.seconds = time.perf_counter() - t0
         return result
-    writer = store.part_writer(part.part_id, frames, encoder.tokens, encoder.dim, m.cache)
-    failed = _encode_all(m, encoder, jobs, writer, result, progress)
+    writer = store.part_writer(part.part_id, frames, encoder.tokens, encoder.dim, settings.cache)
+    failed = _encode_all(jobs, encoder, writer, settings, result, progress)
     good = [j for j in jobs if j.record.episode_id not in failed]
     writer.finish(*_per_frame_arrays(jobs, frames))
     store.commit(part.part_id, [j.record for j in good], frames)
-    _finish_failures(m, store, part, result, failed)
+    _finish_failures(store, part, result, failed, settings.data.camera)
     result.views, result.frames = len(good), sum(j.record.length for j in good)
     result.bytes_written, result.seconds = writer.bytes_written, time.perf_counter() - t0
     return result
 
 
-def _fail(m: Manifest, result: PartResult, episode_id: str, path: str, err: EpisodeError) -> None:
+def _fail(on_error: str, result: PartResult, episode_id: str, path: str, err: EpisodeError) -> None:
     """extract.on_error: stop the run, or record the episode as failed and go on."""
-    if m.extract.on_error == "raise":
+    if on_error == "raise":
         raise err
     result.failures.append((episode_id, path, err.reason))
 
 
-def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
+def _prepare(part: PartTask, settings: PartSettings, result: PartResult) -> list[ViewJob]:
     """Open each episode (cheap: no decoding), draw its views, lay their rows out one after another."""
     jobs: list[ViewJob] = []
     for task in part.episodes:
         try:
-            views = episode_jobs(m, task)
+            views = episode_jobs(task, settings.data, settings.views, settings.crop)
         except EpisodeError as err:
-            _fail(m, result, task.episode_id, task.path, err)
+            _fail(settings.on_error, result, task.episode_id, task.path, err)
             continue
         for job in views:
             job.record.part, job.record.start = part.part_id, sum(j.record.length for j in jobs)
@@ -104,30 +188,26 @@ def _prepare(m: Manifest, part: PartTask, result: PartResult) -> list[ViewJob]:
     return jobs
 
 
-def episode_jobs(m: Manifest, task: EpisodeTask) -> list[ViewJob]:
+def episode_jobs(task: EpisodeTask, data: DataSection, views: ViewsSection, crop: CropSection) -> list[ViewJob]:
     """Open an episode (no decoding) and draw its views: the distinct ones not already committed."""
     folder = Path(task.path)
     if not folder.is_dir():
         raise EpisodeError(folder, "episode folder does not exist")
-    ep = open_episode(folder, m.data.camera)
-    stride = frame_stride(ep.video_fps, m.data.fps)
-    source = source_identity(folder, m.data.camera)
-    jobs, seen = [], set(task.done_views)
-    for k in range(m.views.per_episode):
-        d = draw_view(m.views.seed, task.episode_id, k, ep.frame_hw, stride, m.crop.scale, m.crop.ratio,
-                      m.views.phase == "random")
-        vid = view_id_for(task.episode_id, m.data.camera, d.phase, stride, d.box.as_list())
-        if vid in seen:
-            continue  # identical draw (or already committed): stored once
-        seen.add(vid)
-        indices = frame_grid(ep.num_usable, stride, d.phase)  # [F]
-        if len(indices) < m.data.frames_per_clip:
+    ep = open_episode(folder, data.camera)
+    stride = frame_stride(ep.video_fps, data.fps)
+    source = source_identity(folder, data.camera)
+    jobs = []
+    for v in draw_views(views, crop, data.camera, task.episode_id, ep.frame_hw, stride):
+        if v.view_id in task.done_views:
+            continue
+        indices = frame_grid(ep.num_usable, stride, v.draw.phase)  # [F]
+        if len(indices) < data.frames_per_clip:
             raise EpisodeError(folder, f"episode shorter than one clip: {ep.num_usable} usable frames at stride "
-                               f"{stride} give {len(indices)} frames < data.frames_per_clip {m.data.frames_per_clip}")
+                               f"{stride} give {len(indices)} frames < data.frames_per_clip {data.frames_per_clip}")
         states = ep.states[indices]  # [F, 7]
         actions = np.concatenate([actions_from_states(states), np.full((1, 7), np.nan)])  # [F, 7]
-        record = ViewRecord(vid, task.episode_id, str(folder), m.data.camera, ep.serial, d.phase, stride,
-                            ep.video_fps, list(ep.frame_hw), d.box.as_list(), source, length=len(indices))
+        record = ViewRecord(v.view_id, task.episode_id, str(folder), data.camera, ep.serial, v.draw.phase, stride,
+                            ep.video_fps, list(ep.frame_hw), v.draw.box.as_list(), source, length=len(indices))
         jobs.append(ViewJob(record, ep, indices, states, actions))
     return jobs
 
@@ -141,7 +221,7 @@ def _per_frame_arrays(jobs: list[ViewJob], frames: int) -> tuple[np.ndarray, np.
     return states, actions, index
 
 
-def _finish_failures(m: Manifest, store: FeatureStore, part: PartTask, result: PartResult, failed: set[str]) -> None:
+def _finish_failures(store: FeatureStore, part: PartTask, result: PartResult, failed: set[str], camera: str) -> None:
     """Record this part's failures, clear old failure records of episodes that now succeeded."""
     failed_ids = failed | {f[0] for f in result.failures}
     for task in part.episodes:
@@ -149,30 +229,30 @@ def _finish_failures(m: Manifest, store: FeatureStore, part: PartTask, result: P
             store.clear_failure(task.episode_id)
     for eid, path, reason in result.failures:
         store.write_failure(eid, {"path": path, "reason": reason, "time": time.time(),
-                                  "source": source_identity(Path(path), m.data.camera)})
+                                  "source": source_identity(Path(path), camera)})
 
 
-# ----------------------------------------------------------------------------- the overlapped hot path
+# -- the overlapped hot path ---------------------------------------------------------------------
 
 
-def _decode(m: Manifest, groups: queue.Queue, out: queue.Queue, stop: threading.Event) -> None:
-    """Producer: takes episodes off `groups` and emits decoded + cropped uint8 batches tagged with their
-    row offset. Several producers run at once (extract.decode_workers): 720p H.264 decodes at tens of
-    frames/s per thread, far below a GPU encoder, and decord releases the GIL while it decodes."""
+def _decode(groups: queue.Queue, out: queue.Queue, stop: threading.Event, batch: int, threads: int) -> None:
+    """Producer: takes episodes off `groups` and emits their decoded + cropped frames. Several producers
+    run at once (extract.decode_workers): 720p H.264 decodes at tens of frames/s per thread, far below a
+    GPU encoder, and decord releases the GIL while it decodes."""
     try:
         while not stop.is_set():
             try:
                 group = groups.get_nowait()
             except queue.Empty:
                 return
-            _decode_episode(m, group, out, stop)
+            _decode_episode(group, out, stop, batch, threads)
     except BaseException as err:  # anything unexpected must reach the main thread, not die silently
-        _put(out, ("error", None, err), stop)
+        _put(out, Crashed(err), stop)
     finally:
-        _put(out, ("end", None, None), stop)
+        _put(out, End(), stop)
 
 
-def _put(q: queue.Queue, item: tuple, stop: threading.Event) -> None:
+def _put(q: queue.Queue, item: Decoded, stop: threading.Event) -> None:
     """Blocking put that gives up once the consumer has stopped (so no thread hangs on a full queue)."""
     while not stop.is_set():
         try:
@@ -194,14 +274,14 @@ def _by_episode(jobs: list[ViewJob]) -> Iterator[list[ViewJob]]:
         yield group
 
 
-def _decode_episode(m: Manifest, group: list[ViewJob], out: queue.Queue, stop: threading.Event) -> None:
+def _decode_episode(group: list[ViewJob], out: queue.Queue, stop: threading.Event, batch: int, threads: int) -> None:
     """Decode the union of the views' frames once (H.264 decodes every raw frame anyway); each view
     takes its own frames and crop from every decoded batch."""
     union = np.unique(np.concatenate([j.indices for j in group]))  # [U] sorted raw indices
     sent = [0] * len(group)
     pos = 0
     try:
-        for frames in iter_frames(group[0].episode, union, m.encoder.batch_size, m.extract.decode_threads):
+        for frames in iter_frames(group[0].episode, union, batch, threads):
             batch_index = union[pos : pos + len(frames)]  # [n] raw indices of this batch
             pos += len(frames)
             for v, job in enumerate(group):
@@ -209,36 +289,37 @@ def _decode_episode(m: Manifest, group: list[ViewJob], out: queue.Queue, stop: t
                 if len(rows):
                     t, left, h, w = job.record.box
                     crop = frames[rows, t : t + h, left : left + w]  # [k, h, w, 3] (a copy: fancy index)
-                    _put(out, ("frames", job.record, job.record.start + sent[v], torch.from_numpy(crop)), stop)
+                    _put(out, Frames(job.record.start + sent[v], torch.from_numpy(crop)), stop)
                     sent[v] += len(rows)
     except EpisodeError as err:
-        _put(out, ("fail", group[0].record, err), stop)
+        _put(out, Failed(group[0].record, err), stop)
         for v, job in enumerate(group):
-            _put(out, ("skip", job.record, job.record.start + sent[v], job.record.length - sent[v]), stop)
+            _put(out, Skip(job.record.start + sent[v], job.record.length - sent[v]), stop)
 
 
-def _items(q: queue.Queue, producers: int) -> Iterator[tuple]:
-    """Items until every producer has said it ended; a producer's crash is re-raised here."""
+def _messages(q: queue.Queue, producers: int) -> Iterator[Frames | Skip | Failed]:
+    """Messages until every producer has ended; a producer's crash is re-raised here."""
     while producers:
-        item = q.get()
-        if item[0] == "end":
-            producers -= 1
-            continue
-        if item[0] == "error":
-            raise item[2]
-        yield item
+        match q.get():
+            case End():
+                producers -= 1
+            case Crashed(error=err):
+                raise err
+            case message:
+                yield message
 
 
-def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer: PartWriter,
+def _encode_all(jobs: list[ViewJob], encoder: LoadedEncoder, writer: PartWriter, settings: PartSettings,
                 result: PartResult, progress: Progress | None) -> set[str]:
     """Consumer: batch frames across views, encode, hand rows to the writer thread. Returns failed episodes."""
-    decoded: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH * m.extract.decode_workers)
+    decoded: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH * settings.decode_workers)
     groups: queue.Queue = queue.Queue()
     for group in _by_episode(jobs):
         groups.put(group)
     stop = threading.Event()
-    readers = [threading.Thread(target=_decode, args=(m, groups, decoded, stop), daemon=True, name=f"decode-{i}")
-               for i in range(m.extract.decode_workers)]
+    readers = [threading.Thread(target=_decode, args=(groups, decoded, stop, settings.batch_size,
+                                                      settings.decode_threads), daemon=True, name=f"decode-{i}")
+               for i in range(settings.decode_workers)]
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     write_errors: list[BaseException] = []
     wthread = threading.Thread(target=_write_loop, args=(writer, write_q, write_errors), daemon=True, name="write")
@@ -246,27 +327,27 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
         r.start()
     wthread.start()
     failed: set[str] = set()
-    pending: list[tuple[int, torch.Tensor]] = []  # (row offset, cropped uint8 frames)
+    pending: list[Frames] = []
     try:
-        for item in _items(decoded, len(readers)):
+        for message in _messages(decoded, len(readers)):
             if write_errors:
                 break  # the part cannot be committed: stop encoding, report the write error below
-            kind, rec = item[0], item[1]
-            if kind == "frames":
-                pending.append((item[2], item[3]))
-                if sum(len(t) for _, t in pending) >= m.encoder.batch_size:
-                    _encode_batch(m, encoder, pending, write_q, result, progress)
-                    pending = []
-            elif kind == "skip":
-                write_q.put(("skip", item[2], item[3]))
-            elif kind == "fail":
-                failed.add(rec.episode_id)
-                _fail(m, result, rec.episode_id, rec.episode_path, item[2])
+            match message:
+                case Frames():
+                    pending.append(message)
+                    if sum(len(f.crops) for f in pending) >= settings.batch_size:
+                        _encode_batch(pending, encoder, settings.crop, write_q, result, progress)
+                        pending = []
+                case Skip():
+                    write_q.put(message)
+                case Failed(record=rec, error=err):
+                    failed.add(rec.episode_id)
+                    _fail(settings.on_error, result, rec.episode_id, rec.episode_path, err)
         if pending and not write_errors:
-            _encode_batch(m, encoder, pending, write_q, result, progress)
+            _encode_batch(pending, encoder, settings.crop, write_q, result, progress)
     finally:
         stop.set()
-        write_q.put(None)
+        write_q.put(End())
         wthread.join()
         for r in readers:
             r.join()
@@ -275,29 +356,33 @@ def _encode_all(m: Manifest, encoder: LoadedEncoder, jobs: list[ViewJob], writer
     return failed
 
 
-def _encode_batch(m: Manifest, encoder: LoadedEncoder, pending: list[tuple[int, torch.Tensor]],
-                  write_q: queue.Queue, result: PartResult, progress: Progress | None) -> None:
+def _encode_batch(pending: list[Frames], encoder: LoadedEncoder, crop: CropSection, write_q: queue.Queue,
+                  result: PartResult, progress: Progress | None) -> None:
     """Preprocess on the encoder's device, encode once, split the rows back to their offsets."""
     t0 = time.perf_counter()
-    feats = encoder.encode_crops([t for _, t in pending], m.crop)  # [B, tokens, D]
+    feats = encoder.encode_crops([f.crops for f in pending], crop)  # [B, tokens, D]
     result.encode_seconds += time.perf_counter() - t0
-    stored = encode_features(feats, m.cache.dtype)  # [B, tokens, D] storage dtype
     row = 0
-    for offset, t in pending:
-        write_q.put(("rows", offset, stored[row : row + len(t)]))
-        row += len(t)
+    for f in pending:
+        write_q.put(Rows(f.offset, feats[row : row + len(f.crops)]))
+        row += len(f.crops)
     if progress:
         progress(row)
 
 
 def _write_loop(writer: PartWriter, q: queue.Queue, errors: list[BaseException]) -> None:
-    while (item := q.get()) is not None:
+    """Writer thread: rows go to their shard buffers; whole shards are written as they complete."""
+    while True:
+        message: ToWrite = q.get()
+        if isinstance(message, End):
+            return
         if errors:
             continue  # keep draining so the producer never blocks
         try:
-            if item[0] == "rows":
-                writer.write(item[1], item[2])
-            else:
-                writer.skip(item[1], item[2])
+            match message:
+                case Rows(offset=offset, features=feats):
+                    writer.write(offset, feats)
+                case Skip(offset=offset, count=count):
+                    writer.skip(offset, count)
         except BaseException as err:
             errors.append(err)

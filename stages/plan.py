@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore, ViewRecord, canonical_json, view_id_for
-from stages.augment import draw_view
-from stages.droid import frame_stride, list_episodes, source_files
-
-Source = dict[str, list[int]]
+from pipeline.store import FeatureStore, ViewRecord, canonical_json
+from stages.augment import draw_views
+from stages.droid import Source, episode_id_for, frame_stride, list_episodes, source_identity
 
 
 @dataclass
@@ -59,37 +57,11 @@ class EpisodePlan:
         return self.state in ("partial", "stale", "new")
 
 
-def episode_id_for(folder: Path, root: Path) -> str:
-    """An episode's id: its folder relative to data.root (stable when the data set moves)."""
-    try:
-        return folder.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return folder.resolve().as_posix()
-
-
-def source_identity(folder: Path, camera_key: str) -> Source:
-    """Size and mtime of the files an episode's views are made from; never raises (missing = absent)."""
-    out: Source = {}
-    for f in source_files(folder, camera_key):
-        try:
-            st = f.stat()
-            out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            continue
-    return out
-
-
 def planned_view_ids(m: Manifest, episode_id: str, frame_hw: list[int], video_fps: float) -> list[str]:
     """The distinct view ids the manifest asks for, given an episode's frame size and frame rate."""
     stride = frame_stride(video_fps, m.data.fps)
-    ids = []
-    for k in range(m.views.per_episode):
-        d = draw_view(m.views.seed, episode_id, k, (frame_hw[0], frame_hw[1]), stride,
-                      m.crop.scale, m.crop.ratio, m.views.phase == "random")
-        vid = view_id_for(episode_id, m.data.camera, d.phase, stride, d.box.as_list())
-        if vid not in ids:
-            ids.append(vid)
-    return ids
+    return [v.view_id for v in draw_views(m.views, m.crop, m.data.camera, episode_id, (frame_hw[0], frame_hw[1]),
+                                          stride)]
 
 
 def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:

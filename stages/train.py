@@ -25,19 +25,21 @@ from tqdm.auto import tqdm
 
 from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
 from pipeline.manifest import Manifest
-from stages.encoder import reader_spec, vit_config
 from stages.evaluate import evaluate, format_eval
+from stages.fingerprint import predictor_config, reader_spec
+from stages.models.predictor import ACPredictor, ac_loss, build_predictor
 from stages.optim import build_optimizer, set_schedule
 from stages.plots import plot_horizons, plot_losses
-from stages.predictor import ACPredictor, PredictorConfig, ac_loss, build_predictor
-from stages.run_files import (
+from stages.run_dir import (
+    RankRNG,
+    Stateful,
     append_jsonl,
+    checkpoint_payload,
     latest_checkpoint,
     load_checkpoint,
     read_jsonl,
-    rng_state,
+    restore,
     save_checkpoint,
-    set_rng_state,
     truncate_jsonl,
 )
 from stages.windows import WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
@@ -64,14 +66,16 @@ class TrainSummary:
     ranks_in_sync: bool = True
     eval: dict[str, Any] = field(default_factory=dict)
 
-
-def predictor_config(m: Manifest) -> PredictorConfig:
-    """The predictor's architecture: the manifest's predictor section on the encoder's grid and width."""
-    enc = vit_config(m)
-    p = m.predictor
-    return PredictorConfig(img_size=m.crop.size, patch_size=enc.patch_size, embed_dim=enc.embed_dim,
-                           predictor_embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads,
-                           mlp_ratio=p.mlp_ratio)
+    def format(self) -> str:
+        if self.end_step == self.start_step:
+            return f"Nothing to do: the run in {self.run_dir} is already at step {self.end_step}."
+        lines = [f"trained   steps {self.start_step + 1}..{self.end_step} in {self.seconds:.1f} s, "
+                 f"{self.clips_per_second:.1f} clips/s, data wait {100 * self.data_wait_share:.1f}% of step time, "
+                 f"{self.world_size} rank(s){'' if self.ranks_in_sync else ', RANKS OUT OF SYNC'}"]
+        if self.first_loss is not None:
+            lines.append(f"loss      {self.first_loss:.4f} -> {self.last_loss:.4f}")
+        lines.append(f"results   {self.run_dir}: metrics.jsonl, loss.png, eval.json, eval.png, checkpoints/latest.pt")
+        return "\n".join(lines)
 
 
 def autocast_for(m: Manifest, device: torch.device) -> AbstractContextManager:
@@ -101,14 +105,19 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     if not train_idx.episodes:
         raise ValueError(f"no training windows of {T} frames in {store.url}")
 
-    # -- model, optimizer, resume ---------------------------------------------------------------------------
+    # -- model, optimizer, loader, resume --------------------------------------------------------------
     model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.extrinsics_encoder.requires_grad_(pcfg.use_extrinsics)  # in checkpoints, unused by default
     model.to(info.device).train()
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
-    step = _resume(run_dir, model, optimizer, scaler, info) if resume else 0
+    loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
+                          threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device)
+    states: dict[str, Stateful] = {"predictor": model, "optimizer": optimizer, "scaler": scaler, "loader": loader,
+                                   "rng": RankRNG(info)}
+    latest = latest_checkpoint(run_dir) if resume else None
+    step = restore(load_checkpoint(latest), states) if latest else 0
     loss_fn = _LossModule(model, cfg.auto_steps)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
@@ -116,9 +125,6 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     if info.is_main:
         _start_run_dir(run_dir, m, step)
     last = min(steps or cfg.total_steps, cfg.total_steps)
-    loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
-                          start_batch=step, threads=cfg.loader_threads, prefetch=cfg.prefetch_batches,
-                          device=info.device)
     held = eval_windows(held_idx, T, cfg.eval_windows, cfg.seed) if held_idx.episodes else []
     summary = TrainSummary(str(run_dir), step, step, info.world_size, len(train_idx.episodes),
                            len(held_idx.episodes), train_idx.num_views)
@@ -131,7 +137,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     # -- the loop -----------------------------------------------------------------------------------------
     bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main) or step >= last,
                dynamic_ncols=True, desc="train")
-    window = _Window()
+    meter = MetricsAccumulator()
     t_start = time.perf_counter()
     try:
         while step < last:
@@ -147,10 +153,10 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            window.add(loss.item(), tf_loss.item(), roll_loss.item(), batch.wait_seconds, time.perf_counter() - t0)
+            meter.add(loss.item(), tf_loss.item(), roll_loss.item(), batch.wait_seconds, time.perf_counter() - t0)
 
             if step % cfg.log_every == 0 or step == last:
-                row = window.row(step, lr, grad_norm, cfg.global_batch_size, info)
+                row = meter.row(step, lr, grad_norm, cfg.global_batch_size, info)
                 summary.first_loss = summary.first_loss if summary.first_loss is not None else row["loss"]
                 summary.last_loss = row["loss"]
                 if info.is_main:
@@ -163,14 +169,13 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
             if at_eval:
                 summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info)
             if at_eval or step % cfg.checkpoint_every == 0:
-                _checkpoint(run_dir, m, model, optimizer, scaler, step, loader, info,
-                            keep=step % cfg.checkpoint_every == 0)
+                _checkpoint(run_dir, m, states, step, info, keep=step % cfg.checkpoint_every == 0)
     finally:
         bar.close()
         loader.close()
     summary.end_step = step
     summary.seconds = time.perf_counter() - t_start
-    totals = window.totals
+    totals = meter.totals
     summary.clips_per_second = totals["steps"] * cfg.global_batch_size / max(totals["time"], 1e-9)
     summary.data_wait_share = totals["wait"] / max(totals["time"], 1e-9)
     summary.ranks_in_sync = params_in_sync(model, info)
@@ -192,8 +197,8 @@ class _LossModule(torch.nn.Module):
         return ac_loss(self.predictor, features, actions, states, self.auto_steps)
 
 
-class _Window:
-    """Accumulates per-step figures between two log rows (and over the whole run)."""
+class MetricsAccumulator:
+    """Per-step figures (losses, data wait, step time) summed between two log rows and over the whole run."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[float, float, float, float, float]] = []
@@ -224,20 +229,6 @@ def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torc
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
 
-def _resume(run_dir: Path, model: ACPredictor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            info: DistInfo) -> int:
-    """Load the run's latest checkpoint if there is one; returns the step to continue after."""
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        return 0
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt["predictor"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"][min(info.rank, len(ckpt["rng"]) - 1)])
-    return int(ckpt["step"])
-
-
 def _start_run_dir(run_dir: Path, m: Manifest, step: int) -> None:
     """Save the resolved config; forget metric rows past the step we resume from (they are redone)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,17 +257,13 @@ def _evaluate_and_plot(m: Manifest, model: ACPredictor, store: Any, held: list, 
     return result
 
 
-def _checkpoint(run_dir: Path, m: Manifest, model: ACPredictor, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, step: int, loader: WindowLoader, info: DistInfo, keep: bool) -> None:
-    """Rank 0 writes latest.pt (and a kept copy every checkpoint_every steps); every rank's RNG is saved."""
-    states = [rng_state()]
-    if info.enabled:
-        states = [None] * info.world_size
-        torch.distributed.all_gather_object(states, rng_state())
+def _checkpoint(run_dir: Path, m: Manifest, states: dict[str, Stateful], step: int, info: DistInfo,
+                keep: bool) -> None:
+    """Every rank takes part (the RNG of every rank is gathered); rank 0 writes latest.pt, and a kept copy
+    every checkpoint_every steps."""
+    readers_only = {"config": m.to_dict(), "predictor_config": predictor_config(m).to_dict()}
+    payload = checkpoint_payload(states, step, readers_only)
     if info.is_main:
-        payload = {"predictor": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "scaler": scaler.state_dict(), "step": step, "rng": states, "loader": loader.state_dict(),
-                   "config": m.to_dict(), "predictor_config": predictor_config(m).to_dict()}
         save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
         if keep:
             save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)

@@ -363,8 +363,7 @@ class WindowLoader:
         self._layout = feature_layout(store, index.views_of(index.episodes[0])[0])
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader")
         self._pending: deque[_Pending] = deque()
-        self._next = start_batch  # the next batch __next__ returns
-        self._fill(self._next + prefetch)
+        self._next = start_batch  # the next batch __next__ returns; reads start with the first call
 
     # -- iteration ---------------------------------------------------------------------------------
     def __iter__(self) -> WindowLoader:
@@ -411,7 +410,6 @@ class WindowLoader:
         """
         self._drop_pending()
         self.seed, self._next = int(sd["seed"]), int(sd["batch_number"])
-        self._fill(self._next + self.prefetch)
 
     def _drop_pending(self) -> None:
         for p in self._pending:

@@ -1,18 +1,18 @@
 """The feature store: exact round trip per dtype, commit semantics, version and fingerprint checks."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from pipeline.manifest import CacheSection
 from pipeline.store import FeatureStore, StoreError, ViewRecord, encode_features
 
 
-def cache_cfg(dtype: str = "bfloat16", compressor: str = "none") -> SimpleNamespace:
-    return SimpleNamespace(dtype=dtype, chunk_frames=2, shard_frames=4, compressor=compressor, compression_level=1)
+def cache_cfg(dtype: str = "bfloat16", compressor: str = "none") -> CacheSection:
+    return CacheSection(path="unused", dtype=dtype, chunk_frames=2, shard_frames=4, compressor=compressor)
 
 
 def view(vid: str, part: str, start: int, length: int, episode: str = "ep") -> ViewRecord:
@@ -23,9 +23,8 @@ def view(vid: str, part: str, start: int, length: int, episode: str = "ep") -> V
 def write_part(store: FeatureStore, part: str, feats: torch.Tensor, dtype: str = "bfloat16",
                compressor: str = "none") -> None:
     w = store.part_writer(part, len(feats), feats.shape[1], feats.shape[2], cache_cfg(dtype, compressor))
-    data = encode_features(feats, dtype)
-    w.write(5, data[5:])  # out of order, across shard boundaries
-    w.write(0, data[:5])
+    w.write(5, feats[5:])  # out of order, across shard boundaries
+    w.write(0, feats[:5])
     n = len(feats)
     w.finish(np.arange(n * 7.0).reshape(n, 7), np.ones((n, 7)), np.arange(n) * 4)
 

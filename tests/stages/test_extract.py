@@ -19,8 +19,9 @@ from pipeline.manifest import Manifest, load_manifest
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
 from stages.droid import decode_frames, open_episode
-from stages.encoder import fingerprint_spec, load_encoder
+from stages.encoder import load_encoder
 from stages.extract import extract
+from stages.fingerprint import fingerprint_spec
 from stages.status import status_report
 
 TINY = {
@@ -89,8 +90,8 @@ def test_second_run_does_no_encoding(workdir: Path) -> None:
     assert s.views_done == 0 and s.frames == 0 and s.views_skipped == 6
     assert "Nothing to do" in said[0]
     r = status_report(m)
-    assert (r["views_planned"], r["views_committed"], r["views_stale"], r["views_failed"]) == (6, 6, 0, 0)
-    assert r["bytes_on_disk"] > 0
+    assert (r.views_planned, r.views_committed, r.views_stale, r.views_failed) == (6, 6, 0, 0)
+    assert r.bytes_on_disk > 0
 
 
 def test_added_episodes_only_are_extracted(workdir: Path) -> None:
@@ -111,7 +112,7 @@ def test_identical_draws_are_stored_once(workdir: Path) -> None:
     m = load(workdir, "views.per_episode=3", "views.phase=first", "crop.scale=[1.777, 1.777]")
     s = run(m)
     assert s.views_done == 3  # every draw is the same fallback crop with the same phase
-    assert status_report(m)["views_planned"] == 3
+    assert status_report(m).views_planned == 3
 
 
 @pytest.mark.parametrize("override", ["encoder.seed=1", "crop.size=48", "data.fps=5", "crop.scale=[0.4, 1.0]",
@@ -133,11 +134,11 @@ def test_changed_episode_is_re_extracted(workdir: Path) -> None:
     st = h5.stat()
     os.utime(h5, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     r = status_report(m)
-    assert r["views_stale"] == 2 and r["episodes_by_state"]["stale"] == 1
+    assert r.views_stale == 2 and r.episodes_by_state["stale"] == 1
     s = run(m)
     assert s.views_done == 2 and s.views_skipped == 4
     r = status_report(m)
-    assert r["views_committed"] == 6 and r["views_stale"] == 0
+    assert r.views_committed == 6 and r.views_stale == 0
 
 
 def _corrupt(folder: Path, how: str) -> None:
@@ -184,7 +185,7 @@ def test_bad_episode_is_recorded_and_the_run_goes_on(workdir: Path, how: str, re
     assert [f["episode"] for f in s.failed] == [lines[0]]
     assert reason in s.failed[0]["reason"] and s.views_done == 4
     r = status_report(m)
-    assert r["episodes_failed"][0]["episode"] == lines[0] and r["views_committed"] == 4
+    assert r.episodes_failed[0]["episode"] == lines[0] and r.views_committed == 4
     again = run(m)  # unchanged files: the failure stands, nothing is redone
     assert again.views_done == 0 and len(again.failed) == 1
 
@@ -207,7 +208,7 @@ def test_fixed_episode_is_retried(workdir: Path) -> None:
     shutil.copytree(backup, folder)
     s = run(m)
     assert not s.failed and s.views_done == 2
-    assert status_report(m)["episodes_failed"] == []
+    assert status_report(m).episodes_failed == []
 
 
 def test_on_error_raise_stops_the_run(workdir: Path) -> None:
@@ -240,7 +241,7 @@ def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path) -> None:
     proc.wait()
     store = FeatureStore(m.cache.path, fingerprint_spec(m))
     assert list(root.glob("parts/*")), "the kill should land while a part is being written"
-    assert store.committed_views() == {} and status_report(m)["views_committed"] == 0
+    assert store.committed_views() == {} and status_report(m).views_committed == 0
     s = run(m)
     assert s.views_done == 6 and not s.failed
     fresh = load(workdir, f"cache.path={workdir}/fresh")
@@ -315,7 +316,7 @@ def test_extract_into_an_object_store_url(workdir: Path) -> None:
     assert run(m).views_done == 6
     again = run(m)
     assert again.views_done == 0 and again.views_skipped == 6
-    assert status_report(m)["views_committed"] == 6
+    assert status_report(m).views_committed == 6
 
 
 def test_listed_episode_folder_that_does_not_exist(workdir: Path) -> None:

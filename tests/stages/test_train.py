@@ -15,8 +15,9 @@ import yaml
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.store import StoreError
 from stages.extract import extract
-from stages.predictor import build_predictor
-from stages.train import predictor_config, train
+from stages.fingerprint import predictor_config
+from stages.models.predictor import build_predictor
+from stages.train import train
 from stages.windows import split_of
 
 PROFILE = {
@@ -174,9 +175,9 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(workdir: Path) -> None
 def test_training_machine_without_the_encoder_checkpoint(workdir: Path) -> None:
     """Extract with a checkpoint file, then train where that file is absent: the store is found by the
     rest of the fingerprint, and its recorded weights digest is used."""
-    from stages.encoder import vit_config
+    from stages.fingerprint import vit_config
+    from stages.models.vit import build_encoder
     from stages.status import status_report
-    from stages.vit import build_encoder
 
     ckpt = workdir / "encoder.pt"
     m = load(workdir, f"encoder.checkpoint={ckpt}", f"cache.path={workdir}/ckpt-cache")
@@ -186,6 +187,28 @@ def test_training_machine_without_the_encoder_checkpoint(workdir: Path) -> None:
     ckpt.unlink()
     s = train(m, workdir / "no-ckpt", steps=1, show_progress=False, echo=lambda _: None)
     assert s.end_step == 1
-    assert status_report(m)["fingerprint"] == with_file["fingerprint"]
+    assert status_report(m).fingerprint == with_file.fingerprint
     with pytest.raises(FileNotFoundError, match="is not on this machine"):
         status_report(load(workdir, f"encoder.checkpoint={ckpt}", f"cache.path={workdir}/empty-cache"))
+
+
+def test_checkpoint_restores_every_state_it_saves(workdir: Path) -> None:
+    """One dict of stateful things: every saved entry is restored, the window loader included (its batch
+    number comes from the checkpoint, not from the step)."""
+    import shutil
+
+    m = load(workdir)
+    run, doctored = workdir / "sym", workdir / "sym-doctored"
+    train(m, run, steps=10, show_progress=False, echo=lambda _: None)
+    shutil.copytree(run, doctored)
+    latest = doctored / "checkpoints" / "latest.pt"
+    ckpt = torch.load(latest, weights_only=False)
+    assert set(ckpt) == {"format", "step", "config", "predictor_config", "predictor", "optimizer", "scaler",
+                         "loader", "rng"}
+    assert ckpt["loader"]["batch_number"] == ckpt["step"] == 10 and len(ckpt["rng"]["ranks"]) == 1
+    ckpt["loader"]["batch_number"] = 500  # as if the loader had been elsewhere in its stream
+    torch.save(ckpt, latest)
+    train(m, run, steps=11, show_progress=False, echo=lambda _: None)
+    train(m, doctored, steps=11, show_progress=False, echo=lambda _: None)
+    assert losses(run)[:10] == losses(doctored)[:10]
+    assert losses(run)[10] != losses(doctored)[10]  # step 11 drew batch 500's windows

@@ -12,8 +12,8 @@ import yaml
 
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore, StoreError, ViewRecord
-from stages.encoder import fingerprint_spec
 from stages.extract import extract
+from stages.fingerprint import fingerprint_spec
 from stages.windows import (
     Batch,
     Window,

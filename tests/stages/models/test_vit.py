@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.checkpoint import CheckpointError, load_strict, read_state_dict
-from stages.rope import apply_rope_3d, apply_rope_time, grid_positions, rope_axis_dim, rotate_axis
-from stages.vit import (
+from stages.models.release_weights import CheckpointError, load_strict, read_state_dict
+from stages.models.rope import apply_rope_3d, apply_rope_time, grid_positions, rope_axis_dim, rotate_axis
+from stages.models.vit import (
     VIT_PRESETS,
     VisionTransformer,
     ViTConfig,
@@ -20,7 +20,7 @@ from stages.vit import (
     weights_digest,
 )
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "encoder.pt"
+GOLDEN = Path(__file__).resolve().parents[2] / "golden" / "encoder.pt"
 TINY = ViTConfig(
     img_size=32, patch_size=16, tubelet_size=2, embed_dim=48, depth=2, num_heads=2, mlp_ratio=2.0
 )

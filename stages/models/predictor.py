@@ -12,7 +12,7 @@ release:
 - pre-norm blocks with a block-causal mask: every token of step t attends to all tokens of steps
   <= t, so a prediction for frame t+1 never sees the future;
 - 3-D RoPE on frame tokens (time, rescaled row and column, float32 positions) and time-only RoPE on
-  the action/state tokens (integer positions), as in ``stages/rope.py``;
+  the action/state tokens (integer positions), as in ``stages/models/rope.py``;
 - the action/state tokens are dropped at the end, then ``predictor_norm`` and ``predictor_proj``.
 
 The loss is teacher forcing plus a short autoregressive rollout, both L1 against layer-normed
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from stages.checkpoint import load_strict, read_state_dict
-from stages.rope import apply_rope_3d, apply_rope_time, grid_positions
-from stages.vit import Block, init_release_weights
+from stages.models.release_weights import load_strict, read_state_dict
+from stages.models.rope import apply_rope_3d, apply_rope_time, grid_positions
+from stages.models.vit import Block, init_release_weights
 
 
 @dataclass(frozen=True)

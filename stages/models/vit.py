@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stages.checkpoint import load_strict, read_state_dict
-from stages.rope import apply_rope_3d, grid_positions
+from stages.models.release_weights import load_strict, read_state_dict
+from stages.models.rope import apply_rope_3d, grid_positions
 
 INIT_STD = 0.02  # std of the truncated normal init of Linear/Conv weights (release)
 INIT_CUTOFF = 2.0  # absolute truncation bound of that normal (release: +-2, i.e. ~no truncation)

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.checkpoint import CheckpointError, load_strict
-from stages.predictor import (
+from stages.models.predictor import (
     ACPredictor,
     PredictorConfig,
     ac_loss,
@@ -18,9 +17,10 @@ from stages.predictor import (
     layer_norm_features,
     rollout,
 )
-from stages.vit import weights_digest
+from stages.models.release_weights import CheckpointError, load_strict
+from stages.models.vit import weights_digest
 
-GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 TINY = PredictorConfig(
     img_size=32, patch_size=16, embed_dim=24, predictor_embed_dim=48, depth=2, num_heads=2, mlp_ratio=2.0
 )  # head_dim 24 -> 8 RoPE dims per axis; 4 tokens per frame
