@@ -1,12 +1,15 @@
-"""The `pipeline` command: load the manifest, apply overrides, call a stage.
+"""The `pipeline` command: load the manifest, apply overrides, call a stage, print its summary.
 
-Stages are imported inside their command so that `pipeline --help` stays fast.
-Exit codes: 0 success; 1 the run finished but some episodes failed; 2 bad manifest or usage.
+Stages are imported inside their command so that `pipeline --help` stays fast. Every mistake a user
+can make ends in one line on stderr and a documented exit code (`pipeline/errors.py`), not a traceback:
+0 success; 1 work failed or problems found; 2 usage or configuration; 130 / 143 interrupted.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, DamagedDataError, Interrupted, UsageError
 from pipeline.manifest import Manifest, ManifestError, load_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,29 +29,57 @@ ProfileOpt = Annotated[
     str | None, typer.Option("--profile", "-p", help="Profile of the manifest (default: its default_profile).")
 ]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: dotted.key=value (repeatable).")]
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+RESUME_HINT = {"extract": "re-run the same `pipeline extract` to resume (nothing was half-committed)",
+               "train": "re-run the same `pipeline train` to resume from the last checkpoint"}
+
+
+@app.callback()
+def _setup() -> None:
+    """Warnings (a record skipped, a view skipped) print as one `warning:` line each on stderr."""
+    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
 
 
 @contextmanager
-def _user_errors() -> Iterator[None]:
-    """Errors about the user's input (store, checkpoint, files, values) end with a message and exit 2,
-    not a traceback."""
-    from pipeline.store import StoreError
+def _user_errors(command: str = "") -> Iterator[None]:
+    """Every error a user can cause or meet ends with one line and its exit code, not a traceback."""
+    from pipeline.errors import StoreError
+    from stages.droid import EpisodeError
     from stages.models.release_weights import CheckpointError
 
     try:
         yield
-    except (StoreError, CheckpointError, FileNotFoundError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Interrupted as err:
+        typer.secho(f"interrupted ({err}): {RESUME_HINT.get(command, 're-run to resume')}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: {RESUME_HINT.get(command, 're-run to resume')}", err=True)
+        raise typer.Exit(130) from None
+    except DamagedDataError as err:
+        raise _fail(f"{err}. Run `pipeline verify --repair`, then `pipeline extract` to redo the damaged views "
+                    "(or set train.on_bad_data: skip to train without them).", EXIT_FAILED) from None
+    except EpisodeError as err:  # extract.on_error: raise
+        raise _fail(f"episode {err}", EXIT_FAILED) from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            if isinstance(err, FileNotFoundError):
+                raise _fail(str(err), EXIT_USAGE) from None
+            raise
+        raise _fail(f"disk full (no space left on device) writing {err.filename or 'the output'}: free space or "
+                    "point the path elsewhere, then re-run to resume", EXIT_FAILED) from None
+    except (StoreError, CheckpointError, UsageError, ValueError) as err:
+        raise _fail(str(err), EXIT_USAGE) from None
 
 
 def _load(manifest: Path, profile: str | None, overrides: list[str] | None) -> Manifest:
     try:
         return load_manifest(manifest, profile, overrides or [])
     except ManifestError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        raise _fail(str(err), EXIT_USAGE) from None
 
 
 @app.command()
@@ -83,7 +115,7 @@ def extract(
     m = _load(manifest, profile, set_)
     from stages.extract import extract as run_extract
 
-    with _user_errors():
+    with _user_errors("extract"):
         s = run_extract(m, scheduler=scheduler)
     typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else "\n" + s.format())
     if s.failed:
@@ -107,21 +139,46 @@ def status(
 
 
 @app.command()
+def verify(
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Move broken commit records aside (quarantine, no data "
+                                         "deleted) so that the next `pipeline extract` redoes those views.")] = False,
+    sample: Annotated[float, typer.Option(help="Check a random fraction of the views (0 < f <= 1).")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the --sample draw (default: a new one).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check every byte of the store against what was committed; exit 0 when sound, 1 when problems were found."""
+    m = _load(manifest, profile, set_)
+    from stages.verify import verify as run_verify
+
+    with _user_errors():
+        s = run_verify(m, repair=repair, sample=sample, seed=seed, show_progress=not json_out)
+    typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else s.format())
+    if not s.sound:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
 def gc(
     manifest: ManifestOpt = Path("data_manifest.yaml"),
     profile: ProfileOpt = None,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Remove what is listed as removable (default: only list).")]
+    = False,
+    grace_hours: Annotated[float, typer.Option(help="Leave unreferenced attempts and superseded commits younger "
+                                               "than this (a running extract or training may use them).")] = 24.0,
+    other_stores: Annotated[bool, typer.Option("--other-stores", help="With --yes, also remove the stores of "
+                                               "other fingerprints under cache.path.")] = False,
 ) -> None:
-    """Free space: remove uncommitted parts (left by killed runs) and parts whose views were all re-extracted.
-
-    Do not run it while an extract writes to the same store: a part being written is uncommitted too.
-    """
+    """List (and with --yes remove) what no reader needs: unreferenced attempts, superseded and quarantined
+    commits, temp files of killed writes, other fingerprints' stores -- never anything a commit references."""
     m = _load(manifest, profile, set_)
     from stages.gc import collect_garbage
 
     with _user_errors():
-        typer.echo(collect_garbage(m, dry_run).format())
+        typer.echo(collect_garbage(m, yes, grace_hours, other_stores).format())
 
 
 @app.command()
@@ -142,9 +199,8 @@ def train(
 
     run_dir = out or Path(m.train.out)
     if resume and latest_checkpoint(run_dir) is None:
-        typer.secho(f"error: --resume: no checkpoint in {run_dir / 'checkpoints'}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    with _user_errors():
+        raise _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}", EXIT_USAGE)
+    with _user_errors("train"):
         s = run_train(m, run_dir, steps)
     typer.echo("\n" + s.format())
 

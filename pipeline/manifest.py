@@ -26,10 +26,12 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import UsageError
+
 PRESETS = ("vit_large", "vit_huge", "vit_giant")
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     """A manifest that cannot be used; the message names the key and the bad value."""
 
 
@@ -136,6 +138,9 @@ class ExtractSection:
     decode_threads: int = 2  # decord (ffmpeg) threads per video reader
     on_error: Literal["record", "raise"] = "record"  # a bad episode: record it and go on, or stop the run
     retry_failed: bool = False  # re-try episodes whose failure is recorded and whose files did not change
+    claim_minutes: float = 30.0  # another run's claim on a part is honoured this long (it only saves work)
+    task_retries: int = 2  # a part whose dask worker died is retried this many times (local cluster)
+    scheduler_timeout: float = 20.0  # seconds to wait for a dask scheduler address before giving up
 
     def validate(self) -> None:
         _require(self.episodes_per_part >= 1, "extract.episodes_per_part", self.episodes_per_part, "must be >= 1")
@@ -143,6 +148,9 @@ class ExtractSection:
         _require(self.threads >= 0, "extract.threads", self.threads, "must be >= 0")
         _require(self.decode_workers >= 1, "extract.decode_workers", self.decode_workers, "must be >= 1")
         _require(self.decode_threads >= 0, "extract.decode_threads", self.decode_threads, "must be >= 0")
+        _require(self.claim_minutes >= 0, "extract.claim_minutes", self.claim_minutes, "must be >= 0")
+        _require(self.task_retries >= 0, "extract.task_retries", self.task_retries, "must be >= 0")
+        _require(self.scheduler_timeout > 0, "extract.scheduler_timeout", self.scheduler_timeout, "must be > 0")
 
 
 @dataclass
@@ -193,6 +201,7 @@ class TrainSection:
     loader_threads: int = 4  # threads reading windows
     prefetch_batches: int = 2  # batches read ahead
     device: str = "auto"  # auto (the rank's GPU if present), cpu, cuda
+    on_bad_data: Literal["raise", "skip"] = "raise"  # damaged cached data: stop and say so, or skip the view
 
     @property
     def total_steps(self) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.manifest import CropSection, ViewsSection
-from pipeline.store import view_id_for
+from pipeline.records import view_id_for
 
 MAX_TRIES = 10  # Inception-style crop: attempts before the fallback
 

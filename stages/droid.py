@@ -43,6 +43,9 @@ H5_NAME = "trajectory.h5"
 METADATA_GLOB = "metadata_*.json"
 CARTESIAN_KEY = "observation/robot_state/cartesian_position"
 GRIPPER_KEY = "observation/robot_state/gripper_position"
+MAX_ABS_POSITION = 100.0  # m: an end effector farther than this from the robot base is a broken recording
+MAX_ABS_ANGLE = 4 * math.pi  # rad: Euler angles are within +-pi; allow unwrapped ones, refuse garbage
+MAX_ABS_GRIPPER = 1.5  # gripper_position lives in [0, 1]; refuse what is far outside
 _DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
 
 
@@ -128,10 +131,12 @@ def episode_id_for(folder: Path, root: Path) -> str:
 def list_episodes(spec: str, root: str | Path) -> list[Path]:
     """Episode folders named by `spec`: a list file (one folder per line) or a glob under `root`.
 
-    A list file is the released code's format; blank lines and `#` comments are skipped, relative
-    lines are resolved against `root`. A glob gives the folders it matches, and the folders of the
-    trajectory.h5 or metadata files it matches (e.g. "**/trajectory.h5"); hidden names are not
-    matched. The result is sorted and de-duplicated.
+    A list file is the released code's format: one folder per line, relative lines resolved against
+    `root`; a UTF-8 byte-order mark, blank lines and `#` comments are skipped, and of several
+    whitespace-separated columns the first is the path (lists made by other tools carry lengths or
+    tasks). A glob gives the folders it matches, and the folders of the trajectory.h5 or metadata
+    files it matches (e.g. "**/trajectory.h5"); hidden names are not matched. The result is sorted, and
+    one folder named twice (another spelling, a symlink) is listed once, under its first name.
     """
     root = Path(root)
     spec_path = Path(spec) if Path(spec).is_absolute() else root / spec
@@ -146,12 +151,15 @@ def list_episodes(spec: str, root: str | Path) -> list[Path]:
                 f"episode spec {spec!r}: no such list file ({spec_path}) and, read as a glob "
                 f"pattern under {root}, it matches nothing"
             )
-    return sorted(set(folders))
+    first: dict[str, Path] = {}
+    for folder in folders:
+        first.setdefault(os.path.realpath(folder), folder)
+    return sorted(first.values())
 
 
 def _read_list_file(path: Path, root: Path) -> list[Path]:
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return [_normalise(root / line) for line in lines if line and not line.startswith("#")]
+    lines = (line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines())
+    return [_normalise(root / line.split()[0]) for line in lines if line and not line.startswith("#")]
 
 
 def _glob_folders(pattern: str, root: Path) -> list[Path]:
@@ -260,6 +268,9 @@ def _read_states(folder: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     _check_finite(folder, CARTESIAN_KEY, cartesian)
     _check_finite(folder, GRIPPER_KEY, gripper)
+    _check_range(folder, CARTESIAN_KEY + " xyz", cartesian[:, :3], MAX_ABS_POSITION, "m")
+    _check_range(folder, CARTESIAN_KEY + " Euler angles", cartesian[:, 3:], MAX_ABS_ANGLE, "rad")
+    _check_range(folder, GRIPPER_KEY, gripper, MAX_ABS_GRIPPER, "(0 open .. 1 closed)")
     return cartesian, gripper
 
 
@@ -267,6 +278,9 @@ def _read_dataset(folder: Path, f: h5py.File, key: str) -> np.ndarray:
     node = f.get(key)
     if not isinstance(node, h5py.Dataset):
         raise EpisodeError(folder, f"{H5_NAME} has no dataset {key}")
+    if node.dtype.kind != "f":
+        raise EpisodeError(folder, f"{H5_NAME}: {key} has dtype {node.dtype}, expected floating point "
+                                   "(integer or other data here means the file was not written by DROID's recorder)")
     try:
         return np.asarray(node[()], dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -282,6 +296,15 @@ def _check_finite(folder: Path, key: str, values: np.ndarray) -> None:
             f"{H5_NAME}: {key} has non-finite values (NaN/inf) in {int(bad_rows.sum())} rows, "
             f"first at row {first}: {values[first]}",
         )
+
+
+def _check_range(folder: Path, what: str, values: np.ndarray, bound: float, unit: str) -> None:
+    """Values a robot cannot have (a unit mix-up, a corrupt recording) fail the episode, naming the dataset."""
+    beyond = np.abs(values) > bound
+    if beyond.any():
+        row = int(np.argmax(beyond.reshape(len(values), -1).any(axis=1)))
+        raise EpisodeError(folder, f"{H5_NAME}: {what} beyond the plausible bound {bound:g} {unit} in "
+                                   f"{int(beyond.reshape(len(values), -1).any(axis=1).sum())} rows, first at row {row}")
 
 
 def _probe_video(folder: Path, video_path: Path) -> tuple[int, float, tuple[int, int]]:

@@ -4,23 +4,32 @@ The driver computes the fingerprint, creates (or checks) the store, plans from t
 (no video is opened), and hands parts to dask workers -- or runs them in this process with
 `scheduler: inline`, which is what tests and debugging use. Workers keep their encoder loaded
 between parts. A second run with nothing to do starts no cluster and encodes nothing.
+
+Many runs may work on one store at once (two users, a resubmitted job): each run has an id, every
+task attempt writes somewhere new, and a part committed or claimed by another run is skipped. A dask
+worker that dies mid-task has its part retried elsewhere (`extract.task_retries`); the summary says
+which parts were retried and which were left to another run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from pipeline.report import human_bytes
+from pipeline.signals import raise_on_signals
 from pipeline.store import FeatureStore
 from stages.encoder import load_encoder
-from stages.fingerprint import fingerprint_spec
+from stages.fingerprint import fingerprint_spec, vit_config
 from stages.part import PartResult, PartSettings, run_part
 from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes
 
@@ -43,6 +52,8 @@ class ExtractSummary:
     encode_seconds: float = 0.0
     bytes_written: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)  # {episode, path, reason}
+    parts_left: list[dict[str, str]] = field(default_factory=list)  # {part, why}: committed/claimed by others
+    parts_retried: dict[str, int] = field(default_factory=dict)  # part -> extra attempts after a worker died
 
     @property
     def frames_per_second(self) -> float:
@@ -63,13 +74,24 @@ class ExtractSummary:
                  f"frames     {self.frames} in {self.seconds:.1f} s = {self.frames_per_second:.1f} frames/s end to end"
                  f" (encoder alone {self.encoder_frames_per_second:.1f} frames/s)",
                  f"written    {human_bytes(self.bytes_written)}"]
+        if self.parts_retried:
+            lines.append(f"retried    {len(self.parts_retried)} part(s) whose worker died: "
+                         + ", ".join(f"{p} (+{n})" for p, n in sorted(self.parts_retried.items())))
+        lines += [f"left       part {p['part']}: {p['why']}" for p in self.parts_left]
         lines += [f"failed     {f['episode']}: {f['reason']}" for f in self.failed]
+        if self.failed:
+            lines.append("           (a fixed or changed episode is retried by the next run; to retry unchanged "
+                         "ones: pipeline extract --set extract.retry_failed=true)")
         return "\n".join(lines)
 
 
 def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = True,
             echo: Callable[[str], None] = print) -> ExtractSummary:
-    """Bring the store up to date with the manifest; returns the run's summary."""
+    """Bring the store up to date with the manifest; returns the run's summary.
+
+    SIGINT / SIGTERM raise `Interrupted` (nothing half-committed: re-run to resume)."""
+    scheduler = scheduler or m.extract.scheduler
+    _check_device(m, scheduler)
     spec = fingerprint_spec(m)
     store = FeatureStore(m.cache.path, spec).create()
     plans = plan_episodes(m, store)
@@ -82,22 +104,45 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     todo = sum(len(p.episodes) for p in parts)
     echo(f"Extracting {todo} episodes in {len(parts)} parts into {store.url} "
          f"({summary.views_skipped} views already committed, {len(summary.failed)} failed before)")
+    echo(_encoder_line(m, scheduler))
     t0 = time.perf_counter()
     bar = tqdm(total=None, unit="frame", desc="extract", disable=not show_progress, dynamic_ncols=True)
-    scheduler = scheduler or m.extract.scheduler
-    results = (_run_inline(m, store, parts, bar) if scheduler == "inline"
-               else _run_dask(m, spec, store, parts, scheduler, bar))
-    try:
-        for result in results:
-            _add(summary, result)
-            bar.set_postfix(parts=f"{summary.parts}/{len(parts)}", failed=len(summary.failed))
-    finally:
-        bar.close()
+    run_id = uuid.uuid4().hex
+    with raise_on_signals():
+        results = (_run_inline(m, store, parts, run_id, bar) if scheduler == "inline"
+                   else _run_dask(m, spec, parts, scheduler, run_id, bar, summary))
+        try:
+            for result in results:
+                _add(summary, result)
+                bar.set_postfix(parts=f"{summary.parts}/{len(parts)}", failed=len(summary.failed))
+        finally:
+            bar.close()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
+def _check_device(m: Manifest, scheduler: str) -> None:
+    """A GPU asked for where this process runs the workers but none is there: say so before any work."""
+    if scheduler in ("inline", "local") and m.encoder.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"encoder.device: {m.encoder.device!r}, but no CUDA GPU is visible here "
+                         "(torch.cuda.is_available() is False); use auto or cpu")
+
+
+def _encoder_line(m: Manifest, scheduler: str) -> str:
+    """What will run: the encoder, where and at which precision (said at start so a wrong setting shows)."""
+    arch = vit_config(m)
+    weights = m.encoder.checkpoint or f"random init, seed {m.encoder.seed}"
+    device = m.encoder.device
+    if device == "auto" and scheduler in ("inline", "local"):
+        device = f"auto -> {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    return (f"encoder ViT {arch.embed_dim}x{arch.depth} ({weights}) at {arch.img_size} px on {device}, "
+            f"{m.encoder.precision}, batch {m.encoder.batch_size}; stored as {m.cache.dtype}; scheduler {scheduler}")
+
+
 def _add(summary: ExtractSummary, r: PartResult) -> None:
+    if r.skipped:
+        summary.parts_left.append({"part": r.part_id, "why": r.skipped})
+        return
     summary.parts += 1
     summary.views_done += r.views
     summary.frames += r.frames
@@ -115,37 +160,53 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Extract
     return s
 
 
-def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], bar: tqdm):
+def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], run_id: str,
+                bar: tqdm) -> Iterator[PartResult]:
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
     encoder = load_encoder(m, store.digest)
     settings = PartSettings.from_manifest(m)
     for part in parts:
-        yield run_part(part, store, encoder, settings, bar.update)
+        yield run_part(part, store, encoder, settings, run_id, bar.update)
 
 
-def _worker_task(m: Manifest, spec: dict, part: PartTask) -> PartResult:
+def _worker_task(m: Manifest, spec: dict, part: PartTask, run_id: str) -> PartResult:
     """What a dask worker runs: its cached encoder, one part, progress events back to the driver."""
     from distributed import get_worker
 
     store = FeatureStore(m.cache.path, spec)
     worker = get_worker()
+    worker.log_event(EVENT_TOPIC, {"start": part.part_id})
 
     def progress(frames: int) -> None:
         worker.log_event(EVENT_TOPIC, {"frames": frames})
 
-    return run_part(part, store, load_encoder(m, store.digest), PartSettings.from_manifest(m), progress)
+    return run_part(part, store, load_encoder(m, store.digest), PartSettings.from_manifest(m), run_id, progress)
 
 
-def _run_dask(m: Manifest, spec: dict, store: FeatureStore, parts: list[PartTask], scheduler: str, bar: tqdm):
-    """One task per part on a dask cluster; results in completion order; a crashed part is reported."""
+def _run_dask(m: Manifest, spec: dict, parts: list[PartTask], scheduler: str, run_id: str, bar: tqdm,
+              summary: ExtractSummary) -> Iterator[PartResult]:
+    """One task per part on a dask cluster; results in completion order. A task whose worker dies is
+    retried on another (bounded); one that fails for good is reported as crashed."""
     from distributed import as_completed
 
     from pipeline.cluster import dask_client, gpu_resources
 
-    with dask_client(scheduler, m.extract.workers, torch.cuda.device_count()) as client:
-        client.subscribe_topic(EVENT_TOPIC, lambda event: bar.update(event[1]["frames"]))
+    starts: Counter[str] = Counter()
+
+    def on_event(event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        if "start" in msg:
+            starts[msg["start"]] += 1
+            if starts[msg["start"]] > 1:
+                summary.parts_retried[msg["start"]] = starts[msg["start"]] - 1
+        else:
+            bar.update(msg["frames"])
+
+    with dask_client(scheduler, m.extract.workers, torch.cuda.device_count(), m.extract.task_retries,
+                     m.extract.scheduler_timeout) as client:
+        client.subscribe_topic(EVENT_TOPIC, on_event)
         resources = gpu_resources(client)
-        futures = [client.submit(_worker_task, m, spec, part, key=f"extract-part-{part.part_id}",
+        futures = [client.submit(_worker_task, m, spec, part, run_id, key=f"extract-part-{part.part_id}-{run_id[:8]}",
                                  resources=resources, pure=False) for part in parts]
         by_key = {f.key: p for f, p in zip(futures, parts, strict=True)}
         for fut in as_completed(futures):
@@ -160,6 +221,6 @@ def _run_dask(m: Manifest, spec: dict, store: FeatureStore, parts: list[PartTask
 
 
 def _crashed(part: PartTask, err: BaseException) -> PartResult:
-    """A part whose task died (not an episode's fault): every episode of it counts as failed this run."""
+    """A part whose task died for good (not an episode's fault): its episodes count as failed this run."""
     reason = f"part {part.part_id} crashed: {type(err).__name__}: {err}"
     return PartResult(part.part_id, failures=[(t.episode_id, t.path, reason) for t in part.episodes])

@@ -87,8 +87,9 @@ def reader_spec(m: Manifest) -> dict[str, Any]:
         return fingerprint_spec(m)
     want = _without_weights(fingerprint_spec(m, weights="?"))
     entry = f"[{m.encoder.checkpoint_key}]"
-    found = [spec for spec in store_specs(m.cache.path).values()
-             if _without_weights(spec) == want and str(spec["encoder"]["weights"]).endswith(entry)]
+    specs = [attrs.get("fingerprint", {}).get("spec") for attrs in store_specs(m.cache.path).values()]
+    found = [spec for spec in specs if isinstance(spec, dict) and isinstance(spec.get("encoder"), dict)
+             and _without_weights(spec) == want and str(spec["encoder"].get("weights")).endswith(entry)]
     if len(found) != 1:
         raise FileNotFoundError(
             f"encoder.checkpoint {ckpt} is not on this machine, and {len(found)} feature stores under "

@@ -9,8 +9,11 @@ worker -- never waits:
 
 What crosses a queue is a small typed message handled with `match` (DESIGN section 5). A bad episode
 is recorded as failed with its reason and the part goes on with the others; its rows, already
-allocated, are skipped and not listed in the commit record. The commit record is written last: a part
-killed at any moment is simply not there for readers.
+allocated, are skipped and not listed in the commit record. Each run of a part is an attempt that
+writes under a new path of its own and is committed by a record written last: an attempt killed at any
+moment is simply not there for readers, and two attempts of one part (two extract runs, a scheduler
+retry) never touch each other's bytes. A part already committed, or claimed by another live run, is
+skipped (the claim only saves work; correctness never depends on it).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import numpy as np
 import torch
 
 from pipeline.manifest import CacheSection, CropSection, DataSection, Manifest, ViewsSection
-from pipeline.store import FeatureStore, PartWriter, ViewRecord
+from pipeline.part_writer import PartWriter
+from pipeline.records import CommitRecord, FailureRecord, ViewRecord, new_attempt_id
+from pipeline.store import FeatureStore
 from stages.augment import draw_views
 from stages.droid import (
     Episode,
@@ -40,7 +45,7 @@ from stages.droid import (
     source_identity,
 )
 from stages.encoder import LoadedEncoder
-from stages.plan import EpisodeTask, PartTask
+from stages.plan import EpisodeTask, PartTask, episode_settings
 
 Progress = Callable[[int], None]  # called with the number of frames just encoded
 QUEUE_DEPTH = 4  # decoded batches in flight: enough to hide decode jitter, small enough for RAM
@@ -50,7 +55,7 @@ QUEUE_DEPTH = 4  # decoded batches in flight: enough to hide decode jitter, smal
 class PartSettings:
     """The manifest settings a part depends on, and nothing else (the encoder comes loaded)."""
 
-    data: DataSection  # camera, fps, frames_per_clip
+    data: DataSection  # camera, fps
     views: ViewsSection  # how many views, seed, phase rule
     crop: CropSection  # crop draws and preprocessing
     cache: CacheSection  # storage dtype, chunks, shards, codec
@@ -58,11 +63,13 @@ class PartSettings:
     decode_workers: int  # episodes decoded at once (extract.decode_workers)
     decode_threads: int  # decord threads per reader (extract.decode_threads)
     on_error: Literal["record", "raise"]  # a bad episode: record it and go on, or stop (extract.on_error)
+    claim_seconds: float  # another run's claim on a part is honoured this long (extract.claim_minutes)
+    failure_settings: dict  # what a failure record says it depended on (plan.episode_settings)
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> PartSettings:
         return cls(m.data, m.views, m.crop, m.cache, m.encoder.batch_size, m.extract.decode_workers,
-                   m.extract.decode_threads, m.extract.on_error)
+                   m.extract.decode_threads, m.extract.on_error, 60.0 * m.extract.claim_minutes, episode_settings(m))
 
 
 @dataclass
@@ -81,6 +88,8 @@ class PartResult:
     """What a part did, for the driver's summary."""
 
     part_id: str
+    attempt: str = ""
+    skipped: str = ""  # why the part was not run: committed already, or claimed by another run
     views: int = 0
     frames: int = 0
     bytes_written: int = 0
@@ -143,27 +152,46 @@ ToWrite = Rows | Skip | End
 # -- the part ------------------------------------------------------------------------------------
 
 
-def run_part(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, settings: PartSettings,
+def run_part(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, settings: PartSettings, run_id: str,
              progress: Progress | None = None) -> PartResult:
-    """Extract and commit one part; returns counts. Raises only on errors that are not an episode's fault
-    (or on an episode's when on_error is "raise")."""
+    """Extract and commit one attempt of a part; returns counts. Raises only on errors that are not an
+    episode's fault (or on an episode's when on_error is "raise")."""
     t0 = time.perf_counter()
-    result = PartResult(part.part_id)
+    result = PartResult(part.part_id, new_attempt_id())
+    if store.part_committed(part.part_id):
+        result.skipped = "committed by another run meanwhile"
+        return result
+    holder = store.claim_holder(part.part_id, run_id, settings.claim_seconds)
+    if holder is not None:
+        result.skipped = f"being extracted by another run ({holder['host']} pid {holder['pid']})"
+        return result
+    store.claim(part.part_id, run_id, result.attempt)
+    try:
+        _run_attempt(part, store, encoder, settings, result, progress)
+    finally:
+        store.release_claim(part.part_id, result.attempt)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run_attempt(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, settings: PartSettings,
+                 result: PartResult, progress: Progress | None) -> None:
+    """Write the attempt's arrays, then its commit record (the views that succeeded), then failure records."""
     jobs = _prepare(part, settings, result)
     frames = sum(len(j.indices) for j in jobs)
-    if frames == 0:
-        _finish_failures(store, part, result, set(), settings.data.camera)
-        result.seconds = time.perf_counter() - t0
-        return result
-    writer = store.part_writer(part.part_id, frames, encoder.tokens, encoder.dim, settings.cache)
-    failed = _encode_all(jobs, encoder, writer, settings, result, progress)
-    good = [j for j in jobs if j.record.episode_id not in failed]
-    writer.finish(*_per_frame_arrays(jobs, frames))
-    store.commit(part.part_id, [j.record for j in good], frames)
-    _finish_failures(store, part, result, failed, settings.data.camera)
-    result.views, result.frames = len(good), sum(j.record.length for j in good)
-    result.bytes_written, result.seconds = writer.bytes_written, time.perf_counter() - t0
-    return result
+    failed: set[str] = set()
+    if frames:
+        writer = store.part_writer(part.part_id, result.attempt, frames, encoder.tokens, encoder.dim, settings.cache)
+        failed = _encode_all(jobs, encoder, writer, settings, result, progress)
+        writer.finish(*_per_frame_arrays(jobs, frames))
+        good = [j.record for j in jobs if j.record.episode_id not in failed]
+        for rec in good:
+            rec.digests = writer.digests(rec.start, rec.length)
+        store.commit(CommitRecord(f"{part.part_id}.{result.attempt}", part.part_id, result.attempt, frames,
+                                  time.time(), good))
+        result.views, result.frames = len(good), sum(r.length for r in good)
+        result.bytes_written = writer.bytes_written
+    _finish_failures(store, part, result, failed, settings)
 
 
 def _fail(on_error: str, result: PartResult, episode_id: str, path: str, err: EpisodeError) -> None:
@@ -183,7 +211,8 @@ def _prepare(part: PartTask, settings: PartSettings, result: PartResult) -> list
             _fail(settings.on_error, result, task.episode_id, task.path, err)
             continue
         for job in views:
-            job.record.part, job.record.start = part.part_id, sum(j.record.length for j in jobs)
+            job.record.part, job.record.attempt = part.part_id, result.attempt
+            job.record.start = sum(j.record.length for j in jobs)
             jobs.append(job)
     return jobs
 
@@ -201,9 +230,9 @@ def episode_jobs(task: EpisodeTask, data: DataSection, views: ViewsSection, crop
         if v.view_id in task.done_views:
             continue
         indices = frame_grid(ep.num_usable, stride, v.draw.phase)  # [F]
-        if len(indices) < data.frames_per_clip:
-            raise EpisodeError(folder, f"episode shorter than one clip: {ep.num_usable} usable frames at stride "
-                               f"{stride} give {len(indices)} frames < data.frames_per_clip {data.frames_per_clip}")
+        if len(indices) < 2:  # how many frames a clip needs is stage two's business (views shorter are skipped)
+            raise EpisodeError(folder, f"episode too short: {ep.num_usable} usable frames at stride {stride} give "
+                               f"{len(indices)} frame(s) from phase {v.draw.phase}; a view needs 2 for one action")
         states = ep.states[indices]  # [F, 7]
         actions = np.concatenate([actions_from_states(states), np.full((1, 7), np.nan)])  # [F, 7]
         record = ViewRecord(v.view_id, task.episode_id, str(folder), data.camera, ep.serial, v.draw.phase, stride,
@@ -221,15 +250,17 @@ def _per_frame_arrays(jobs: list[ViewJob], frames: int) -> tuple[np.ndarray, np.
     return states, actions, index
 
 
-def _finish_failures(store: FeatureStore, part: PartTask, result: PartResult, failed: set[str], camera: str) -> None:
-    """Record this part's failures, clear old failure records of episodes that now succeeded."""
+def _finish_failures(store: FeatureStore, part: PartTask, result: PartResult, failed: set[str],
+                     settings: PartSettings) -> None:
+    """Record this part's failures (with what they depended on), clear those of episodes that now succeeded."""
     failed_ids = failed | {f[0] for f in result.failures}
     for task in part.episodes:
         if task.episode_id not in failed_ids:
             store.clear_failure(task.episode_id)
     for eid, path, reason in result.failures:
-        store.write_failure(eid, {"path": path, "reason": reason, "time": time.time(),
-                                  "source": source_identity(Path(path), camera)})
+        store.write_failure(FailureRecord(eid, path, reason, time.time(),
+                                          source_identity(Path(path), settings.data.camera),
+                                          settings.failure_settings))
 
 
 # -- the overlapped hot path ---------------------------------------------------------------------
@@ -362,6 +393,9 @@ def _encode_batch(pending: list[Frames], encoder: LoadedEncoder, crop: CropSecti
     t0 = time.perf_counter()
     feats = encoder.encode_crops([f.crops for f in pending], crop)  # [B, tokens, D]
     result.encode_seconds += time.perf_counter() - t0
+    if not torch.isfinite(feats).all():  # never commit what no reader may train on
+        raise RuntimeError("the encoder produced non-finite features (NaN/inf): check encoder.checkpoint and "
+                           "encoder.precision")
     row = 0
     for f in pending:
         write_q.put(Rows(f.offset, feats[row : row + len(f.crops)]))

@@ -13,9 +13,11 @@ import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.manifest import Manifest
-from pipeline.store import FeatureStore, ViewRecord, canonical_json
+from pipeline.records import FailureRecord, ViewRecord, canonical_json
+from pipeline.store import FeatureStore
 from stages.augment import draw_views
 from stages.droid import Source, episode_id_for, frame_stride, list_episodes, source_identity
 
@@ -64,6 +66,17 @@ def planned_view_ids(m: Manifest, episode_id: str, frame_hw: list[int], video_fp
                                           stride)]
 
 
+def episode_settings(m: Manifest) -> dict[str, Any]:
+    """The stage-one settings outside the fingerprint that an episode's failure can depend on. A failure
+    is recorded with them and retried when they change (e.g. a camera key an episode lacks)."""
+    return {"camera": m.data.camera}
+
+
+def failure_applies(failure: FailureRecord, source: Source, m: Manifest) -> bool:
+    """A recorded failure stands while the episode's files and the settings it failed under are unchanged."""
+    return failure.source == source and failure.settings == episode_settings(m)
+
+
 def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
     """Classify every episode of the manifest against the store."""
     root = Path(m.data.root)
@@ -77,15 +90,15 @@ def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
 
 
 def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[ViewRecord]],
-              failures: dict[str, dict]) -> EpisodePlan:
+              failures: dict[str, FailureRecord]) -> EpisodePlan:
     src = source_identity(folder, m.data.camera)
     recs = by_episode.get(eid, [])
     current = [r for r in recs if r.source == src]
     stale = len(recs) - len(current)
     failure = failures.get(eid)
-    if failure is not None and failure.get("source") == src and not current:
+    if failure is not None and failure_applies(failure, src, m) and not current:
         state = "new" if m.extract.retry_failed else "failed"
-        return EpisodePlan(eid, str(folder), state, m.views.per_episode, 0, stale, src, failure.get("reason", ""))
+        return EpisodePlan(eid, str(folder), state, m.views.per_episode, 0, stale, src, failure.reason)
     if not current:
         return EpisodePlan(eid, str(folder), "stale" if recs else "new", m.views.per_episode, 0, stale, src)
     planned = planned_view_ids(m, eid, current[0].frame_hw, current[0].video_fps)

@@ -33,14 +33,16 @@ class StatusReport:
     views_pending: int = 0
     episodes_failed: list[dict[str, str]] = field(default_factory=list)  # {episode, path, reason}
     bytes_on_disk: int = 0
-    uncommitted_parts: list[str] = field(default_factory=list)
+    unreferenced_attempts: int = 0  # attempt folders no commit names: killed or running extracts (gc lists them)
+    quarantined: list[str] = field(default_factory=list)  # commit records moved aside by verify --repair
+    bad_records: dict[str, str] = field(default_factory=dict)  # record path -> what is wrong (skipped)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def format(self) -> str:
-        uncommitted = (f"  ({len(self.uncommitted_parts)} uncommitted parts from killed runs)"
-                       if self.uncommitted_parts else "")
+        uncommitted = (f"  ({self.unreferenced_attempts} uncommitted attempt(s): running or killed extracts; "
+                       "`pipeline gc` lists them)" if self.unreferenced_attempts else "")
         lines = [
             f"profile      {self.profile}",
             f"store        {self.store}{'' if self.store_exists else '  (not created yet)'}",
@@ -51,6 +53,13 @@ class StatusReport:
             f"on disk      {human_bytes(self.bytes_on_disk)}{uncommitted}",
         ]
         lines += [f"failed       {f['episode']}: {f['reason']}" for f in self.episodes_failed]
+        if self.episodes_failed:
+            lines.append("             retry: fix the files (a changed episode is retried by the next extract), or "
+                         "`pipeline extract --set extract.retry_failed=true`")
+        lines += [f"bad record   {path}: {why}" for path, why in self.bad_records.items()]
+        if self.quarantined:
+            lines.append(f"quarantined  {len(self.quarantined)} commit record(s) (verify --repair); their views are "
+                         "redone by `pipeline extract`, `pipeline gc` frees their space")
         return "\n".join(lines)
 
 
@@ -72,5 +81,9 @@ def status_report(m: Manifest) -> StatusReport:
     report.views_pending = sum(p.planned - p.committed for p in plans if p.needs_work)
     report.episodes_failed = [{"episode": p.episode_id, "path": p.path, "reason": p.reason} for p in failed]
     report.bytes_on_disk = store.bytes_on_disk()
-    report.uncommitted_parts = store.uncommitted_parts() if report.store_exists else []
+    if report.store_exists:
+        live = {(c.part, c.attempt) for c in store.commits()}
+        report.unreferenced_attempts = len(set(store.attempts()) - live)
+        report.quarantined = store.quarantined()
+    report.bad_records = dict(store.bad_records)
     return report

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
+from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from stages.evaluate import evaluate, format_eval
 from stages.fingerprint import predictor_config, reader_spec
@@ -42,7 +43,7 @@ from stages.run_dir import (
     save_checkpoint,
     truncate_jsonl,
 )
-from stages.windows import WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
+from stages.windows import BadViews, WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
 
 EVAL_BATCH = 16  # windows per evaluation forward
 
@@ -65,6 +66,7 @@ class TrainSummary:
     last_loss: float | None = None
     ranks_in_sync: bool = True
     eval: dict[str, Any] = field(default_factory=dict)
+    skipped_views: list[str] = field(default_factory=list)  # damaged views left out (train.on_bad_data: skip)
 
     def format(self) -> str:
         if self.end_step == self.start_step:
@@ -74,6 +76,9 @@ class TrainSummary:
                  f"{self.world_size} rank(s){'' if self.ranks_in_sync else ', RANKS OUT OF SYNC'}"]
         if self.first_loss is not None:
             lines.append(f"loss      {self.first_loss:.4f} -> {self.last_loss:.4f}")
+        if self.skipped_views:
+            lines.append(f"skipped   {len(self.skipped_views)} damaged view(s), never trained on: run "
+                         "`pipeline verify --repair`, then `pipeline extract` to redo them")
         lines.append(f"results   {self.run_dir}: metrics.jsonl, loss.png, eval.json, eval.png, checkpoints/latest.pt")
         return "\n".join(lines)
 
@@ -91,6 +96,8 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     info = init_distributed(m.train.device)
     cfg, T = m.train, m.data.frames_per_clip
     run_dir = Path(out or cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"train.out {run_dir} is a file, not a run folder")
     if cfg.global_batch_size % info.world_size:
         raise ValueError(f"train.global_batch_size {cfg.global_batch_size} must divide by the world size "
                          f"{info.world_size}")
@@ -112,8 +119,9 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     model.to(info.device).train()
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
+    bad = BadViews(cfg.on_bad_data, warn=tqdm.write)
     loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
-                          threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device)
+                          threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device, bad=bad)
     states: dict[str, Stateful] = {"predictor": model, "optimizer": optimizer, "scaler": scaler, "loader": loader,
                                    "rng": RankRNG(info)}
     latest = latest_checkpoint(run_dir) if resume else None
@@ -167,7 +175,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
 
             at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == last
             if at_eval:
-                summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info)
+                summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info, bad)
             if at_eval or step % cfg.checkpoint_every == 0:
                 _checkpoint(run_dir, m, states, step, info, keep=step % cfg.checkpoint_every == 0)
     finally:
@@ -179,6 +187,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     summary.clips_per_second = totals["steps"] * cfg.global_batch_size / max(totals["time"], 1e-9)
     summary.data_wait_share = totals["wait"] / max(totals["time"], 1e-9)
     summary.ranks_in_sync = params_in_sync(model, info)
+    summary.skipped_views = sorted(bad.found)
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     shutdown(info)
@@ -238,13 +247,14 @@ def _start_run_dir(run_dir: Path, m: Manifest, step: int) -> None:
 
 
 def _evaluate_and_plot(m: Manifest, model: ACPredictor, store: Any, held: list, autocast: AbstractContextManager,
-                       step: int, run_dir: Path, info: DistInfo) -> dict[str, Any]:
+                       step: int, run_dir: Path, info: DistInfo, bad: BadViews) -> dict[str, Any]:
     """Rank 0 evaluates on the held-out windows and redraws the plots; the others wait."""
     result: dict[str, Any] = {}
     if info.is_main and held:
         T = m.data.frames_per_clip
-        batches = (load_windows(store, held[i : i + EVAL_BATCH], T, info.device)
-                   for i in range(0, len(held), EVAL_BATCH))
+        chunks = (load_windows(store, held[i : i + EVAL_BATCH], T, info.device, bad)
+                  for i in range(0, len(held), EVAL_BATCH))
+        batches = (b for b in chunks if b is not None)
         horizons = min(m.train.eval_horizons, T - 1)  # a T-frame window holds T - 1 future frames
         result = evaluate(model, batches, m.train.auto_steps, horizons, autocast, step)
         append_jsonl(run_dir / "eval.jsonl", result)

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.store import STATE_DIM, TORCH_DTYPES, FeatureStore, StoreError, ViewRecord, store_specs
+from pipeline.errors import DamagedDataError, StoreError
+from pipeline.part_writer import STATE_DIM, TORCH_DTYPES
+from pipeline.records import ViewRecord
+from pipeline.store import FORMAT_VERSION, FeatureStore, store_specs
 
 SPLITS = ("train", "heldout", "all")
 CPU = torch.device("cpu")
@@ -160,21 +163,25 @@ def open_training_store(cache_path: str, spec: dict[str, Any], tokens_per_frame:
         raise StoreError(
             f"{store.url}: the store has no committed views (extraction never finished a part). "
             "Run `pipeline extract` with this manifest to fill it.")
-    part = next(iter(views.values())).part
-    arr = store.array(part, "features")
-    found_tokens, found_dim = arr.shape[1:]
+    first = next(iter(views.values()))
+    found_tokens, found_dim = store.array(first, "features").shape[1:]
     if (found_tokens, found_dim) != (tokens_per_frame, dim):
         raise StoreError(
             f"{store.url}: committed features are {found_tokens} tokens x {found_dim} wide per frame "
-            f"(part {part}), but the predictor config expects {tokens_per_frame} tokens x {dim}. The manifest's "
+            f"({first.location}), but the predictor config expects {tokens_per_frame} tokens x {dim}. The manifest's "
             "encoder / crop.size and the predictor's config must agree: fix the predictor config, or run "
             "`pipeline extract` with the manifest the predictor is configured for.")
     return store
 
 
 def _stores_under(store: FeatureStore) -> str:
-    """The stores that do exist under the cache path, for the error message."""
-    return ", ".join(f"store {url.rsplit('/', 1)[-1]}" for url in store_specs(store.cache_path))
+    """The stores that do exist under the cache path, for the error message (older format versions named)."""
+    found = []
+    for url, attrs in store_specs(store.cache_path).items():
+        version = attrs.get("format_version")
+        old = "" if version == FORMAT_VERSION else f" (format version {version}, written by an older pipeline)"
+        found.append(f"store {url.rsplit('/', 1)[-1]}{old}")
+    return ", ".join(found)
 
 
 # -- sampling ----------------------------------------------------------------------------------------
@@ -198,6 +205,48 @@ def sample_batch(index: WindowIndex, batch_size: int, seed: int, rank: int, batc
         view = views[rng.integers(len(views))]
         out.append(Window(view, int(rng.integers(view.length - T + 1))))
     return out
+
+
+class BadViews:
+    """The policy for damaged views (train.on_bad_data) and the views met damaged so far (thread-safe).
+
+    "raise" re-raises the first `DamagedDataError`; "skip" remembers the view, names it in one warning
+    line and has its window replaced by another drawn from a generator of its own, so no damaged byte
+    is ever trained on and the rest of the batch is unchanged.
+    """
+
+    def __init__(self, policy: str = "raise", warn: Callable[[str], None] | None = None) -> None:
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"on_bad_data {policy!r} must be raise or skip")
+        self.policy, self.warn = policy, warn or (lambda _: None)
+        self.found: dict[str, str] = {}  # view_id -> the error
+        self._lock = threading.Lock()
+
+    def __contains__(self, view: ViewRecord) -> bool:
+        return view.view_id in self.found
+
+    def met(self, view: ViewRecord, err: DamagedDataError) -> None:
+        """Raise (policy raise) or remember the damaged view (policy skip)."""
+        if self.policy == "raise":
+            raise err
+        with self._lock:
+            new = view.view_id not in self.found
+            self.found[view.view_id] = str(err)
+        if new:
+            self.warn(f"skipping damaged view {view.view_id} (train.on_bad_data: skip): {err}")
+
+
+def replacement_window(index: WindowIndex, seed: int, rank: int, batch_number: int, slot: int, attempt: int,
+                       bad: BadViews) -> Window:
+    """A window for slot `slot` of a batch whose drawn window was damaged: the release's rule over the views
+    not known to be damaged, from a generator of (seed, rank, batch, slot, attempt) alone."""
+    episodes = [e for e in index.episodes if any(v not in bad for v in index.views_of(e))]
+    if not episodes:
+        raise DamagedDataError("every view of the training split", "all are damaged: run `pipeline verify --repair`")
+    rng = np.random.default_rng([seed, rank, batch_number, slot, attempt, 1])
+    views = [v for v in index.views_of(episodes[rng.integers(len(episodes))]) if v not in bad]
+    view = views[rng.integers(len(views))]
+    return Window(view, int(rng.integers(view.length - index.frames_per_clip + 1)))
 
 
 def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> list[Window]:
@@ -235,9 +284,9 @@ _ROWS_LOCK = threading.Lock()
 def _view_rows(store: FeatureStore, view: ViewRecord) -> tuple[np.ndarray, np.ndarray]:
     """A view's states [F, 7] and actions [F, 7], read once per store and kept (56 bytes per frame).
 
-    Keyed by where the rows are (part, first row): a re-extracted view lives elsewhere.
+    Keyed by where the rows are (attempt, first row): a re-extracted view lives elsewhere.
     """
-    key = (view.part, view.start)
+    key = (view.location, view.start)
     with _ROWS_LOCK:
         cache = _ROWS.setdefault(store, {})
         hit = cache.get(key)
@@ -266,7 +315,8 @@ def _window_rows(store: FeatureStore, window: Window, T: int) -> tuple[np.ndarra
     states, actions = _view_rows(store, view)
     a = actions[s : s + T - 1]  # [T-1, 7]; the view's last row (NaN) is never inside
     if not np.isfinite(a).all():
-        raise StoreError(f"non-finite actions in view {view.view_id} rows {s}..{s + T - 2} (part {view.part})")
+        raise DamagedDataError(f"{store.url}/{view.location}/actions (view {view.view_id} of episode "
+                               f"{view.episode_id})", f"non-finite actions in rows {s}..{s + T - 2}")
     return a, states[s : s + T]
 
 
@@ -304,6 +354,10 @@ class _Buffers:
         self.actions[i].copy_(torch.from_numpy(actions))
         self.states[i].copy_(torch.from_numpy(states))
 
+    def narrow(self, n: int) -> _Buffers:
+        """The first n rows (evaluation batches that left damaged windows out)."""
+        return _Buffers(self.features[:n], self.actions[:n], self.states[:n])
+
     def to_batch(self, device: torch.device, batch_number: int, wait: float, windows: list[Window]) -> Batch:
         nb = self.features.is_pinned()
         return Batch(self.features.to(device, non_blocking=nb), self.actions.to(device, non_blocking=nb),
@@ -312,19 +366,31 @@ class _Buffers:
 
 def feature_layout(store: FeatureStore, view: ViewRecord) -> tuple[int, int, torch.dtype]:
     """(tokens, D, dtype) of the stored features; one fingerprint means one layout for every part."""
-    arr = store.array(view.part, "features")
+    arr = store.array(view, "features")
     return int(arr.shape[1]), int(arr.shape[2]), TORCH_DTYPES[arr.attrs["logical_dtype"]]
 
 
-def load_windows(store: FeatureStore, windows: list[Window], T: int, device: torch.device) -> Batch:
+def load_windows(store: FeatureStore, windows: list[Window], T: int, device: torch.device,
+                 bad: BadViews | None = None) -> Batch | None:
     """An evaluation batch of the given windows, read in this thread (all at once: pass a chunk of
-    `eval_windows` that fits in memory, ~11.5 MB per 16-frame ViT-g window in 16 bits)."""
+    `eval_windows` that fits in memory, ~11.5 MB per 16-frame ViT-g window in 16 bits). Windows of damaged
+    views are left out under the skip policy (None if none is left)."""
     if not windows:
         raise ValueError("load_windows needs at least one window")
+    bad = bad or BadViews()
     buffers = _Buffers.empty(len(windows), T, feature_layout(store, windows[0].view), pin=False)
-    for i, w in enumerate(windows):
-        buffers.fill(i, store, w, T)
-    return buffers.to_batch(device, -1, 0.0, windows)
+    kept: list[Window] = []
+    for w in windows:
+        if w.view in bad:
+            continue
+        try:
+            buffers.fill(len(kept), store, w, T)
+            kept.append(w)
+        except DamagedDataError as err:
+            bad.met(w.view, err)
+    if not kept:
+        return None
+    return buffers.narrow(len(kept)).to_batch(device, -1, 0.0, kept)
 
 
 # -- the training loader -----------------------------------------------------------------------------
@@ -349,7 +415,7 @@ class WindowLoader:
 
     def __init__(self, store: FeatureStore, index: WindowIndex, batch_size: int, frames_per_clip: int, seed: int,
                  rank: int = 0, start_batch: int = 0, threads: int = 4, prefetch: int = 2,
-                 device: torch.device = CPU, pin_memory: bool | None = None):
+                 device: torch.device = CPU, pin_memory: bool | None = None, bad: BadViews | None = None):
         if frames_per_clip != index.frames_per_clip:
             raise ValueError(f"frames_per_clip {frames_per_clip} != the index's {index.frames_per_clip}")
         if not index.episodes:
@@ -358,6 +424,7 @@ class WindowLoader:
             raise ValueError(f"batch_size {batch_size} and threads {threads} must be >= 1, prefetch {prefetch} >= 0")
         self.store, self.index, self.batch_size, self.T = store, index, batch_size, frames_per_clip
         self.seed, self.rank, self.prefetch = seed, rank, prefetch
+        self.bad = bad or BadViews()
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self._layout = feature_layout(store, index.views_of(index.episodes[0])[0])
@@ -395,8 +462,20 @@ class WindowLoader:
         for number in range(b, upto):
             windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
             buffers = _Buffers.empty(self.batch_size, self.T, self._layout, self.pin_memory)
-            reads = [self._pool.submit(buffers.fill, i, self.store, w, self.T) for i, w in enumerate(windows)]
+            reads = [self._pool.submit(self._read, buffers, windows, i, number) for i in range(len(windows))]
             self._pending.append(_Pending(number, windows, buffers, reads))
+
+    def _read(self, buffers: _Buffers, windows: list[Window], i: int, number: int) -> None:
+        """Read window i into its row (a reader thread); a damaged view's window is replaced (skip policy)."""
+        for attempt in range(1 << 16):
+            window = windows[i]
+            if window.view not in self.bad:
+                try:
+                    buffers.fill(i, self.store, window, self.T)
+                    return
+                except DamagedDataError as err:
+                    self.bad.met(window.view, err)
+            windows[i] = replacement_window(self.index, self.seed, self.rank, number, i, attempt, self.bad)
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

@@ -25,7 +25,7 @@ PROFILE = {
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["synth"], ["extract"], ["status"], ["train"], ["gc"], ["demo"], ["bench"]]
+    "command", [[], ["synth"], ["extract"], ["status"], ["verify"], ["train"], ["gc"], ["demo"], ["bench"]]
 )
 def test_help_on_every_command(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
@@ -67,7 +67,10 @@ def test_bad_manifest_fails_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_gc_removes_uncommitted_and_superseded_parts(tmp_path: Path) -> None:
+def test_gc_lists_then_removes_only_what_nothing_references(tmp_path: Path) -> None:
+    import os
+    import shutil
+
     runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), "--episodes", "2", "--width", "64", "--height", "48",
                         "--min-seconds", "5", "--max-seconds", "6"])
     manifest = tmp_path / "m.yaml"
@@ -75,16 +78,32 @@ def test_gc_removes_uncommitted_and_superseded_parts(tmp_path: Path) -> None:
         **PROFILE, "extract": {"episodes_per_part": 1, "scheduler": "inline"}}}}))
     assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
     cache = next((tmp_path / "cache").iterdir())
-    (cache / "parts" / "leftover" / "features").mkdir(parents=True)  # what a killed task leaves behind
+    attempt = next((cache / "parts").glob("*/*"))
+    shutil.copytree(attempt, cache / "parts" / "killed" / "20200101T000000Z-0123456789")  # a killed task's
+    shutil.copytree(attempt, cache / "parts" / "running" / attempt.name)  # a task writing right now
+    temp = cache / "commits" / "x.json.0badc0de.tmp"
+    temp.write_text("{")
+    os.utime(temp, (1, 1))
     h5 = next((tmp_path / "data").rglob("trajectory.h5"))
-    h5.touch()  # that episode is re-extracted into a new part; its old part is superseded
+    h5.touch()  # that episode is re-extracted into a new part; its old commit is superseded
     assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
-    parts_before = {p.name for p in (cache / "parts").iterdir()}
-    result = runner.invoke(app, ["gc", "-m", str(manifest), "--dry-run"])
-    assert "would remove uncommitted part leftover" in result.output and "superseded" in result.output
-    assert {p.name for p in (cache / "parts").iterdir()} == parts_before
-    result = runner.invoke(app, ["gc", "-m", str(manifest)])
-    assert result.exit_code == 0 and "2 parts" in result.output
-    assert len(list((cache / "parts").iterdir())) == 2 and len(list((cache / "commits").iterdir())) == 2
+    assert runner.invoke(app, ["extract", "-m", str(manifest), "--set", "encoder.seed=7"]).exit_code == 0
+    before = sorted(str(p) for p in cache.rglob("*"))
+    listed = runner.invoke(app, ["gc", "-m", str(manifest)])
+    assert listed.exit_code == 0, listed.output
+    out = listed.output
+    assert "would remove unreferenced-attempt" in out and "parts/killed/20200101T000000Z-0123456789" in out
+    assert "keeping      unreferenced-attempt" in out and "parts/running/" in out  # younger than the grace period
+    assert "keeping      superseded-commit" in out and "would remove temp-file" in out
+    assert "keeping      other-store" in out and "--other-stores" in out
+    assert sorted(str(p) for p in cache.rglob("*")) == before  # listing removes nothing
+    result = runner.invoke(app, ["gc", "-m", str(manifest), "--yes", "--grace-hours", "0"])
+    assert result.exit_code == 0 and "freed" in result.output
+    assert not (cache / "parts" / "killed").exists() and not (cache / "parts" / "running").exists()
+    assert not temp.exists() and len(list((cache / "commits").glob("*.json"))) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # the other fingerprint's store is kept
     report = json.loads(runner.invoke(app, ["status", "-m", str(manifest), "--json"]).output)
-    assert report["views_committed"] == 2 and report["uncommitted_parts"] == []
+    assert report["views_committed"] == 2 and report["unreferenced_attempts"] == 0
+    assert runner.invoke(app, ["verify", "-m", str(manifest)]).exit_code == 0
+    runner.invoke(app, ["gc", "-m", str(manifest), "--yes", "--other-stores"])
+    assert len(list((tmp_path / "cache").iterdir())) == 1

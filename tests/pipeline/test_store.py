@@ -1,5 +1,11 @@
-"""The feature store: exact round trip per dtype, commit semantics, version and fingerprint checks."""
+"""The feature store: exact round trip per dtype, attempts and commits, checked reads, bad records, claims."""
 
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,26 +13,44 @@ import pytest
 import torch
 import zarr
 
+from pipeline.errors import DamagedDataError, StoreError
 from pipeline.manifest import CacheSection
-from pipeline.store import FeatureStore, StoreError, ViewRecord, encode_features
+from pipeline.part_writer import encode_features
+from pipeline.records import CommitRecord, FailureRecord, ViewRecord, new_attempt_id
+from pipeline.store import FeatureStore
 
 
 def cache_cfg(dtype: str = "bfloat16", compressor: str = "none") -> CacheSection:
     return CacheSection(path="unused", dtype=dtype, chunk_frames=2, shard_frames=4, compressor=compressor)
 
 
-def view(vid: str, part: str, start: int, length: int, episode: str = "ep") -> ViewRecord:
+def view(vid: str, start: int, length: int, episode: str = "ep") -> ViewRecord:
     return ViewRecord(vid, episode, f"/data/{episode}", "left_mp4_path", "123", 0, 4, 15.0, [48, 64],
-                      [0, 0, 48, 48], {"trajectory.h5": [1, 2]}, part=part, start=start, length=length)
+                      [0, 0, 48, 48], {"trajectory.h5": [1, 2]}, start=start, length=length)
 
 
-def write_part(store: FeatureStore, part: str, feats: torch.Tensor, dtype: str = "bfloat16",
-               compressor: str = "none") -> None:
-    w = store.part_writer(part, len(feats), feats.shape[1], feats.shape[2], cache_cfg(dtype, compressor))
-    w.write(5, feats[5:])  # out of order, across shard boundaries
-    w.write(0, feats[:5])
+def states_of(n: int) -> np.ndarray:
+    """Smooth, plausible states [n, 7] (their actions are what the writer is given)."""
+    t = np.arange(n)[:, None]
+    return np.concatenate([0.1 * np.sin(t + np.arange(3)), 0.2 * np.cos(t + np.arange(3)), 0.5 + 0 * t], 1)
+
+
+def write_attempt(store: FeatureStore, part: str, feats: torch.Tensor, views: list[ViewRecord],
+                  dtype: str = "bfloat16", compressor: str = "none", when: float | None = None) -> CommitRecord:
+    """Write one attempt of `part` (features out of order, across shard boundaries) and commit its views."""
+    attempt = new_attempt_id()
     n = len(feats)
-    w.finish(np.arange(n * 7.0).reshape(n, 7), np.ones((n, 7)), np.arange(n) * 4)
+    w = store.part_writer(part, attempt, n, feats.shape[1], feats.shape[2], cache_cfg(dtype, compressor))
+    w.write(5, feats[5:])
+    w.write(0, feats[:5])
+    actions = np.full((n, 7), np.nan)
+    actions[:-1] = np.diff(states_of(n), axis=0)
+    w.finish(states_of(n), actions, np.arange(n) * 4)
+    for v in views:
+        v.part, v.attempt, v.digests = part, attempt, w.digests(v.start, v.length)
+    record = CommitRecord(f"{part}.{attempt}", part, attempt, n, when or time.time(), views)
+    store.commit(record)
+    return record
 
 
 @pytest.mark.parametrize(("dtype", "compressor"), [("bfloat16", "none"), ("float16", "none"),
@@ -34,15 +58,15 @@ def write_part(store: FeatureStore, part: str, feats: torch.Tensor, dtype: str =
 def test_round_trip_is_exact(tmp_path: Path, dtype: str, compressor: str) -> None:
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
     feats = torch.randn(11, 3, 8) * 10  # [F, tokens, D]
-    write_part(store, "p", feats, dtype, compressor)
-    store.commit("p", [view("v", "p", 2, 9)], 11)
+    write_attempt(store, "p", feats, [view("v", 2, 9)], dtype, compressor)
     rec = FeatureStore(str(tmp_path), {"x": 1}).check().committed_views()["v"]
     got = store.read_features(rec, 1, 6)
     want = feats[3:9].to(getattr(torch, dtype))
     assert got.dtype == want.dtype and torch.equal(got, want)
     np.testing.assert_array_equal(store.read_rows(rec, "frame_index"), np.arange(2, 11) * 4)
-    arr = zarr.open_array(store=f"{store.url}/parts/p", path="features")
+    arr = zarr.open_array(store=f"{store.url}/{rec.location}", path="features")
     assert arr.shards == (4, 3, 8) and arr.chunks == (2, 3, 8)
+    assert "crc32c" in json.dumps(arr.metadata.to_dict())  # a checksum per chunk inside the shard
 
 
 def test_float16_overflow_is_an_error() -> None:
@@ -50,18 +74,26 @@ def test_float16_overflow_is_an_error() -> None:
         encode_features(torch.tensor([1e5]), "float16")
 
 
-def test_uncommitted_part_is_invisible_and_newest_commit_wins(tmp_path: Path) -> None:
+def test_attempts_are_immutable_and_newest_commit_wins(tmp_path: Path) -> None:
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
-    write_part(store, "a", torch.randn(6, 2, 4))
-    assert store.committed_views() == {} and store.uncommitted_parts() == ["a"]
-    store.commit("a", [view("v", "a", 0, 6)], 6)
-    write_part(store, "b", torch.randn(6, 2, 4))
-    store.commit("b", [view("v", "b", 0, 6)], 6)
-    assert store.committed_views()["v"].part == "b"
-    assert store.uncommitted_parts() == []
+    a = write_attempt(store, "p", torch.randn(6, 2, 4), [view("v", 0, 6)], when=100.0)
+    b = write_attempt(store, "p", torch.randn(6, 2, 4), [view("v", 0, 6)], when=200.0)  # a retry of the part
+    assert a.attempt != b.attempt and len(store.attempts()) == 2
+    winner = store.committed_views()["v"]
+    assert (winner.attempt, winner.commit) == (b.attempt, b.name)
+    assert store.part_committed("p") and not store.part_committed("q")
+    with pytest.raises(FileExistsError):  # an attempt folder is never written twice
+        store.part_writer("p", a.attempt, 6, 2, 4, cache_cfg())
     assert not list(Path(store.root, "commits").glob("*.tmp"))  # write-then-rename leaves no temp files
     with pytest.raises(StoreError, match="outside view"):
-        store.read_features(store.committed_views()["v"], 3, 4)
+        store.read_features(winner, 3, 4)
+
+
+def test_uncommitted_attempt_is_invisible(tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    w = store.part_writer("p", new_attempt_id(), 4, 2, 4, cache_cfg())
+    w.write(0, torch.randn(4, 2, 4))
+    assert store.committed_views() == {} and len(store.attempts()) == 1
 
 
 def test_version_and_fingerprint_are_checked(tmp_path: Path) -> None:
@@ -70,33 +102,109 @@ def test_version_and_fingerprint_are_checked(tmp_path: Path) -> None:
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
     other = FeatureStore(str(tmp_path), {"x": 2})
     assert other.url != store.url  # a different fingerprint is a different store, never mixed
-    zarr.open_group(store=store.url, mode="a").attrs["format_version"] = 99
-    with pytest.raises(StoreError, match="format version 99"):
+    zarr.open_group(store=store.url, mode="a").attrs["format_version"] = 1
+    with pytest.raises(StoreError, match=r"format version 1.*run `pipeline extract`"):
         FeatureStore(str(tmp_path), {"x": 1}).check()
-    zarr.open_group(store=store.url, mode="a").attrs.update({"format_version": 1, "fingerprint": {"digest": "bad"}})
+    zarr.open_group(store=store.url, mode="a").attrs.update({"format_version": 2, "fingerprint": {"digest": "bad"}})
     with pytest.raises(StoreError, match="does not match"):
         FeatureStore(str(tmp_path), {"x": 1}).check()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(StoreError, match="is a file"):
+        FeatureStore(str(tmp_path / "a-file"), {"x": 1}).create()
 
 
 def test_failure_records(tmp_path: Path) -> None:
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
-    store.write_failure("lab/ep 1", {"path": "/d/lab/ep 1", "reason": "corrupt"})
-    assert store.failures()["lab/ep 1"]["reason"] == "corrupt"
+    store.write_failure(FailureRecord("lab/ep 1", "/d/lab/ep 1", "corrupt", 1.0, {"a": [1, 2]}, {"camera": "c"}))
+    assert store.failures()["lab/ep 1"].reason == "corrupt"
     store.clear_failure("lab/ep 1")
     assert store.failures() == {}
 
 
+@pytest.mark.parametrize("content", [b'{"format_version": 2, "fingerprint": "', b"{}", b"[1, 2]", b"\xff\xfe"])
+def test_a_record_that_does_not_parse_is_named_and_skipped(tmp_path: Path, content: bytes,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    write_attempt(store, "good", torch.randn(4, 2, 4), [view("v", 0, 4)])
+    bad = Path(store.root, "commits", f"broken-{len(content)}.json")
+    bad.write_bytes(content)
+    (Path(store.root) / "failures").mkdir()
+    (Path(store.root) / "failures" / "x.json").write_bytes(content)
+    with caplog.at_level(logging.WARNING):
+        assert list(store.committed_views()) == ["v"]
+        assert store.failures() == {}
+    assert str(bad) in store.bad_records and "views count as missing" in store.bad_records[str(bad)]
+    assert any(str(bad) in r.getMessage() for r in caplog.records)
+
+
+def _shard_file(store: FeatureStore, rec: ViewRecord, name: str, shard: int = 0) -> Path:
+    suffix = f"c/{shard}/0/0" if name == "features" else ("c/0/0" if name != "frame_index" else "c/0")
+    return Path(store.root, rec.location, name, suffix)
+
+
+@pytest.mark.parametrize("name", ["features", "states", "actions", "frame_index"])
+def test_a_flipped_byte_is_caught_and_named(tmp_path: Path, name: str) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    write_attempt(store, "p", torch.randn(8, 2, 4), [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    path = _shard_file(store, rec, name)
+    raw = bytearray(path.read_bytes())
+    raw[7] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DamagedDataError) as err:
+        fresh = FeatureStore(str(tmp_path), {"x": 1})
+        if name == "features":
+            fresh.read_features(rec, 0, 4)
+        else:
+            fresh.read_rows(rec, name)
+    assert f"{rec.location}/{name}" in str(err.value) and "episode ep" in str(err.value)
+
+
+def test_a_deleted_shard_never_reads_as_data(tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    write_attempt(store, "p", torch.randn(8, 2, 4), [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    _shard_file(store, rec, "features", 1).unlink()
+    raw = zarr.open_array(store=f"{store.url}/{rec.location}", path="features")[4:8]
+    assert (raw == 0x7FC0).all()  # a reader without our checks would get NaN (the fill), never a number
+    with pytest.raises(DamagedDataError, match=r"features/c/1/0/0 .*crc32c"):
+        FeatureStore(str(tmp_path), {"x": 1}).read_features(rec, 4, 4)
+
+
+def test_a_deleted_chunk_of_states_never_reads_as_data(tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    write_attempt(store, "p", torch.randn(8, 2, 4), [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    _shard_file(store, rec, "states").unlink()
+    with pytest.raises(DamagedDataError, match="states"):
+        FeatureStore(str(tmp_path), {"x": 1}).read_rows(rec, "states")
+
+
+def test_claims_only_hold_for_another_live_run(tmp_path: Path) -> None:
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    store.claim("p", "run-a", "att-1")
+    assert store.claim_holder("p", "run-a", 60) is None  # our own run's claim
+    holder = store.claim_holder("p", "run-b", 60)
+    assert holder is not None and holder["pid"] == os.getpid()
+    assert store.claim_holder("p", "run-b", 0) is None  # expired
+    claim = Path(store.root, "claims", "p.json")
+    claim.write_text(json.dumps({**json.loads(claim.read_text()), "pid": 2**22 + 12345}))  # no such process
+    assert store.claim_holder("p", "run-b", 60) is None
+    store.release_claim("p", "att-2")  # not ours: kept
+    assert claim.exists()
+    store.release_claim("p", "att-1")
+    assert not claim.exists()
+
+
 def test_object_store_layout_through_fsspec() -> None:
-    """The store on an fsspec URL (memory://, the same code path as s3:// or gs://): commits are single
+    """The store on an fsspec URL (memory://; the s3:// round trip is in test_s3.py): commits are single
     PUTs, zarr goes through FsspecStore, and everything reads back exactly."""
     url = "memory://bucket/test-object-store"
     store = FeatureStore(url, {"x": 1}).create()
     feats = torch.randn(9, 3, 8)
-    write_part(store, "p", feats)
-    assert store.uncommitted_parts() == ["p"]
-    store.commit("p", [view("v", "p", 0, 9)], 9)
+    write_attempt(store, "p", feats, [view("v", 0, 9)])
     again = FeatureStore(url, {"x": 1}).check()
     rec = again.committed_views()["v"]
     out = torch.empty(4, 3, 8, dtype=torch.bfloat16)
     assert torch.equal(again.read_features(rec, 3, 4, out=out), feats[3:7].to(torch.bfloat16))
-    assert again.bytes_on_disk() > feats.numel() * 2 and again.uncommitted_parts() == []
+    assert again.bytes_on_disk() > feats.numel() * 2 and len(again.attempts()) == 1

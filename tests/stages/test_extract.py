@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -190,10 +191,24 @@ def test_bad_episode_is_recorded_and_the_run_goes_on(workdir: Path, how: str, re
     assert again.views_done == 0 and len(again.failed) == 1
 
 
-def test_episode_shorter_than_a_clip_fails(workdir: Path) -> None:
-    m = load(workdir, "data.frames_per_clip=40")
-    s = run(m)
-    assert len(s.failed) == 3 and all("shorter than one clip" in f["reason"] for f in s.failed)
+def test_stage_one_never_fails_an_episode_for_a_stage_two_setting(workdir: Path) -> None:
+    s = run(load(workdir, "data.frames_per_clip=40"))  # longer than every view: training skips them, not extract
+    assert not s.failed and s.views_done == 6
+
+
+def test_a_failure_is_retried_when_the_setting_it_depended_on_changes(workdir: Path) -> None:
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    meta = next((workdir / "data" / lines[0]).glob("metadata_*.json"))
+    data = json.loads(meta.read_text())
+    del data["ext2_mp4_path"]
+    meta.write_text(json.dumps(data))
+    ext2 = load(workdir, "data.camera=ext2_mp4_path")
+    assert [f["episode"] for f in run(ext2).failed] == [lines[0]]
+    assert run(ext2).views_done == 0  # same files, same setting: the failure stands
+    s = run(load(workdir, "data.camera=left_mp4_path"))  # another camera: retried without being asked
+    assert not s.failed and s.views_done == 6
+    report = status_report(ext2)
+    assert report.episodes_failed == [] and report.episodes_by_state["new"] == 1  # retried again under ext2
 
 
 def test_fixed_episode_is_retried(workdir: Path) -> None:
@@ -235,7 +250,7 @@ def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(workdir / "manifest.yaml"),
                              "extract.episodes_per_part=3", "encoder.batch_size=2"], stdout=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and not list(root.glob("parts/*/features/c/*")):
+    while time.time() < deadline and not list(root.glob("parts/*/*/features/c/*")):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
