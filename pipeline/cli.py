@@ -116,7 +116,7 @@ def extract(
     from stages.extract import extract as run_extract
 
     with _user_errors("extract"):
-        s = run_extract(m, scheduler=scheduler)
+        s = run_extract(m, scheduler=scheduler, echo=lambda line: typer.echo(line, err=json_out))
     typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else "\n" + s.format())
     if s.failed:
         raise typer.Exit(EXIT_FAILED)

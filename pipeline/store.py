@@ -81,6 +81,7 @@ def store_specs(cache_path: str) -> dict[str, dict[str, Any]]:
     """url -> root attributes (format_version, fingerprint {digest, spec}) of every store under a cache path."""
     cache_path = cache_path.rstrip("/")
     fs, root = fsspec.core.url_to_fs(cache_path)
+    fs.invalidate_cache(root)
     out = {}
     for path in sorted(fs.glob(f"{root}/*/zarr.json")):
         url = f"{cache_path}/{path.rstrip('/').rsplit('/', 2)[-2]}"
@@ -111,14 +112,20 @@ class FeatureStore:
 
     # -- open / create -------------------------------------------------------------------------
     def exists(self) -> bool:
+        self.fs.invalidate_cache(self.root)
         return self.fs.exists(f"{self.root}/zarr.json")
+
+    def check_path(self) -> FeatureStore:
+        """Refuse a cache.path that is a file (every command that opens a store asks this first)."""
+        if self.fs.isfile(fsspec.core.url_to_fs(self.cache_path)[1]):
+            raise StoreError(f"cache.path {self.cache_path} is a file, not a folder")
+        return self
 
     def create(self) -> FeatureStore:
         """Create the root group (once, by the driver, before any task runs) or check an existing one."""
+        self.check_path()
         if self.exists():
             return self.check()
-        if self.fs.isfile(fsspec.core.url_to_fs(self.cache_path)[1]):
-            raise StoreError(f"cache.path {self.cache_path} is a file, not a folder")
         group = zarr.open_group(store=self.url, mode="a")
         group.attrs.update({"format_version": FORMAT_VERSION,
                             "fingerprint": {"digest": self.digest, "spec": self.spec}})
@@ -126,6 +133,7 @@ class FeatureStore:
 
     def check(self) -> FeatureStore:
         """Refuse a store of another format version or fingerprint (never mix caches)."""
+        self.check_path()
         if not self.exists():
             raise StoreError(f"{self.url}: no feature store here (run `pipeline extract` first)")
         attrs = zarr.open_group(store=self.url, mode="r").attrs.asdict()
@@ -143,11 +151,18 @@ class FeatureStore:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    def _glob(self, pattern: str) -> list[str]:
+        """fs.glob without the object-store listing cache: other processes add records all the time."""
+        self.fs.invalidate_cache(self.root)
+        return self.fs.glob(pattern)
+
     # -- the index -----------------------------------------------------------------------------
-    def commits(self) -> list[CommitRecord]:
-        """Every commit record that parses, oldest first; the others are named once and skipped."""
+    def commits(self, part_id: str = "*") -> list[CommitRecord]:
+        """Every commit record (of one part, or of all) that parses, oldest first; the others are named once
+        and skipped."""
         records = []
-        for path in self.fs.glob(f"{self.root}/commits/*.json"):
+        pattern = "*.json" if part_id == "*" else f"{part_id}.*.json"
+        for path in self._glob(f"{self.root}/commits/{pattern}"):
             name = path.rsplit("/", 1)[-1][: -len(".json")]
             try:
                 records.append(parse_commit(name, self._read_json(path), self.digest))
@@ -168,12 +183,12 @@ class FeatureStore:
 
     def part_committed(self, part_id: str) -> bool:
         """True if some attempt of this part (its content, by its id) is committed already."""
-        return bool(self.fs.glob(f"{self.root}/commits/{part_id}.*.json"))
+        return bool(self.commits(part_id))
 
     def failures(self) -> dict[str, FailureRecord]:
         """episode_id -> failure record (records that do not parse are named once and ignored)."""
         out = {}
-        for path in self.fs.glob(f"{self.root}/failures/*.json"):
+        for path in self._glob(f"{self.root}/failures/*.json"):
             try:
                 rec = parse_failure(self._read_json(path))
             except (RecordError, ValueError, UnicodeDecodeError, OSError) as err:
@@ -184,15 +199,15 @@ class FeatureStore:
 
     def attempts(self) -> list[tuple[str, str]]:
         """(part, attempt) of every attempt folder, committed or not."""
-        found = self.fs.glob(f"{self.root}/parts/*/*/zarr.json")
+        found = self._glob(f"{self.root}/parts/*/*/zarr.json")
         return sorted(tuple(p.rsplit("/", 3)[-3:-1]) for p in found)  # type: ignore[misc]
 
     def quarantined(self) -> list[str]:
-        return sorted(p.rsplit("/", 1)[-1][: -len(".json")] for p in self.fs.glob(f"{self.root}/quarantine/*.json"))
+        return sorted(p.rsplit("/", 1)[-1][: -len(".json")] for p in self._glob(f"{self.root}/quarantine/*.json"))
 
     def stray_temp_files(self) -> list[str]:
         """Temp files of record writes that were killed before their rename (paths relative to the store)."""
-        found = self.fs.glob(f"{self.root}/*/*.tmp")
+        found = self._glob(f"{self.root}/*/*.tmp")
         return sorted(p[len(self.root) + 1 :] for p in found)
 
     def bytes_on_disk(self) -> int:

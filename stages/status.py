@@ -65,7 +65,7 @@ class StatusReport:
 
 def status_report(m: Manifest) -> StatusReport:
     """Classify the manifest's episodes against its store (planning's rules; nothing is opened or changed)."""
-    store = FeatureStore(m.cache.path, reader_spec(m))
+    store = FeatureStore(m.cache.path, reader_spec(m)).check_path()
     report = StatusReport(m.profile, store.digest, store.url, store.exists())
     if report.store_exists:
         store.check()

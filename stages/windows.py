@@ -151,7 +151,7 @@ def open_training_store(cache_path: str, spec: dict[str, Any], tokens_per_frame:
     another augmentation's features; the shape check refuses a predictor config that disagrees with
     the manifest's encoder and crop size.
     """
-    store = FeatureStore(cache_path, spec)
+    store = FeatureStore(cache_path, spec).check_path()
     if not store.exists():
         raise StoreError(
             f"no feature store for this manifest under {cache_path}: expected fingerprint {store.digest[:16]} "

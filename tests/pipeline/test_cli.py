@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -107,3 +113,69 @@ def test_gc_lists_then_removes_only_what_nothing_references(tmp_path: Path) -> N
     assert runner.invoke(app, ["verify", "-m", str(manifest)]).exit_code == 0
     runner.invoke(app, ["gc", "-m", str(manifest), "--yes", "--other-stores"])
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def _tiny(tmp_path: Path, **sections: dict) -> Path:
+    """synth 2 tiny episodes + a manifest of the tiny profile (with section changes) in tmp_path."""
+    runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), "--episodes", "2", "--width", "64", "--height", "48",
+                        "--min-seconds", "5", "--max-seconds", "6"])
+    manifest = tmp_path / "m.yaml"
+    profile = {k: {**v, **sections.get(k, {})} for k, v in {**PROFILE, "train": {}}.items()}
+    manifest.write_text(yaml.safe_dump({"default_profile": "t", "profiles": {"t": profile}}))
+    return manifest
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_extract_stops_cleanly(tmp_path: Path, sig: signal.Signals, code: int) -> None:
+    manifest = _tiny(tmp_path, encoder={"batch_size": 1}, extract={"episodes_per_part": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "-m", str(manifest)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "cache").glob("*/parts/*/*/features")):
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "interrupted" in err and "re-run" in err and "Traceback" not in err
+    assert runner.invoke(app, ["verify", "-m", str(manifest)]).exit_code == 0  # nothing half-committed
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
+    report = json.loads(runner.invoke(app, ["status", "-m", str(manifest), "--json"]).output)
+    assert report["views_committed"] == report["views_planned"] == 2
+
+
+def test_user_mistakes_get_one_line_and_their_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifest = _tiny(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+
+    def line(args: list[str], code: int, *needles: str) -> None:
+        result = runner.invoke(app, args)
+        assert result.exit_code == code, result.output
+        assert "Traceback" not in result.output and all(n in result.output for n in needles), result.output
+
+    line(["extract", "-m", str(manifest), "--scheduler", "tcp://127.0.0.1:9", "--set", "extract.scheduler_timeout=1"],
+         2, "cannot reach the dask scheduler", "tcp://127.0.0.1:9")
+    if not torch.cuda.is_available():
+        line(["extract", "-m", str(manifest), "--set", "encoder.device=cuda"], 2, "encoder.device", "no CUDA GPU")
+    line(["extract", "-m", str(manifest), "--set", f"cache.path={tmp_path / 'a-file'}"], 2, "is a file")
+    line(["status", "-m", str(manifest), "--set", f"cache.path={tmp_path / 'a-file'}"], 2, "is a file")
+    line(["train", "-m", str(manifest), "--set", f"cache.path={tmp_path / 'a-file'}"], 2, "is a file")
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
+    line(["train", "-m", str(manifest), "--out", str(tmp_path / "a-file"), "--steps", "1"], 2, "is a file")
+
+    from pipeline.part_writer import PartWriter
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "somewhere"))
+
+    monkeypatch.setattr(PartWriter, "_flush", full)
+    line(["extract", "-m", str(manifest), "--set", "views.per_episode=2"], 1, "disk full", "cache/somewhere")
+
+
+def test_a_store_of_an_older_format_is_named_with_what_to_run(tmp_path: Path) -> None:
+    manifest = _tiny(tmp_path)
+    old = tmp_path / "cache" / "0123456789abcdef"
+    old.mkdir(parents=True)
+    (old / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+        "format_version": 1, "fingerprint": {"digest": "0123456789abcdef", "spec": {}}}}))
+    result = runner.invoke(app, ["train", "-m", str(manifest), "--steps", "1"])
+    assert result.exit_code == 2 and "format version 1" in result.output and "pipeline extract" in result.output

@@ -166,6 +166,19 @@ def test_list_episodes_list_file_format(
     assert list_episodes(str(tmp_path / "list.txt"), synthetic_dataset) == sorted(synthetic_episodes[:2])
 
 
+def test_list_episodes_bom_columns_and_duplicates(
+    tmp_path: Path, synthetic_dataset: Path, synthetic_episodes: list[Path]
+) -> None:
+    """A list written by another tool: a byte-order mark, columns after the path, the same episode under
+    another spelling and through a symlink -- each episode comes out once."""
+    rel = [str(p.relative_to(synthetic_dataset)) for p in synthetic_episodes]
+    link = tmp_path / "linked"
+    link.symlink_to(synthetic_episodes[0], target_is_directory=True)
+    text = f"{rel[0]}\t312\tpick up the block\n\n{rel[1]}  120\n./{rel[0]}\n{link}\n{rel[1]}//\n"
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert list_episodes(str(tmp_path / "list.txt"), synthetic_dataset) == sorted(synthetic_episodes[:2])
+
+
 def test_list_episodes_from_globs(synthetic_dataset: Path, synthetic_episodes: list[Path]) -> None:
     expected = sorted(synthetic_episodes)
     assert list_episodes("*/success/*/*", synthetic_dataset) == expected
@@ -367,6 +380,29 @@ def test_inf_in_gripper(copy_episode: CopyEpisode) -> None:
     _rewrite(folder, GRIPPER_KEY, gripper)
     reason = _error(folder).reason
     assert GRIPPER_KEY in reason and "first at row 3" in reason
+
+
+def test_integer_states_fail_naming_the_dataset(copy_episode: CopyEpisode) -> None:
+    folder = copy_episode(0)
+    _rewrite(folder, CARTESIAN_KEY, (_h5_states(folder)[:, :6] * 1000).astype(np.int64))
+    reason = _error(folder).reason
+    assert CARTESIAN_KEY in reason and "int64" in reason
+
+
+@pytest.mark.parametrize(("key", "column", "value", "what"), [
+    (CARTESIAN_KEY, 0, 250.0, "xyz"), (CARTESIAN_KEY, 4, 40.0, "Euler"), (GRIPPER_KEY, None, 7.0, GRIPPER_KEY)])
+def test_absurd_states_fail_naming_the_dataset(copy_episode: CopyEpisode, key: str, column: int | None,
+                                               value: float, what: str) -> None:
+    folder = copy_episode(1)
+    states = _h5_states(folder)
+    values = states[:, :6] if key == CARTESIAN_KEY else states[:, 6]
+    if column is None:
+        values[5] = value
+    else:
+        values[5, column] = value
+    _rewrite(folder, key, values)
+    reason = _error(folder).reason
+    assert what in reason and "plausible bound" in reason and "first at row 5" in reason
 
 
 def test_video_shorter_than_rows_by_two(copy_episode: CopyEpisode) -> None:

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipeline.manifest import Manifest, load_manifest
 from pipeline.store import FeatureStore
@@ -24,32 +24,6 @@ from stages.encoder import load_encoder
 from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
 from stages.status import status_report
-
-TINY = {
-    "data": {"root": "data", "episodes": "episodes.txt", "fps": 4, "frames_per_clip": 4},
-    "views": {"per_episode": 2, "seed": 0},
-    "crop": {"size": 32, "scale": [0.5, 1.0], "ratio": [0.75, 1.35]},
-    "encoder": {"checkpoint": None, "preset": None, "embed_dim": 64, "depth": 1, "num_heads": 1, "mlp_ratio": 4.0,
-                "precision": "fp32", "batch_size": 8, "device": "cpu"},
-    "cache": {"path": "cache", "chunk_frames": 2, "shard_frames": 8},
-    "extract": {"episodes_per_part": 2, "scheduler": "inline", "decode_threads": 1},
-}
-
-
-def write_manifest(folder: Path, **changes: dict) -> Path:
-    """A manifest with the tiny profile (plus section changes) in `folder`; data lives in folder/data."""
-    profile = {k: {**v, **changes.get(k, {})} for k, v in TINY.items()}
-    path = folder / "manifest.yaml"
-    path.write_text(yaml.safe_dump({"default_profile": "tiny", "profiles": {"tiny": profile}}))
-    return path
-
-
-@pytest.fixture
-def workdir(tmp_path: Path, synthetic_dataset: Path) -> Path:
-    """A private copy of the synthetic dataset under tmp_path/data, free to change."""
-    shutil.copytree(synthetic_dataset, tmp_path / "data")
-    write_manifest(tmp_path)
-    return tmp_path
 
 
 def load(workdir: Path, *overrides: str) -> Manifest:
@@ -155,7 +129,7 @@ def _corrupt(folder: Path, how: str) -> None:
             f.write_bytes(b"\x00garbage" * 100)
     elif how == "missing metadata":
         meta.unlink()
-    elif how in ("no cartesian_position", "nan states", "lengths disagree"):
+    elif how in ("no cartesian_position", "nan states", "lengths disagree", "integer states", "absurd states"):
         with h5py.File(folder / "trajectory.h5", "r+") as f:
             rs = f["observation/robot_state"]
             if how == "no cartesian_position":
@@ -164,6 +138,11 @@ def _corrupt(folder: Path, how: str) -> None:
                 data = rs["cartesian_position"][...]
                 data[3, 1] = np.nan
                 rs["cartesian_position"][...] = data
+            elif how in ("integer states", "absurd states"):
+                data = rs["cartesian_position"][...]
+                data = data.astype(np.int32) if how == "integer states" else data + np.array([0, 0, 500.0, 0, 0, 0])
+                del rs["cartesian_position"]
+                rs.create_dataset("cartesian_position", data=data)
             else:  # h5 five rows shorter than the video: beyond the known one-frame case
                 keep = len(rs["gripper_position"]) - 5
                 for name in ("cartesian_position", "gripper_position"):
@@ -176,7 +155,8 @@ def _corrupt(folder: Path, how: str) -> None:
 @pytest.mark.parametrize(("how", "reason"), [
     ("missing mp4", "mp4"), ("corrupt mp4", "mp4"), ("missing metadata", "metadata"),
     ("no cartesian_position", "cartesian_position"), ("nan states", "cartesian_position"),
-    ("lengths disagree", "frames"),
+    ("lengths disagree", "frames"), ("integer states", "cartesian_position has dtype int32"),
+    ("absurd states", "cartesian_position xyz beyond the plausible bound"),
 ])
 def test_bad_episode_is_recorded_and_the_run_goes_on(workdir: Path, how: str, reason: str) -> None:
     lines = (workdir / "data/episodes.txt").read_text().splitlines()
@@ -243,7 +223,7 @@ extract(load_manifest(sys.argv[1], None, sys.argv[2:]), show_progress=False)
 """
 
 
-def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path) -> None:
+def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path, same_features: Callable[..., None]) -> None:
     """Kill the extraction while a part is written but not committed; the next run completes the job."""
     m = load(workdir, "extract.episodes_per_part=3", "encoder.batch_size=2")
     root = Path(FeatureStore(m.cache.path, fingerprint_spec(m)).root)
@@ -261,27 +241,17 @@ def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path) -> None:
     assert s.views_done == 6 and not s.failed
     fresh = load(workdir, f"cache.path={workdir}/fresh")
     run(fresh)
-    assert_same_features(store, FeatureStore(fresh.cache.path, fingerprint_spec(fresh)))
+    same_features(store, FeatureStore(fresh.cache.path, fingerprint_spec(fresh)))
 
 
-def test_dask_local_cluster_gives_the_same_store(workdir: Path) -> None:
+def test_dask_local_cluster_gives_the_same_store(workdir: Path, same_features: Callable[..., None]) -> None:
     m = load(workdir, "extract.scheduler=local", "views.per_episode=1")
     s = run(m)
     assert s.views_done == 3 and not s.failed
     inline = load(workdir, "views.per_episode=1", f"cache.path={workdir}/inline")
     run(inline)
-    assert_same_features(FeatureStore(m.cache.path, fingerprint_spec(m)),
+    same_features(FeatureStore(m.cache.path, fingerprint_spec(m)),
                          FeatureStore(inline.cache.path, fingerprint_spec(inline)))
-
-
-def assert_same_features(a: FeatureStore, b: FeatureStore, exact: bool = True) -> None:
-    """Same views with the same rows; `exact=False` allows the float noise of other batch compositions."""
-    va, vb = a.committed_views(), b.committed_views()
-    assert va.keys() == vb.keys() and va
-    for vid in va:
-        fa = a.read_features(va[vid], 0, va[vid].length).float()
-        fb = b.read_features(vb[vid], 0, vb[vid].length).float()
-        torch.testing.assert_close(fa, fb, atol=0 if exact else 2e-2, rtol=0 if exact else 2e-2)
 
 
 def test_video_corrupt_in_the_middle_fails_only_its_episode(workdir: Path) -> None:
@@ -300,12 +270,12 @@ def test_video_corrupt_in_the_middle_fails_only_its_episode(workdir: Path) -> No
     assert sorted({v.episode_id for v in views.values()}) == sorted([lines[0], lines[2]])
 
 
-def test_parallel_decoders_give_the_same_store(workdir: Path) -> None:
+def test_parallel_decoders_give_the_same_store(workdir: Path, same_features: Callable[..., None]) -> None:
     one = load(workdir)
     two = load(workdir, "extract.decode_workers=3", f"cache.path={workdir}/two", "encoder.batch_size=5")
     run(one)
     run(two)
-    assert_same_features(FeatureStore(one.cache.path, fingerprint_spec(one)),
+    same_features(FeatureStore(one.cache.path, fingerprint_spec(one)),
                          FeatureStore(two.cache.path, fingerprint_spec(two)), exact=False)
 
 
