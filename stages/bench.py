@@ -5,7 +5,10 @@ Measured on the same frames (view 0 of the first episodes of the manifest):
 - encoder: preprocess + encoder forward alone on already-decoded crops, frames/s;
 - end to end: a real `extract` run (inline, into a scratch store), frames/s -- with decode, encode and
   write overlapped this should be close to the encoder figure;
-- store: write MB/s, random 16-frame window read MB/s and compression ratio per codec.
+- store: write MB/s, random 16-frame window read MB/s (through the checked read path) and compression
+  ratio per codec;
+- checksums: what the per-chunk and per-row crc32c cost, against plain zarr arrays of the same layout
+  without them, on ViT-g sized rows, interleaved, median of 3.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
-from pipeline.manifest import Manifest
+from pipeline.manifest import CacheSection, Manifest
+from pipeline.part_writer import encode_features
+from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
 from stages.droid import episode_id_for, iter_frames, list_episodes
@@ -47,8 +55,8 @@ class BenchReport:
         return format_bench(self.figures)
 
 
-def run_bench(m: Manifest, episodes: int) -> BenchReport:
-    """Measure everything on the manifest's first `episodes` episodes."""
+def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES) -> BenchReport:
+    """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows)."""
     folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
     crops, decode_s = _decode(m, folders)
     frames = sum(len(c) for c in crops)
@@ -65,9 +73,10 @@ def run_bench(m: Manifest, episodes: int) -> BenchReport:
         summary = extract(e2e_m, show_progress=False, echo=lambda _: None)
         codecs = {name: _codec(m, feats, f"{tmp}/codec-{name}", name, level)
                   for name, level in (("none", 0), ("zstd-1", 1), ("zstd-3", 3))}
-        big = torch.randn(VITG_FRAMES, 256, 1408)  # [F, tokens, D]: ViT-g sized rows (random values)
+        big = torch.randn(vitg_frames, 256, 1408)  # [F, tokens, D]: ViT-g sized rows (random values)
         codecs_vitg = {name: _codec(m, big, f"{tmp}/vitg-{name}", name, level)
                        for name, level in (("none", 0), ("zstd-1", 1))}
+        checksums = _checksum_cost(m, big, tmp)
     return BenchReport({
         "device": str(encoder.device), "threads": torch.get_num_threads(), "episodes": len(folders),
         "frames": frames, "tokens": encoder.tokens, "dim": encoder.dim, "feature_dtype": m.cache.dtype,
@@ -76,6 +85,7 @@ def run_bench(m: Manifest, episodes: int) -> BenchReport:
         "end_to_end_vs_encoder": summary.frames_per_second / (frames / encode_s),
         "end_to_end_vs_slower_stage": summary.frames_per_second / min(frames / encode_s, frames / decode_s),
         "decode_workers": m.extract.decode_workers, "store": codecs, "store_vitg_size": codecs_vitg,
+        "checksums_vitg_size": checksums,
     })
 
 
@@ -101,27 +111,85 @@ def _encode(m: Manifest, encoder: Any, crops: list[torch.Tensor]) -> tuple[torch
     return feats, time.perf_counter() - t0
 
 
-def _codec(m: Manifest, feats: torch.Tensor, path: str, name: str, level: int) -> dict[str, float]:
-    """Write all frames as one part with this codec, then read random 16-frame windows back."""
-    cache = dataclasses.replace(m.cache, compressor="zstd" if level else "none", compression_level=max(level, 1))
-    store = FeatureStore(path, {"bench": name}).create()
-    n = len(feats)
+def _write_and_commit(store: FeatureStore, feats: torch.Tensor, cache: CacheSection) -> tuple[ViewRecord, float]:
+    """All frames as one committed view of one attempt; returns it and the write seconds."""
+    n, attempt = len(feats), new_attempt_id()
     t0 = time.perf_counter()
-    writer = store.part_writer("bench", n, feats.shape[1], feats.shape[2], cache)
+    writer = store.part_writer("bench", attempt, n, feats.shape[1], feats.shape[2], cache)
     writer.write(0, feats)
     writer.finish(np.zeros((n, 7)), np.zeros((n, 7)), np.arange(n))
-    write_s = time.perf_counter() - t0
-    nbytes = writer.bytes_written
-    arr = store.array("bench", "features")
-    rng = np.random.default_rng(0)
-    starts = rng.integers(0, max(1, n - WINDOW), size=32)
+    seconds = time.perf_counter() - t0
+    view = ViewRecord("bench", "bench", "bench", "bench", "0", 0, 1, 1.0, [1, 1], [0, 0, 1, 1], {}, "bench", attempt,
+                      0, n, writer.digests(0, n))
+    store.commit(CommitRecord(f"bench.{attempt}", "bench", attempt, n, time.time(), [view]))
+    return store.committed_views()["bench"], seconds
+
+
+def _window_reads(read: Callable[[int, torch.Tensor], object], n: int, like: torch.Tensor) -> float:
+    """Seconds for 32 random 16-frame window reads into one reused buffer (as the loader does)."""
+    out = torch.empty((WINDOW, *like.shape[1:]), dtype=like.dtype)
+    starts = np.random.default_rng(0).integers(0, max(1, n - WINDOW), size=32)
     t0 = time.perf_counter()
     for s in starts:
-        arr[s : s + WINDOW]
-    read_s = time.perf_counter() - t0
-    window_bytes = min(WINDOW, n) * (nbytes // n) * len(starts)
+        read(int(s), out)
+    return time.perf_counter() - t0
+
+
+def _codec(m: Manifest, feats: torch.Tensor, path: str, name: str, level: int) -> dict[str, float]:
+    """Write all frames as one committed part with this codec, then read random 16-frame windows back
+    through the checked read path (crc32c per chunk and per row)."""
+    cache = dataclasses.replace(m.cache, compressor="zstd" if level else "none", compression_level=max(level, 1))
+    store = FeatureStore(path, {"bench": name}).create()
+    view, write_s = _write_and_commit(store, feats, cache)
+    nbytes = view.length * store.array(view, "features").nbytes // view.length
+    like = store.read_features(view, 0, 1)
+    read_s = _window_reads(_checked_reader(store, view), view.length, like)
+    window_bytes = min(WINDOW, view.length) * (nbytes // view.length) * 32
     return {"write_MBps": nbytes / write_s / 1e6, "read_MBps": window_bytes / read_s / 1e6,
             "ratio": nbytes / max(1, store.bytes_on_disk())}
+
+
+def _checksum_cost(m: Manifest, feats: torch.Tensor, tmp: str, repeats: int = 3, reads: int = 5) -> dict[str, float]:
+    """What the checks cost: the store's write and checked window read against plain zarr arrays of the
+    same chunks and shards without checksums (same run, same bytes, interleaved, medians)."""
+    cache = dataclasses.replace(m.cache, compressor="none")
+    n = len(feats)
+    times: dict[str, list[float]] = {k: [] for k in ("write", "write_plain", "read", "read_plain")}
+    for r in range(repeats):
+        store = FeatureStore(f"{tmp}/checked-{r}", {"bench": "checked"}).create()
+        view, seconds = _write_and_commit(store, feats, cache)
+        times["write"].append(seconds)
+        t0 = time.perf_counter()
+        stored = encode_features(feats, cache.dtype)  # [F, tokens, D], as the store's writer converts too
+        plain = zarr.open_group(store=f"{tmp}/plain-{r}", mode="w").create_array(
+            "features", shape=stored.shape, dtype=stored.dtype, chunks=(cache.chunk_frames, *stored.shape[1:]),
+            shards=(cache.shard_frames, *stored.shape[1:]), compressors=None, fill_value=0)
+        plain[...] = stored
+        times["write_plain"].append(time.perf_counter() - t0)
+        like = store.read_features(view, 0, 1)
+        for _ in range(reads):
+            times["read"].append(_window_reads(_checked_reader(store, view), n, like))
+            times["read_plain"].append(_window_reads(_plain_reader(plain), n, like))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    nbytes = n * like[0].numel() * like.element_size()
+    window_bytes = WINDOW * (nbytes // n) * 32
+    return {"write_MBps": nbytes / med["write"] / 1e6, "write_plain_MBps": nbytes / med["write_plain"] / 1e6,
+            "read_MBps": window_bytes / med["read"] / 1e6, "read_plain_MBps": window_bytes / med["read_plain"] / 1e6,
+            "write_vs_plain": med["write_plain"] / med["write"], "read_vs_plain": med["read_plain"] / med["read"]}
+
+
+def _checked_reader(store: FeatureStore, view: ViewRecord) -> Callable[[int, torch.Tensor], object]:
+    """A window read through the store: crc32c per chunk (zarr) and per row (the commit's digests)."""
+    return lambda start, out: store.read_features(view, start, WINDOW, out=out)
+
+
+def _plain_reader(arr: zarr.Array) -> Callable[[int, torch.Tensor], object]:
+    """The same window read from a zarr array without any checksum: the baseline."""
+    def read(start: int, out: torch.Tensor) -> None:
+        bits = (out.view(torch.uint16) if out.dtype == torch.bfloat16 else out).numpy()
+        arr.get_basic_selection(slice(start, start + WINDOW), out=NDBuffer.from_numpy_array(bits))
+
+    return read
 
 
 def format_bench(f: dict[str, Any]) -> str:
@@ -138,4 +206,8 @@ def format_bench(f: dict[str, Any]) -> str:
         for name, c in table.items():
             lines.append(f"store {label:13s} {name:6s}  write {c['write_MBps']:7.1f} MB/s   16-frame window read "
                          f"{c['read_MBps']:7.1f} MB/s   ratio {c['ratio']:.3f}x")
+    c = f["checksums_vitg_size"]
+    lines.append(f"checksums (ViT-g)     write {c['write_MBps']:7.1f} vs {c['write_plain_MBps']:7.1f} MB/s plain zarr "
+                 f"({c['write_vs_plain']:.2f}x);  window read {c['read_MBps']:7.1f} vs {c['read_plain_MBps']:7.1f} "
+                 f"MB/s ({c['read_vs_plain']:.2f}x)")
     return "\n".join(lines)

@@ -109,8 +109,9 @@ def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[Vi
 
 
 def make_parts(plans: list[EpisodePlan], episodes_per_part: int) -> list[PartTask]:
-    """Group the episodes that need work into parts, in a stable order: a re-run after a kill forms
-    the same parts with the same ids, so it overwrites the killed tries instead of leaving orphans."""
+    """Group the episodes that need work into parts, in a stable order, each named by its content: two
+    runs with the same plan form the same parts, so one recognises (and skips) what the other committed
+    or is working on. Each run of a part still writes an attempt of its own."""
     todo = sorted((p for p in plans if p.needs_work), key=lambda p: p.episode_id)
     tasks = [EpisodeTask(p.episode_id, p.path, p.source, p.done_views) for p in todo]
     parts = []

@@ -14,6 +14,7 @@ import pytest
 
 from pipeline.errors import DamagedDataError
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.records import CommitRecord
 from pipeline.store import FeatureStore
 from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
@@ -36,6 +37,15 @@ def run(m: Manifest):
 
 def store_of(m: Manifest) -> FeatureStore:
     return FeatureStore(m.cache.path, fingerprint_spec(m))
+
+
+def extracted(workdir: Path, *overrides: str) -> tuple[Manifest, FeatureStore, CommitRecord, Path]:
+    """Extract the tiny dataset; the manifest, its store, the oldest commit and its attempt folder."""
+    m = load(workdir, *overrides)
+    run(m)
+    store = store_of(m)
+    commit = store.commits()[0]
+    return m, store, commit, Path(store.root) / "parts" / commit.part / commit.attempt
 
 
 def flip(path: Path, at: int = 9) -> None:
@@ -101,11 +111,8 @@ def test_training_never_trains_on_damaged_data(workdir: Path) -> None:
 
 
 def test_training_skips_and_counts_damaged_views_when_asked(workdir: Path) -> None:
-    m = load(workdir, "train.on_bad_data=skip")
-    run(m)
-    store = store_of(m)
-    commit = store.commits()[0]
-    flip(Path(store.root) / "parts" / commit.part / commit.attempt / "states/c/0/0")
+    m, _, commit, attempt = extracted(workdir, "train.on_bad_data=skip")
+    flip(attempt / "states/c/0/0")
     s = train(m, workdir / "run", steps=10, show_progress=False, echo=lambda _: None)
     damaged = {v.view_id for v in commit.views}
     assert s.end_step == 10 and s.skipped_views and set(s.skipped_views) <= damaged
@@ -146,11 +153,28 @@ def test_verify_samples_a_fraction_and_repairs_a_bad_failure_record(workdir: Pat
 
 def test_verify_never_reports_a_running_extract(workdir: Path) -> None:
     """An attempt with no commit record yet (what a running extract has) is not damage."""
-    m = load(workdir)
-    run(m)
-    store = store_of(m)
-    commit = store.commits()[0]
-    attempt = Path(store.root) / "parts" / commit.part / commit.attempt
+    m, _, _, attempt = extracted(workdir)
     shutil.copytree(attempt, attempt.parent / "20990101T000000Z-inprogress")
     flip(attempt.parent / "20990101T000000Z-inprogress" / "states/c/0/0")
     assert verify(m, show_progress=False).sound
+
+
+def test_verify_finds_non_finite_features_even_with_matching_digests(workdir: Path) -> None:
+    """Bytes exactly as committed can still be unusable (NaN from a broken encoder): verify says so."""
+    import dataclasses
+    import time
+
+    from pipeline.records import new_attempt_id
+
+    m, store, old, _ = extracted(workdir)
+    view = old.views[0]
+    feats = store.read_features(view, 0, view.length).float()
+    feats[2, 1, 3] = float("nan")
+    attempt = new_attempt_id()
+    w = store.part_writer(old.part, attempt, view.length, feats.shape[1], feats.shape[2], m.cache)
+    w.write(0, feats)
+    w.finish(*(store.read_rows(view, name) for name in ("states", "actions", "frame_index")))
+    bad = dataclasses.replace(view, attempt=attempt, start=0, digests=w.digests(0, view.length))
+    store.commit(CommitRecord(f"{old.part}.{attempt}", old.part, attempt, view.length, time.time(), [bad]))
+    found = verify(m, show_progress=False)
+    assert [p.what for p in found.problems] == ["non-finite (or absurdly large) values in row 2"]
