@@ -190,6 +190,9 @@ class TrainSection:
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"  # autocast on GPU (fp16 adds a grad scaler); CPU: fp32
     grad_clip: float | None = None  # max gradient norm; null = no clipping (the release does not clip)
     activation_checkpointing: bool = False  # recompute block activations in backward to save memory
+    micro_batch_size: int = 0  # clips per forward/backward on a rank (gradient accumulation); 0 = the rank's batch
+    attention: Literal["auto", "dense", "flex"] = "auto"  # auto: FlexAttention on CUDA, dense mask (release) on CPU
+    compile: bool = False  # torch.compile the predictor's loss (GPU; minutes of compile time, then faster steps)
     heldout_fraction: float = 0.05  # episodes held out for evaluation, by a stable hash of the episode id
     split_salt: str = ""  # changes which episodes are held out
     seed: int = 0  # window sampling seed
@@ -219,6 +222,7 @@ class TrainSection:
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
+        _require(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size, "must be >= 0")
 
 
 @dataclass

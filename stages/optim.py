@@ -40,9 +40,10 @@ def param_groups(model: nn.Module, decay: float) -> list[dict]:
             {"params": without, "weight_decay": 0.0, "apply_wd": False}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainSection) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainSection, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over the release's groups; `fused` (on CUDA) updates all parameters in one kernel per group."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=learning_rate(1, cfg), betas=cfg.betas,
-                             eps=cfg.eps)
+                             eps=cfg.eps, fused=fused or None)
 
 
 def set_schedule(optimizer: torch.optim.Optimizer, step: int, cfg: TrainSection) -> float:

@@ -43,7 +43,7 @@ from stages.run_dir import (
     save_checkpoint,
     truncate_jsonl,
 )
-from stages.windows import BadViews, WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
+from stages.windows import BadViews, Batch, WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
 
 EVAL_BATCH = 16  # windows per evaluation forward
 
@@ -115,9 +115,11 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     # -- model, optimizer, loader, resume --------------------------------------------------------------
     model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.attention = "flex" if cfg.attention == "flex" or (cfg.attention == "auto" and info.device.type == "cuda") \
+        else "dense"
     model.extrinsics_encoder.requires_grad_(pcfg.use_extrinsics)  # in checkpoints, unused by default
     model.to(info.device).train()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, fused=info.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
     bad = BadViews(cfg.on_bad_data, warn=tqdm.write)
     loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
@@ -126,7 +128,9 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                                    "rng": RankRNG(info)}
     latest = latest_checkpoint(run_dir) if resume else None
     step = restore(load_checkpoint(latest), states) if latest else 0
-    loss_fn = _LossModule(model, cfg.auto_steps)
+    loss_fn: torch.nn.Module = _LossModule(model, cfg.auto_steps)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn)  # the predictor's weights stay those of `model` (checkpoint key names)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
     autocast = autocast_for(m, info.device)
@@ -145,26 +149,20 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     # -- the loop -----------------------------------------------------------------------------------------
     bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main) or step >= last,
                dynamic_ncols=True, desc="train")
-    meter = MetricsAccumulator()
+    meter = MetricsAccumulator(info.device)
+    micro = cfg.micro_batch_size or cfg.global_batch_size // info.world_size
     t_start = time.perf_counter()
     try:
         while step < last:
             step += 1
-            t0 = time.perf_counter()
             batch = next(loader)
             lr = set_schedule(optimizer, step, cfg)
-            with autocast:
-                tf_loss, roll_loss = ddp(batch.features.float(), batch.actions, batch.states)
-                loss = tf_loss + roll_loss
-            scaler.scale(loss).backward()
-            grad_norm = _clip(model, optimizer, scaler, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            meter.add(loss.item(), tf_loss.item(), roll_loss.item(), batch.wait_seconds, time.perf_counter() - t0)
+            tf_loss, roll_loss, grad_norm = train_step(ddp, model, optimizer, scaler, batch, micro, autocast,
+                                                       cfg.grad_clip)
+            meter.add(tf_loss, roll_loss, grad_norm, batch.wait_seconds)  # device tensors: nothing read here
 
             if step % cfg.log_every == 0 or step == last:
-                row = meter.row(step, lr, grad_norm, cfg.global_batch_size, info)
+                row = meter.row(step, lr, cfg.global_batch_size, info)  # the one host read per log interval
                 summary.first_loss = summary.first_loss if summary.first_loss is not None else row["loss"]
                 summary.last_loss = row["loss"]
                 if info.is_main:
@@ -178,6 +176,8 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                 summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info, bad)
             if at_eval or step % cfg.checkpoint_every == 0:
                 _checkpoint(run_dir, m, states, step, info, keep=step % cfg.checkpoint_every == 0)
+            if meter.steps == 0:
+                meter.restart_clock()  # evaluation and checkpoint time stay out of the step figures
     finally:
         bar.close()
         loader.close()
@@ -206,36 +206,71 @@ class _LossModule(torch.nn.Module):
         return ac_loss(self.predictor, features, actions, states, self.auto_steps)
 
 
-class MetricsAccumulator:
-    """Per-step figures (losses, data wait, step time) summed between two log rows and over the whole run."""
+def train_step(loss_fn: torch.nn.Module, model: ACPredictor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, batch: Batch, micro: int, autocast: AbstractContextManager,
+               max_norm: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step: forward + backward per micro-batch (gradients accumulate; DDP all-reduces once,
+    on the last), then the gradient norm (before clipping), clipping if asked, the update.
 
-    def __init__(self) -> None:
-        self.rows: list[tuple[float, float, float, float, float]] = []
+    Returns (teacher-forcing L1, rollout L1, gradient norm) as device tensors: nothing is read on the host,
+    so a GPU never waits for the CPU between steps. With one micro-batch this is exactly the release's step.
+    """
+    B = batch.features.shape[0]
+    tf_sum = roll_sum = torch.zeros((), device=batch.features.device)
+    for lo in range(0, B, micro):
+        hi = min(lo + micro, B)
+        weight = (hi - lo) / B  # the mean over the batch, assembled from the micro-batches' means
+        last = hi == B
+        sync = loss_fn.no_sync() if isinstance(loss_fn, DistributedDataParallel) and not last else nullcontext()
+        with sync, autocast:
+            tf, roll = loss_fn(batch.features[lo:hi].float(), batch.actions[lo:hi], batch.states[lo:hi])
+        with sync:
+            scaler.scale((tf + roll) * weight).backward()
+        tf_sum, roll_sum = tf_sum + tf.detach() * weight, roll_sum + roll.detach() * weight
+    scaler.unscale_(optimizer)  # no-op without fp16: the norm is of the true gradients
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return tf_sum, roll_sum, grad_norm
+
+
+class MetricsAccumulator:
+    """Losses and gradient norms summed on the device between two log rows (read once per row), and the
+    host's data-wait and wall time, per row and over the whole run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tf, rollout, grad norm
+        self.steps, self.wait = 0, 0.0
+        self.since = time.perf_counter()
         self.totals = {"steps": 0, "wait": 0.0, "time": 0.0}
 
-    def add(self, loss: float, tf: float, roll: float, wait: float, seconds: float) -> None:
-        self.rows.append((loss, tf, roll, wait, seconds))
-        self.totals["steps"] += 1
-        self.totals["wait"] += wait
-        self.totals["time"] += seconds
+    def add(self, tf: torch.Tensor, roll: torch.Tensor, grad_norm: torch.Tensor, wait: float) -> None:
+        self.sums += torch.stack([tf + roll, tf, roll, grad_norm]).double()  # [4], stays on the device
+        self.steps += 1
+        self.wait += wait
 
-    def row(self, step: int, lr: float, grad_norm: float | None, batch: int, info: DistInfo) -> dict[str, Any]:
-        n = len(self.rows)
-        loss, tf, roll, wait, secs = (sum(col) / n for col in zip(*self.rows, strict=True))
-        loss, tf, roll = all_mean([loss, tf, roll], info)
-        self.rows = []
-        return {"step": step, "loss": loss, "tf_loss": tf, "rollout_loss": roll, "lr": lr,
-                "grad_norm": grad_norm, "clips_per_s": batch / secs, "step_seconds": secs,
-                "data_wait_share": wait / secs, "time": time.time()}
+    def row(self, step: int, lr: float, batch: int, info: DistInfo) -> dict[str, Any]:
+        """The mean of the interval (over ranks too); reading it is the interval's one host sync."""
+        loss, tf, roll, grad_norm = all_mean((self.sums / self.steps).tolist(), info)
+        now = time.perf_counter()  # after the read: every step of the interval has finished on the device
+        secs = (now - self.since) / self.steps
+        self.totals = {"steps": self.totals["steps"] + self.steps, "wait": self.totals["wait"] + self.wait,
+                       "time": self.totals["time"] + now - self.since}
+        row = {"step": step, "loss": loss, "tf_loss": tf, "rollout_loss": roll, "lr": lr, "grad_norm": grad_norm,
+               "clips_per_s": batch / secs, "step_seconds": secs, "data_wait_share": self.wait / self.steps / secs,
+               "time": time.time()}
+        self.sums.zero_()
+        self.steps, self.wait, self.since = 0, 0.0, now
+        return row
 
-
-def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-          max_norm: float | None) -> float | None:
-    """Clip the gradient norm (after unscaling fp16 gradients); returns the norm before clipping."""
-    if max_norm is None:
-        return None
-    scaler.unscale_(optimizer)
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    def restart_clock(self) -> None:
+        """Leave time spent outside the steps (evaluation, checkpoints) out of the next row."""
+        self.since = time.perf_counter()
 
 
 def _start_run_dir(run_dir: Path, m: Manifest, step: int) -> None:

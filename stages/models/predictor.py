@@ -26,16 +26,17 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stages.models.release_weights import load_strict, read_state_dict
 from stages.models.rope import apply_rope_3d, apply_rope_time, grid_positions
-from stages.models.vit import Block, init_release_weights
+from stages.models.vit import Block, Mask, init_release_weights
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class PredictorConfig:
 class _Layout(NamedTuple):
     """Everything the blocks need about a (T, h, w) input besides the tokens themselves."""
 
-    mask: Tensor  # [N, N] bool, True = may attend; N = T * (K + h*w)
+    mask: Mask  # [N, N] bool (True = may attend; N = T * (K + h*w)), or the same rule as a BlockMask
     frame_t: Tensor  # [T, 1] float32 time of frame tokens
     frame_r: Tensor  # [h*w] float32 row, rescaled to the training grid
     frame_c: Tensor  # [h*w] float32 column, rescaled to the training grid
@@ -109,6 +110,17 @@ def block_causal_mask(num_t: int, tokens_per_step: int, device: torch.device | s
     """
     step = torch.arange(num_t * tokens_per_step, device=device) // tokens_per_step  # [N]
     return step[:, None] >= step[None, :]  # [N, N]
+
+
+def block_causal_block_mask(num_t: int, tokens_per_step: int, device: torch.device | str) -> BlockMask:
+    """The block-causal rule as FlexAttention's BlockMask: fully masked tiles are skipped, and the [N, N]
+    boolean mask never exists during attention (it is evaluated once here, per (T, hw, device))."""
+    n = num_t * tokens_per_step
+
+    def may_attend(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q // tokens_per_step) >= (kv // tokens_per_step)
+
+    return create_block_mask(may_attend, None, None, n, n, device=device)
 
 
 def _rotate_kinds(x: Tensor, lay: _Layout, n_cond: int) -> Tensor:
@@ -146,7 +158,8 @@ class ACPredictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(P, eps=cfg.norm_eps)
         self.predictor_proj = nn.Linear(P, cfg.embed_dim)
         self.activation_checkpointing: bool = False  # recompute blocks in backward to save memory
-        self._layouts: dict[tuple[int, int, str], _Layout] = {}  # (T, hw, device) -> mask and positions
+        self.attention: Literal["dense", "flex"] = "dense"  # dense mask + SDPA (the release), or FlexAttention
+        self._layouts: dict[tuple[int, int, str, str], _Layout] = {}  # (T, hw, device, attention) -> layout
         self.init_weights()
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -194,7 +207,7 @@ class ACPredictor(nn.Module):
         release, so a frame at another resolution spans the training grid. The frame grid is taken
         to be square (h = w = sqrt(hw)), as it is for the release's square inputs.
         """
-        key = (num_t, hw, str(device))
+        key = (num_t, hw, str(device), self.attention)
         if key not in self._layouts:
             side = math.isqrt(hw)
             if side * side != hw:
@@ -203,7 +216,8 @@ class ACPredictor(nn.Module):
             scale = self.cfg.grid_size / side
             steps = torch.arange(num_t, device=device)  # [T]
             self._layouts[key] = _Layout(
-                mask=block_causal_mask(num_t, self.cfg.cond_tokens + hw, device),  # [N, N]
+                mask=(block_causal_block_mask(num_t, self.cfg.cond_tokens + hw, device) if self.attention == "flex"
+                      else block_causal_mask(num_t, self.cfg.cond_tokens + hw, device)),  # [N, N] or blocks
                 frame_t=steps.to(torch.float32)[:, None],  # [T, 1]
                 frame_r=row.to(torch.float32) * scale,  # [hw]
                 frame_c=col.to(torch.float32) * scale,  # [hw]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from stages.models.release_weights import load_strict, read_state_dict
 from stages.models.rope import apply_rope_3d, grid_positions
@@ -92,11 +93,25 @@ class PatchEmbed3D(nn.Module):
 Rotate = Callable[[Tensor], Tensor]  # RoPE applied to q or k [B, heads, N, hd]
 
 
+Mask = Tensor | BlockMask  # a dense boolean [N, N] mask (True = may attend) or FlexAttention's block mask
+_FLEX: dict[str, Callable[..., Tensor]] = {}  # device type -> flex_attention (compiled on CUDA, once)
+
+
+def flex(device: torch.device) -> Callable[..., Tensor]:
+    """FlexAttention for a device: compiled on CUDA (the fused kernel: no [N, N] scores or mask in memory);
+    the eager reference elsewhere (forward only on the CPU: torch has no CPU backward for it)."""
+    if device.type not in _FLEX:
+        _FLEX[device.type] = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+    return _FLEX[device.type]
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention; `rotate` puts RoPE on q and k, `mask` (True = may attend) is optional.
+    """Multi-head self-attention; `rotate` puts RoPE on q and k, `mask` is optional.
 
     Shared by the encoder (3-D RoPE, no mask) and the AC predictor (RoPE per token kind, block-causal
-    mask): both are the release's attention with key names qkv / proj.
+    mask): both are the release's attention with key names qkv / proj. A dense boolean mask goes to
+    SDPA as the release does (which rules out the flash kernel); a `BlockMask` goes to FlexAttention,
+    which skips the masked blocks and never materialises the mask.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool) -> None:
@@ -105,11 +120,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rotate: Rotate, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None) -> Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # [B, N, 3, heads, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, hd] each
-        out = F.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask)  # [B, heads, N, hd]
+        if isinstance(mask, BlockMask):
+            out = flex(x.device)(rotate(q), rotate(k), v, block_mask=mask)  # [B, heads, N, hd]
+        else:
+            out = F.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask)  # [B, heads, N, hd]
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
@@ -136,7 +154,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, rotate: Rotate, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), rotate, mask)  # [B, N, D]
         return x + self.mlp(self.norm2(x))  # [B, N, D]
 

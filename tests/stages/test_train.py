@@ -212,3 +212,55 @@ def test_checkpoint_restores_every_state_it_saves(workdir: Path) -> None:
     train(m, doctored, steps=11, show_progress=False, echo=lambda _: None)
     assert losses(run)[:10] == losses(doctored)[:10]
     assert losses(run)[10] != losses(doctored)[10]  # step 11 drew batch 500's windows
+
+
+def test_gradient_accumulation_gives_the_same_steps(workdir: Path) -> None:
+    """micro_batch_size 2 (4 forward/backward passes per step) trains like the whole batch of 8 at once."""
+    whole = train(load(workdir), workdir / "acc-whole", steps=4, show_progress=False, echo=lambda _: None)
+    micro = train(load(workdir, "train.micro_batch_size=3"), workdir / "acc-micro", steps=4, show_progress=False,
+                  echo=lambda _: None)
+    assert (whole.end_step, micro.end_step) == (4, 4)
+    for a, b in zip(losses(workdir / "acc-whole"), losses(workdir / "acc-micro"), strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
+
+
+def test_grad_norm_is_logged_without_clipping(workdir: Path) -> None:
+    run = workdir / "norms"
+    train(load(workdir), run, steps=2, show_progress=False, echo=lambda _: None)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_the_loop_reads_losses_only_at_log_steps(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No per-step host sync: the project's code reads tensors on the host (item, float, bool, tolist) a
+    fixed number of times per log row, however many steps lie between rows. (Reads inside torch, e.g. the
+    CPU optimizer's step counter, are torch's: on CUDA the fused AdamW keeps them on the device.)"""
+    import sys as _sys
+    import threading
+
+    import stages
+
+    root = Path(stages.__file__).resolve().parent.parent
+    project = (str(root / "stages"), str(root / "pipeline"))
+    reads = {"n": 0}
+    main = threading.main_thread()
+    for name in ("item", "__float__", "__bool__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: object, _original=original, **k: object) -> object:
+            caller = _sys._getframe(1).f_code.co_filename
+            if threading.current_thread() is main and caller.startswith(project):
+                reads["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def count(steps: int, log_every: int) -> int:
+        reads["n"] = 0
+        train(load(workdir, f"train.log_every={log_every}", "train.eval_every=0", "train.checkpoint_every=1000"),
+              workdir / f"sync-{steps}-{log_every}", steps=steps, show_progress=False, echo=lambda _: None)
+        return reads["n"]
+
+    one, two, three = count(4, 4), count(8, 4), count(12, 4)
+    assert two - one == three - two <= 2  # a read or two per log row, none per step
+    assert count(8, 8) == one  # 8 steps cost no more reads than 4 when both log once

@@ -332,3 +332,36 @@ def test_released_size_is_about_300m_parameters() -> None:
         model = ACPredictor(PredictorConfig())
     count = sum(p.numel() for p in model.parameters())
     assert 2.9e8 < count < 3.2e8
+
+
+def test_flex_attention_equals_the_dense_mask_reference(golden: dict, golden_loss: dict) -> None:
+    """FlexAttention's block mask gives the release's outputs (forward here: torch has no CPU backward for
+    FlexAttention; the gradient check below runs where a GPU is)."""
+    import warnings
+
+    model = _golden_model(golden).eval()
+    with torch.no_grad():
+        dense = model(golden["z"], golden["actions"], golden["states"])
+        model.attention = "flex"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "flex_attention called without torch.compile" (the CPU reference)
+            flexed = model(golden["z"], golden["actions"], golden["states"])
+    torch.testing.assert_close(flexed, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flexed, golden["output"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs a GPU")
+def test_flex_attention_loss_and_gradients_on_cuda(golden: dict, golden_loss: dict) -> None:
+    losses, grads = {}, {}
+    for attention in ("dense", "flex"):
+        model = _golden_model(golden).cuda()
+        model.attention = attention
+        tf, roll = ac_loss(model, golden_loss["features"].cuda(), golden_loss["actions"].cuda(),
+                           golden_loss["states"].cuda(), golden_loss["auto_steps"])
+        (tf + roll).backward()
+        losses[attention] = (tf + roll).item()
+        grads[attention] = _grads(model)
+    assert losses["flex"] == pytest.approx(losses["dense"], rel=1e-5)
+    for name, g in grads["dense"].items():
+        if g is not None:
+            torch.testing.assert_close(grads["flex"][name], g, atol=1e-5, rtol=1e-4)
