@@ -191,6 +191,8 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Require a checkpoint in the run folder to continue "
                                          "from (without it, a run folder with a checkpoint is continued anyway).")]
     = False,
+    online: Annotated[bool, typer.Option("--online", help="Decode, crop and encode every clip in the step, the "
+                                         "released way (the baseline; no feature store needed).")] = False,
 ) -> None:
     """Stage two: train the action-conditioned predictor from the feature cache (torchrun for several GPUs)."""
     m = _load(manifest, profile, set_)
@@ -201,7 +203,7 @@ def train(
     if resume and latest_checkpoint(run_dir) is None:
         raise _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}", EXIT_USAGE)
     with _user_errors("train"):
-        s = run_train(m, run_dir, steps)
+        s = run_train(m, run_dir, steps, online=online)
     typer.echo("\n" + s.format())
 
 

@@ -59,21 +59,30 @@ class LoadedEncoder:
         """Cropped uint8 frames (groups may differ in crop size) -> features [B, tokens, D] on the CPU."""
         pixels = torch.cat([preprocess(c.to(self.device, non_blocking=True), crop.size, crop.mean, crop.std)
                             for c in crops])  # [B, 3, S, S]
+        feats = self.encode_pixels(pixels)  # [B, tokens, D]
+        return feats.cpu() if self.device.type != "cpu" else feats
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised frames [B, 3, S, S] on the device -> float32 features [B, tokens, D] on the device."""
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                     else nullcontext())
         with autocast:
-            feats = encode_frames(self.model, pixels)  # [B, tokens, D]
-        return feats.float().cpu() if self.device.type != "cpu" else feats.float()
+            return encode_frames(self.model, pixels).float()  # [B, tokens, D]
+
+
+def build_runtime(m: Manifest, device: torch.device) -> LoadedEncoder:
+    """The manifest's encoder on `device` (for `train --online`: the training rank's own device)."""
+    model = build_encoder(vit_config(m), m.encoder.checkpoint, m.encoder.checkpoint_key, m.encoder.seed)
+    return LoadedEncoder(model.to(device), device, m.encoder.precision)
 
 
 def load_encoder(m: Manifest, key: str) -> LoadedEncoder:
     """The process's encoder for fingerprint `key`, loaded on first use."""
     if key not in _LOADED:
         _set_threads(m)
-        device = pick_device(m.encoder.device)
-        model = build_encoder(vit_config(m), m.encoder.checkpoint, m.encoder.checkpoint_key, m.encoder.seed)
         _LOADED.clear()  # one encoder per process: a new fingerprint replaces the old one
-        _LOADED[key] = LoadedEncoder(model.to(device), device, m.encoder.precision)
+        _LOADED[key] = build_runtime(m, pick_device(m.encoder.device))
     return _LOADED[key]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +27,10 @@ from tqdm.auto import tqdm
 from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
+from pipeline.records import ViewRecord
 from stages.evaluate import evaluate, format_eval
 from stages.fingerprint import predictor_config, reader_spec
-from stages.models.predictor import ACPredictor, ac_loss, build_predictor
+from stages.models.predictor import ACPredictor, PredictorConfig, ac_loss, build_predictor
 from stages.optim import build_optimizer, set_schedule
 from stages.plots import plot_horizons, plot_losses
 from stages.run_dir import (
@@ -43,7 +45,17 @@ from stages.run_dir import (
     save_checkpoint,
     truncate_jsonl,
 )
-from stages.windows import BadViews, Batch, WindowIndex, WindowLoader, eval_windows, load_windows, open_training_store
+from stages.windows import (
+    BadViews,
+    Batch,
+    CachedSource,
+    WindowIndex,
+    WindowLoader,
+    WindowSource,
+    eval_windows,
+    load_windows,
+    open_training_store,
+)
 
 EVAL_BATCH = 16  # windows per evaluation forward
 
@@ -67,6 +79,7 @@ class TrainSummary:
     ranks_in_sync: bool = True
     eval: dict[str, Any] = field(default_factory=dict)
     skipped_views: list[str] = field(default_factory=list)  # damaged views left out (train.on_bad_data: skip)
+    online: bool = False  # features computed in the step from the videos (--online)
 
     def format(self) -> str:
         if self.end_step == self.start_step:
@@ -91,8 +104,11 @@ def autocast_for(m: Manifest, device: torch.device) -> AbstractContextManager:
 
 
 def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume: bool = True,
-          show_progress: bool = True, echo=print) -> TrainSummary:
-    """Run (or continue) training into `out`; stops after optimizer step `steps` (default: the schedule's end)."""
+          show_progress: bool = True, echo=print, online: bool = False) -> TrainSummary:
+    """Run (or continue) training into `out`; stops after optimizer step `steps` (default: the schedule's end).
+
+    `online`: compute each clip's features in the step from the videos, the released way (the baseline
+    the cache is measured against; `stages/online.py`), instead of reading them from the store."""
     info = init_distributed(m.train.device)
     cfg, T = m.train, m.data.frames_per_clip
     run_dir = Path(out or cfg.out)
@@ -102,15 +118,16 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
         raise ValueError(f"train.global_batch_size {cfg.global_batch_size} must divide by the world size "
                          f"{info.world_size}")
 
-    # -- data: only committed parts of the store that matches this manifest's fingerprint ---------------
+    # -- data: committed views of the store that matches the fingerprint (or, online, the episodes) -------
     pcfg = predictor_config(m)
-    store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
-    views = store.committed_views().values()
-    train_idx, held_idx = (WindowIndex.from_views(views, split=split, frames_per_clip=T, camera=m.data.camera,
+    data = _online_data(m, info) if online else _cached_data(m, pcfg)
+    train_idx, held_idx = (WindowIndex.from_views(data.views, split=split, frames_per_clip=T, camera=m.data.camera,
                                                   heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt)
                            for split in ("train", "heldout"))
     if not train_idx.episodes:
-        raise ValueError(f"no training windows of {T} frames in {store.url}")
+        raise ValueError(f"no training windows of {T} frames (data.frames_per_clip) in {data.where}: "
+                         f"{train_idx.dropped_views} views are shorter")
+    source, featurize = data.source(train_idx.views_of(train_idx.episodes[0])[0]), data.featurize
 
     # -- model, optimizer, loader, resume --------------------------------------------------------------
     model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
@@ -122,7 +139,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     optimizer = build_optimizer(model, cfg, fused=info.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
     bad = BadViews(cfg.on_bad_data, warn=tqdm.write)
-    loader = WindowLoader(store, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
+    loader = WindowLoader(source, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
                           threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device, bad=bad)
     states: dict[str, Stateful] = {"predictor": model, "optimizer": optimizer, "scaler": scaler, "loader": loader,
                                    "rng": RankRNG(info)}
@@ -139,7 +156,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     last = min(steps or cfg.total_steps, cfg.total_steps)
     held = eval_windows(held_idx, T, cfg.eval_windows, cfg.seed) if held_idx.episodes else []
     summary = TrainSummary(str(run_dir), step, step, info.world_size, len(train_idx.episodes),
-                           len(held_idx.episodes), train_idx.num_views)
+                           len(held_idx.episodes), train_idx.num_views, online=online)
     if info.is_main and step < last:
         echo(f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter predictor on "
              f"{summary.train_episodes} episodes ({summary.train_views} views), {summary.heldout_episodes} held out; "
@@ -155,7 +172,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     try:
         while step < last:
             step += 1
-            batch = next(loader)
+            batch = featurize(next(loader))  # online: the frozen encoder runs here, in the step
             lr = set_schedule(optimizer, step, cfg)
             tf_loss, roll_loss, grad_norm = train_step(ddp, model, optimizer, scaler, batch, micro, autocast,
                                                        cfg.grad_clip)
@@ -173,7 +190,8 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
 
             at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == last
             if at_eval:
-                summary.eval = _evaluate_and_plot(m, model, store, held, autocast, step, run_dir, info, bad)
+                summary.eval = _evaluate_and_plot(m, model, source, featurize, held, autocast, step, run_dir, info,
+                                                  bad)
             if at_eval or step % cfg.checkpoint_every == 0:
                 _checkpoint(run_dir, m, states, step, info, keep=step % cfg.checkpoint_every == 0)
             if meter.steps == 0:
@@ -192,6 +210,37 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     shutdown(info)
     return summary
+
+
+Featurize = Callable[[Batch], Batch]  # a loader's batch -> a batch with features (online: encode the pixels)
+
+
+@dataclass
+class _TrainingData:
+    """Where stage two's windows come from: their views, a source of their rows, and what turns a loaded
+    batch into features (nothing for the cache; the frozen encoder online)."""
+
+    views: list[ViewRecord]
+    where: str  # for messages
+    source: Callable[[ViewRecord], WindowSource]  # given one view (for the feature layout)
+    featurize: Featurize
+
+
+def _cached_data(m: Manifest, pcfg: PredictorConfig) -> _TrainingData:
+    """The committed views of the store that matches the manifest's fingerprint."""
+    store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
+    T = m.data.frames_per_clip
+    return _TrainingData(list(store.committed_views().values()), store.url,
+                         lambda view: CachedSource(store, T, view), lambda batch: batch)
+
+
+def _online_data(m: Manifest, info: DistInfo) -> _TrainingData:
+    """The episodes' views drawn as extraction draws them, decoded per clip, encoded in the step."""
+    from stages.online import OnlineEncoder, OnlineSource, online_views
+
+    views, rows = online_views(m)
+    source = OnlineSource(m, rows)
+    return _TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device))
 
 
 class _LossModule(torch.nn.Module):
@@ -281,15 +330,16 @@ def _start_run_dir(run_dir: Path, m: Manifest, step: int) -> None:
         truncate_jsonl(run_dir / name, step)
 
 
-def _evaluate_and_plot(m: Manifest, model: ACPredictor, store: Any, held: list, autocast: AbstractContextManager,
-                       step: int, run_dir: Path, info: DistInfo, bad: BadViews) -> dict[str, Any]:
+def _evaluate_and_plot(m: Manifest, model: ACPredictor, source: WindowSource, featurize: Featurize, held: list,
+                       autocast: AbstractContextManager, step: int, run_dir: Path, info: DistInfo,
+                       bad: BadViews) -> dict[str, Any]:
     """Rank 0 evaluates on the held-out windows and redraws the plots; the others wait."""
     result: dict[str, Any] = {}
     if info.is_main and held:
         T = m.data.frames_per_clip
-        chunks = (load_windows(store, held[i : i + EVAL_BATCH], T, info.device, bad)
+        chunks = (load_windows(source, held[i : i + EVAL_BATCH], info.device, bad)
                   for i in range(0, len(held), EVAL_BATCH))
-        batches = (b for b in chunks if b is not None)
+        batches = (featurize(b) for b in chunks if b is not None)
         horizons = min(m.train.eval_horizons, T - 1)  # a T-frame window holds T - 1 future frames
         result = evaluate(model, batches, m.train.auto_steps, horizons, autocast, step)
         append_jsonl(run_dir / "eval.jsonl", result)

@@ -31,7 +31,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -322,46 +322,70 @@ def _window_rows(store: FeatureStore, window: Window, T: int) -> tuple[np.ndarra
 
 @dataclass
 class Batch:
-    """One batch of windows, on the trainer's device."""
+    """One batch of windows, on the trainer's device: cached features, or (online) pixels to encode first."""
 
-    features: Tensor  # [B, T, tokens, D], stored dtype
+    features: Tensor | None  # [B, T, tokens, D], stored dtype (None until an online batch is encoded)
     actions: Tensor  # [B, T-1, 7] float32
     states: Tensor  # [B, T, 7] float32
     batch_number: int  # global batch number (-1 for evaluation batches)
     wait_seconds: float = 0.0  # how long the trainer blocked waiting for this batch
     windows: list[Window] = field(default_factory=list, repr=False)
+    pixels: Tensor | None = None  # [B, T, 3, S, S] normalised crops (train --online), encoded in the step
 
 
 @dataclass
 class _Buffers:
     """CPU tensors a batch is assembled in (pinned for a CUDA trainer, so the copy can be asynchronous)."""
 
-    features: Tensor  # [B, T, tokens, D]
+    data: Tensor  # [B, T, tokens, D] stored features, or [B, T, 3, S, S] pixels (online)
     actions: Tensor  # [B, T-1, 7]
     states: Tensor  # [B, T, 7]
+    pixels: bool = False  # what `data` holds
 
     @classmethod
-    def empty(cls, B: int, T: int, layout: tuple[int, int, torch.dtype], pin: bool) -> _Buffers:
-        tokens, dim, dtype = layout
-        return cls(torch.empty((B, T, tokens, dim), dtype=dtype, pin_memory=pin),
+    def empty(cls, B: int, T: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool, pixels: bool) -> _Buffers:
+        return cls(torch.empty((B, T, *shape), dtype=dtype, pin_memory=pin),
                    torch.empty((B, T - 1, STATE_DIM), dtype=torch.float32, pin_memory=pin),
-                   torch.empty((B, T, STATE_DIM), dtype=torch.float32, pin_memory=pin))
+                   torch.empty((B, T, STATE_DIM), dtype=torch.float32, pin_memory=pin), pixels)
 
-    def fill(self, i: int, store: FeatureStore, window: Window, T: int) -> None:
-        """Read one window into row i (runs on a reader thread; rows are disjoint)."""
-        store.read_features(window.view, window.start, T, out=self.features[i])
-        actions, states = _window_rows(store, window, T)
+    def put_rows(self, i: int, actions: np.ndarray, states: np.ndarray) -> None:
         self.actions[i].copy_(torch.from_numpy(actions))
         self.states[i].copy_(torch.from_numpy(states))
 
     def narrow(self, n: int) -> _Buffers:
         """The first n rows (evaluation batches that left damaged windows out)."""
-        return _Buffers(self.features[:n], self.actions[:n], self.states[:n])
+        return _Buffers(self.data[:n], self.actions[:n], self.states[:n], self.pixels)
 
     def to_batch(self, device: torch.device, batch_number: int, wait: float, windows: list[Window]) -> Batch:
-        nb = self.features.is_pinned()
-        return Batch(self.features.to(device, non_blocking=nb), self.actions.to(device, non_blocking=nb),
-                     self.states.to(device, non_blocking=nb), batch_number, wait, windows)
+        nb = self.data.is_pinned()
+        data = self.data.to(device, non_blocking=nb)
+        return Batch(None if self.pixels else data, self.actions.to(device, non_blocking=nb),
+                     self.states.to(device, non_blocking=nb), batch_number, wait, windows,
+                     data if self.pixels else None)
+
+
+class WindowSource(Protocol):
+    """Where a window's rows come from: the feature store (`CachedSource`), or the videos (`OnlineSource`)."""
+
+    def empty(self, batch: int, pin: bool) -> _Buffers: ...
+
+    def fill(self, buffers: _Buffers, i: int, window: Window) -> None: ...
+
+
+class CachedSource:
+    """Windows read from the feature store, exactly as written (and checked: see FeatureStore)."""
+
+    def __init__(self, store: FeatureStore, frames_per_clip: int, view: ViewRecord):
+        self.store, self.T = store, frames_per_clip
+        self.tokens, self.dim, self.dtype = feature_layout(store, view)
+
+    def empty(self, batch: int, pin: bool) -> _Buffers:
+        return _Buffers.empty(batch, self.T, (self.tokens, self.dim), self.dtype, pin, pixels=False)
+
+    def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
+        """Read one window into row i (runs on a reader thread; rows are disjoint)."""
+        self.store.read_features(window.view, window.start, self.T, out=buffers.data[i])
+        buffers.put_rows(i, *_window_rows(self.store, window, self.T))
 
 
 def feature_layout(store: FeatureStore, view: ViewRecord) -> tuple[int, int, torch.dtype]:
@@ -370,7 +394,7 @@ def feature_layout(store: FeatureStore, view: ViewRecord) -> tuple[int, int, tor
     return int(arr.shape[1]), int(arr.shape[2]), TORCH_DTYPES[arr.attrs["logical_dtype"]]
 
 
-def load_windows(store: FeatureStore, windows: list[Window], T: int, device: torch.device,
+def load_windows(source: WindowSource, windows: list[Window], device: torch.device,
                  bad: BadViews | None = None) -> Batch | None:
     """An evaluation batch of the given windows, read in this thread (all at once: pass a chunk of
     `eval_windows` that fits in memory, ~11.5 MB per 16-frame ViT-g window in 16 bits). Windows of damaged
@@ -378,13 +402,13 @@ def load_windows(store: FeatureStore, windows: list[Window], T: int, device: tor
     if not windows:
         raise ValueError("load_windows needs at least one window")
     bad = bad or BadViews()
-    buffers = _Buffers.empty(len(windows), T, feature_layout(store, windows[0].view), pin=False)
+    buffers = source.empty(len(windows), pin=False)
     kept: list[Window] = []
     for w in windows:
         if w.view in bad:
             continue
         try:
-            buffers.fill(len(kept), store, w, T)
+            source.fill(buffers, len(kept), w)
             kept.append(w)
         except DamagedDataError as err:
             bad.met(w.view, err)
@@ -413,7 +437,8 @@ class WindowLoader:
     generators, so restarting at batch k gives exactly the batches k, k+1, ... of an uninterrupted run.
     """
 
-    def __init__(self, store: FeatureStore, index: WindowIndex, batch_size: int, frames_per_clip: int, seed: int,
+    def __init__(self, source: FeatureStore | WindowSource, index: WindowIndex, batch_size: int,
+                 frames_per_clip: int, seed: int,
                  rank: int = 0, start_batch: int = 0, threads: int = 4, prefetch: int = 2,
                  device: torch.device = CPU, pin_memory: bool | None = None, bad: BadViews | None = None):
         if frames_per_clip != index.frames_per_clip:
@@ -422,12 +447,13 @@ class WindowLoader:
             raise ValueError(f"no training windows: {index}")
         if batch_size < 1 or threads < 1 or prefetch < 0:
             raise ValueError(f"batch_size {batch_size} and threads {threads} must be >= 1, prefetch {prefetch} >= 0")
-        self.store, self.index, self.batch_size, self.T = store, index, batch_size, frames_per_clip
+        self.index, self.batch_size, self.T = index, batch_size, frames_per_clip
+        first = index.views_of(index.episodes[0])[0]
+        self.source = CachedSource(source, frames_per_clip, first) if isinstance(source, FeatureStore) else source
         self.seed, self.rank, self.prefetch = seed, rank, prefetch
         self.bad = bad or BadViews()
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self._layout = feature_layout(store, index.views_of(index.episodes[0])[0])
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader")
         self._pending: deque[_Pending] = deque()
         self._next = start_batch  # the next batch __next__ returns; reads start with the first call
@@ -461,7 +487,7 @@ class WindowLoader:
         b = self._pending[-1].batch_number + 1 if self._pending else self._next
         for number in range(b, upto):
             windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
-            buffers = _Buffers.empty(self.batch_size, self.T, self._layout, self.pin_memory)
+            buffers = self.source.empty(self.batch_size, self.pin_memory)
             reads = [self._pool.submit(self._read, buffers, windows, i, number) for i in range(len(windows))]
             self._pending.append(_Pending(number, windows, buffers, reads))
 
@@ -471,7 +497,7 @@ class WindowLoader:
             window = windows[i]
             if window.view not in self.bad:
                 try:
-                    buffers.fill(i, self.store, window, self.T)
+                    self.source.fill(buffers, i, window)
                     return
                 except DamagedDataError as err:
                     self.bad.met(window.view, err)

@@ -264,3 +264,18 @@ def test_the_loop_reads_losses_only_at_log_steps(workdir: Path, monkeypatch: pyt
     one, two, three = count(4, 4), count(8, 4), count(12, 4)
     assert two - one == three - two <= 2  # a read or two per log row, none per step
     assert count(8, 8) == one  # 8 steps cost no more reads than 4 when both log once
+
+
+def test_online_training_sees_the_same_windows_and_losses_as_the_cache(workdir: Path) -> None:
+    """--online decodes, crops and encodes in the step; on an fp32 config it logs the cached run's losses."""
+    m = load(workdir, "cache.dtype=float32", f"cache.path={workdir}/fp32-cache", "train.eval_every=5")
+    extract(m, show_progress=False, echo=lambda _: None)
+    cached = train(m, workdir / "cached-run", steps=6, show_progress=False, echo=lambda _: None)
+    online = train(m, workdir / "online-run", steps=6, show_progress=False, echo=lambda _: None, online=True)
+    assert online.online and (cached.train_views, cached.heldout_episodes) == (online.train_views,
+                                                                               online.heldout_episodes)
+    for a, b in zip(losses(workdir / "cached-run"), losses(workdir / "online-run"), strict=True):
+        assert a[0] == b[0] and a[1] == pytest.approx(b[1], rel=1e-4) and a[2] == pytest.approx(b[2], rel=1e-4)
+    evals = [json.loads((workdir / run / "eval.json").read_text()) for run in ("cached-run", "online-run")]
+    assert evals[0]["windows"] == evals[1]["windows"] > 0
+    assert evals[0]["tf_loss"] == pytest.approx(evals[1]["tf_loss"], rel=1e-4)

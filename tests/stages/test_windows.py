@@ -16,6 +16,7 @@ from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
 from stages.windows import (
     Batch,
+    CachedSource,
     Window,
     WindowIndex,
     WindowLoader,
@@ -183,7 +184,8 @@ def test_loader_output_is_the_store_bit_for_bit(store: FeatureStore, index: Wind
             actions = store.read_rows(w.view, "actions")[w.start : w.start + T - 1]
             assert np.array_equal(batch.actions[i].numpy(), actions)
     every = [Window(v, s) for e in index.episodes for v in index.views_of(e) for s in range(v.length - T + 1)]
-    batch = load_windows(store, every, T, torch.device("cpu"))  # every start: all chunk and shard boundaries
+    # every start: all chunk and shard boundaries
+    batch = load_windows(CachedSource(store, T, every[0].view), every, torch.device("cpu"))
     assert all(same_bits(batch.features[i], store.read_features(w.view, w.start, T)) for i, w in enumerate(every))
     with WindowLoader(store, index, batch_size=6, frames_per_clip=T, seed=3, threads=1, prefetch=0) as serial:
         for batch in batches:  # thread count and prefetch depth change nothing
@@ -302,7 +304,7 @@ def test_eval_windows_are_fixed_spread_and_from_the_split(store: FeatureStore, i
     assert len(everything) == 5 and len({w.view.episode_id for w in everything[:3]}) == 3
     assert all(w.start == 0 for w in everything)  # first windows of views before any later start
 
-    batch = load_windows(store, windows[:5], T, torch.device("cpu"))
+    batch = load_windows(CachedSource(store, T, windows[0].view), windows[:5], torch.device("cpu"))
     assert batch.features.shape == (5, T, TOKENS, DIM) and batch.batch_number == -1
     for i, w in enumerate(windows[:5]):
         assert same_bits(batch.features[i], store.read_features(w.view, w.start, T))

@@ -1,0 +1,114 @@
+"""`pipeline train --online`: the released way -- decode, crop and encode every clip in the training step.
+
+The baseline the cache is measured against, and a way to train on episodes not yet extracted. Views
+are drawn by the same `draw_views` as extraction, windows by the same sampler, states and actions
+rounded exactly as the store keeps them, and the encoder's output is rounded to `cache.dtype` before
+the predictor sees it: a cached run and an online run with the same seed see the same windows and log
+the same losses (within float noise of other batch compositions; tested on an fp32 config).
+
+    reader threads   decord (one VideoReader per clip, as the release) -> crop -> resize + normalise (CPU)
+    training step    pixels to the device -> frozen encoder (no grad) -> storage dtype -> predictor loss
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.manifest import Manifest
+from pipeline.part_writer import TORCH_DTYPES
+from pipeline.records import ViewRecord
+from stages.augment import CropBox, crop_frames, draw_views, preprocess
+from stages.droid import (
+    Episode,
+    EpisodeError,
+    actions_from_states,
+    decode_frames,
+    episode_id_for,
+    frame_grid,
+    frame_stride,
+    list_episodes,
+    open_episode,
+)
+from stages.windows import Batch, Window, _Buffers
+
+log = logging.getLogger("pipeline.online")
+
+
+@dataclass
+class _ViewData:
+    """What a window of one view needs besides its pixels: the episode, raw frame indices, rows."""
+
+    episode: Episode
+    indices: np.ndarray  # [F] raw frame indices
+    states: np.ndarray  # [F, 7] float32, as the store keeps them
+    actions: np.ndarray  # [F, 7] float32, NaN on the last row
+
+
+def online_views(m: Manifest) -> tuple[list[ViewRecord], dict[str, _ViewData]]:
+    """The manifest's views, drawn from the episodes themselves (what extraction would store); episodes
+    that cannot be read are named in a warning and left out."""
+    root = Path(m.data.root)
+    records, data = [], {}
+    for folder in list_episodes(m.data.episodes, root):
+        eid = episode_id_for(folder, root)
+        try:
+            ep = open_episode(folder, m.data.camera)
+        except EpisodeError as err:
+            log.warning(f"episode left out of online training: {err}")
+            continue
+        stride = frame_stride(ep.video_fps, m.data.fps)
+        for v in draw_views(m.views, m.crop, m.data.camera, eid, ep.frame_hw, stride):
+            indices = frame_grid(ep.num_usable, stride, v.draw.phase)  # [F]
+            states = ep.states[indices]  # [F, 7] float64
+            actions = np.concatenate([actions_from_states(states), np.full((1, 7), np.nan)])  # [F, 7]
+            records.append(ViewRecord(v.view_id, eid, str(folder), m.data.camera, ep.serial, v.draw.phase, stride,
+                                      ep.video_fps, list(ep.frame_hw), v.draw.box.as_list(), {}, part="online",
+                                      length=len(indices)))
+            data[v.view_id] = _ViewData(ep, indices, states.astype(np.float32), actions.astype(np.float32))
+    return records, data
+
+
+class OnlineSource:
+    """Windows decoded from the videos: normalised pixels [T, 3, S, S] per window (a WindowSource)."""
+
+    def __init__(self, m: Manifest, data: dict[str, _ViewData]):
+        self.data, self.crop, self.T = data, m.crop, m.data.frames_per_clip
+        self.decode_threads = m.extract.decode_threads
+
+    def empty(self, batch: int, pin: bool) -> _Buffers:
+        S = self.crop.size
+        return _Buffers.empty(batch, self.T, (3, S, S), torch.float32, pin, pixels=True)
+
+    def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
+        """Decode, crop and preprocess one window into row i (a reader thread)."""
+        d, s = self.data[window.view.view_id], window.start
+        frames = decode_frames(d.episode, d.indices[s : s + self.T], self.decode_threads)  # [T, H, W, 3]
+        crops = np.ascontiguousarray(crop_frames(frames, CropBox(*window.view.box)))  # [T, h, w, 3]
+        buffers.data[i] = preprocess(torch.from_numpy(crops), self.crop.size, self.crop.mean, self.crop.std)
+        buffers.put_rows(i, d.actions[s : s + self.T - 1], d.states[s : s + self.T])
+
+
+class OnlineEncoder:
+    """The frozen encoder on the training device, turning a batch's pixels into its features in the step."""
+
+    def __init__(self, m: Manifest, device: torch.device):
+        from stages.encoder import build_runtime  # the encoder runtime: only online training needs it
+
+        self.encoder = build_runtime(m, device)
+        self.dtype = TORCH_DTYPES[m.cache.dtype]
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Encode every frame on its own (as extraction does), rounded to the cache's dtype."""
+        if batch.pixels is None:
+            raise ValueError("an online batch needs pixels")
+        pixels = batch.pixels  # [B, T, 3, S, S]
+        feats = self.encoder.encode_pixels(pixels.flatten(0, 1))  # [B*T, tokens, D]
+        feats = feats.to(self.dtype).unflatten(0, pixels.shape[:2])  # [B, T, tokens, D], as a cache holds them
+        if feats.is_inference():  # same dtype: still the encoder's inference-mode tensor; autograd needs a real one
+            feats = feats.clone()
+        return Batch(feats, batch.actions, batch.states, batch.batch_number, batch.wait_seconds, batch.windows)
