@@ -31,12 +31,15 @@ from pipeline.part_writer import encode_features
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
+from stages.bench_train import bench_loader, bench_training
 from stages.droid import episode_id_for, iter_frames, list_episodes
 from stages.encoder import load_encoder
 from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
+from stages.flops import H100_BF16_TFLOPS
 from stages.part import episode_jobs
 from stages.plan import EpisodeTask
+from stages.synthetic import write_synthetic_dataset
 
 WINDOW = 16  # frames per read in the window benchmark
 VITG_FRAMES = 64  # frames of 256 x 1408 written for the ViT-g sized store figures (46 MB in bf16)
@@ -55,8 +58,23 @@ class BenchReport:
         return format_bench(self.figures)
 
 
-def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES) -> BenchReport:
-    """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows)."""
+BENCH_EPISODE = {"width": 1280, "height": 720, "min_seconds": 9.0, "max_seconds": 11.0}  # DROID's frame size
+
+
+def ensure_data(m: Manifest, episodes: int, echo: Callable[[str], None] = print) -> None:
+    """The bench profile's synthetic 1280x720 episodes, written once (~20 s each on 2 cores); any other
+    profile must have its episodes already."""
+    root = Path(m.data.root)
+    if (root / "episodes.txt").exists() or m.profile != "bench":
+        return
+    echo(f"Writing {episodes} synthetic DROID-format episodes at 1280x720 to {root} (once) ...")
+    write_synthetic_dataset(root, episodes, seed=0, progress=True, scenes=1, **BENCH_EPISODE)
+
+
+def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeats: int = 3, steps: int = 10,
+              gpu_tflops: float = H100_BF16_TFLOPS, echo: Callable[[str], None] = print) -> BenchReport:
+    """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows);
+    the training figures from `repeats` interleaved rounds of `steps` steps each (0 repeats: skip them)."""
     folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
     crops, decode_s = _decode(m, folders)
     frames = sum(len(c) for c in crops)
@@ -77,7 +95,12 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES) -> Ben
         codecs_vitg = {name: _codec(m, big, f"{tmp}/vitg-{name}", name, level)
                        for name, level in (("none", 0), ("zstd-1", 1))}
         checksums = _checksum_cost(m, big, tmp)
-    return BenchReport({
+        trained = {}
+        if repeats:
+            trained = bench_training(e2e_m, repeats, steps, gpu_tflops, echo)
+            trained["loader"] = bench_loader(e2e_m, batches=max(4, steps))
+            trained["break_even"] = _break_even(summary.seconds, summary.frames, trained)
+    return BenchReport({**trained,
         "device": str(encoder.device), "threads": torch.get_num_threads(), "episodes": len(folders),
         "frames": frames, "tokens": encoder.tokens, "dim": encoder.dim, "feature_dtype": m.cache.dtype,
         "decode_fps": frames / decode_s, "encoder_fps": frames / encode_s,
@@ -192,6 +215,14 @@ def _plain_reader(arr: zarr.Array) -> Callable[[int, torch.Tensor], object]:
     return read
 
 
+def _break_even(extract_seconds: float, frames: int, f: dict[str, Any]) -> dict[str, float]:
+    """After how many training steps the one-time extraction of these episodes has paid for itself."""
+    t = f["training"]
+    saving = t["online"]["step_seconds"]["median"] - t["cached"]["step_seconds"]["median"]
+    return {"extract_seconds": extract_seconds, "extract_frames": frames, "saving_seconds_per_step": saving,
+            "steps": extract_seconds / saving if saving > 0 else float("inf")}
+
+
 def format_bench(f: dict[str, Any]) -> str:
     lines = [
         f"device {f['device']} ({f['threads']} threads), {f['episodes']} episodes, {f['frames']} frames, "
@@ -210,4 +241,40 @@ def format_bench(f: dict[str, Any]) -> str:
     lines.append(f"checksums (ViT-g)     write {c['write_MBps']:7.1f} vs {c['write_plain_MBps']:7.1f} MB/s plain zarr "
                  f"({c['write_vs_plain']:.2f}x);  window read {c['read_MBps']:7.1f} vs {c['read_plain_MBps']:7.1f} "
                  f"MB/s ({c['read_vs_plain']:.2f}x)")
+    if "training" in f:
+        lines += format_training(f)
     return "\n".join(lines)
+
+
+def format_training(f: dict[str, Any]) -> list[str]:
+    """The training half of the report: clips/s, ratios with their targets, the FLOP model, the loader."""
+    t, fm, ld, be = f["training"], f["flop_model"], f["loader"], f["break_even"]
+
+    def clips(kind: str) -> str:
+        c = t[kind]["clips_per_s"]
+        return f"{c['median']:8.2f} clips/s  ({c['min']:.2f}..{c['max']:.2f})"
+
+    lines = [f"training (batch {f['batch']} x {f['frames_per_clip']} frames, features {f['feature_dtype']})",
+             f"  cached               {clips('cached')}",
+             f"  online (released way){clips('online')}",
+             f"  predictor only       {clips('predictor_only')}",
+             f"  online loader alone  {clips('decode_only')}  (decode + crop + resize, no training)",
+             f"  speedup cached vs online  {f['speedup_cached_vs_online']:.2f}x;  FLOP model: "
+             f"{fm['predicted_speedup_without_decode']:.2f}x without decode, "
+             f"{fm['predicted_speedup_with_decode']:.2f}x with it;  speedup_vs_model {f['speedup_vs_model']:.2f} "
+             f"(target >= 0.9)",
+             f"  step_vs_predictor_only {f['step_vs_predictor_only']:.3f} (target <= 1.05);  data wait "
+             f"{100 * f['data_wait_fraction']['median']:.1f}% of the cached step",
+             f"  encoder share of an online step: {100 * fm['configured']['encoder_share']:.1f}% here, "
+             f"{100 * fm['released_16_frames']['encoder_share']:.1f}% released (16 frames), "
+             f"{100 * fm['released_8_frames']['encoder_share']:.1f}% (8 frames)",
+             f"  loader {ld['loader_MBps']:.0f} MB/s ({ld['loader_threads']} threads) vs raw file reads "
+             f"{ld['raw_file_MBps']:.0f} MB/s: loader_vs_raw {ld['loader_vs_raw']:.2f} (target >= 0.8); vs plain "
+             f"zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x",
+             f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "
+             f"saving {be['saving_seconds_per_step']:.3f} s per step: paid back after {be['steps']:.0f} steps"]
+    for frames, r in f["released_rate_needed"].items():
+        lines.append(f"  released config, {frames.replace('_', ' ')}, at {f['gpu_tflops']:.0f} TFLOP/s: "
+                     f"{r['clips_per_s_per_gpu']:.1f} clips/s per GPU = {r['MBps_per_gpu']:.0f} MB/s of cached "
+                     f"features per GPU, {r['MBps_per_8_gpu_node'] / 1000:.2f} GB/s per 8-GPU node")
+    return lines

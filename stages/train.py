@@ -120,7 +120,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
 
     # -- data: committed views of the store that matches the fingerprint (or, online, the episodes) -------
     pcfg = predictor_config(m)
-    data = _online_data(m, info) if online else _cached_data(m, pcfg)
+    data = online_data(m, info) if online else cached_data(m, pcfg)
     train_idx, held_idx = (WindowIndex.from_views(data.views, split=split, frames_per_clip=T, camera=m.data.camera,
                                                   heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt)
                            for split in ("train", "heldout"))
@@ -130,14 +130,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     source, featurize = data.source(train_idx.views_of(train_idx.episodes[0])[0]), data.featurize
 
     # -- model, optimizer, loader, resume --------------------------------------------------------------
-    model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    model.attention = "flex" if cfg.attention == "flex" or (cfg.attention == "auto" and info.device.type == "cuda") \
-        else "dense"
-    model.extrinsics_encoder.requires_grad_(pcfg.use_extrinsics)  # in checkpoints, unused by default
-    model.to(info.device).train()
-    optimizer = build_optimizer(model, cfg, fused=info.device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda" and cfg.precision == "fp16")
+    model, optimizer, scaler, loss_fn = build_training(m, pcfg, info.device)
     bad = BadViews(cfg.on_bad_data, warn=tqdm.write)
     loader = WindowLoader(source, train_idx, cfg.global_batch_size // info.world_size, T, cfg.seed, info.rank,
                           threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device, bad=bad)
@@ -145,9 +138,6 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                                    "rng": RankRNG(info)}
     latest = latest_checkpoint(run_dir) if resume else None
     step = restore(load_checkpoint(latest), states) if latest else 0
-    loss_fn: torch.nn.Module = _LossModule(model, cfg.auto_steps)
-    if cfg.compile:
-        loss_fn = torch.compile(loss_fn)  # the predictor's weights stay those of `model` (checkpoint key names)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
     autocast = autocast_for(m, info.device)
@@ -212,11 +202,30 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     return summary
 
 
+def build_training(m: Manifest, pcfg: PredictorConfig, device: torch.device
+                   ) -> tuple[ACPredictor, torch.optim.Optimizer, torch.amp.GradScaler, torch.nn.Module]:
+    """The predictor (released init or checkpoint) on `device` with the run's attention path, activation
+    checkpointing and compilation, its AdamW (fused on CUDA), grad scaler (fp16 only) and loss module."""
+    cfg = m.train
+    model = build_predictor(pcfg, m.predictor.checkpoint, m.predictor.checkpoint_key, m.predictor.seed)
+    model.activation_checkpointing = cfg.activation_checkpointing
+    model.attention = "flex" if cfg.attention == "flex" or (cfg.attention == "auto" and device.type == "cuda") \
+        else "dense"
+    model.extrinsics_encoder.requires_grad_(pcfg.use_extrinsics)  # in checkpoints, unused by default
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
+    loss_fn: torch.nn.Module = _LossModule(model, cfg.auto_steps)
+    if cfg.compile:
+        loss_fn = torch.compile(loss_fn)  # the predictor's weights stay those of `model` (checkpoint key names)
+    return model, optimizer, scaler, loss_fn
+
+
 Featurize = Callable[[Batch], Batch]  # a loader's batch -> a batch with features (online: encode the pixels)
 
 
 @dataclass
-class _TrainingData:
+class TrainingData:
     """Where stage two's windows come from: their views, a source of their rows, and what turns a loaded
     batch into features (nothing for the cache; the frozen encoder online)."""
 
@@ -226,21 +235,21 @@ class _TrainingData:
     featurize: Featurize
 
 
-def _cached_data(m: Manifest, pcfg: PredictorConfig) -> _TrainingData:
+def cached_data(m: Manifest, pcfg: PredictorConfig) -> TrainingData:
     """The committed views of the store that matches the manifest's fingerprint."""
     store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
     T = m.data.frames_per_clip
-    return _TrainingData(list(store.committed_views().values()), store.url,
+    return TrainingData(list(store.committed_views().values()), store.url,
                          lambda view: CachedSource(store, T, view), lambda batch: batch)
 
 
-def _online_data(m: Manifest, info: DistInfo) -> _TrainingData:
+def online_data(m: Manifest, info: DistInfo) -> TrainingData:
     """The episodes' views drawn as extraction draws them, decoded per clip, encoded in the step."""
     from stages.online import OnlineEncoder, OnlineSource, online_views
 
     views, rows = online_views(m)
     source = OnlineSource(m, rows)
-    return _TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device))
+    return TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device))
 
 
 class _LossModule(torch.nn.Module):

@@ -8,9 +8,13 @@ from pipeline.manifest import load_manifest
 from stages.bench import run_bench
 
 
+TRAIN = ["predictor.embed_dim=32", "predictor.depth=1", "predictor.num_heads=1", "train.global_batch_size=2",
+         "train.loader_threads=1", "train.device=cpu"]
+
+
 def test_bench_reports_every_figure(workdir: Path) -> None:
-    m = load_manifest(workdir / "manifest.yaml", None, [])
-    report = run_bench(m, episodes=2, vitg_frames=20)
+    m = load_manifest(workdir / "manifest.yaml", None, TRAIN)
+    report = run_bench(m, episodes=2, vitg_frames=20, repeats=2, steps=2, echo=lambda _: None)
     f = report.to_dict()
     assert f["frames"] > 0 and f["end_to_end_frames"] == f["frames"]
     for key in ("decode_fps", "encoder_fps", "end_to_end_fps", "end_to_end_vs_encoder", "end_to_end_vs_slower_stage"):
@@ -20,5 +24,15 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     c = f["checksums_vitg_size"]
     assert all(c[k] > 0 for k in ("write_MBps", "write_plain_MBps", "read_MBps", "read_plain_MBps",
                                   "write_vs_plain", "read_vs_plain"))
+    for kind in ("cached", "online", "predictor_only", "decode_only"):
+        c = f["training"][kind]["clips_per_s"]
+        assert 0 < c["min"] <= c["median"] <= c["max"], kind
+    assert f["speedup_cached_vs_online"] > 0 and f["step_vs_predictor_only"] > 0 and f["speedup_vs_model"] > 0
+    assert 0 <= f["data_wait_fraction"]["median"] <= 1
+    fm = f["flop_model"]
+    assert 0.40 < fm["released_16_frames"]["encoder_share"] < 0.41  # ViT-g vs the 24 x 1024 predictor
+    assert fm["predicted_speedup_with_decode"] > fm["predicted_speedup_without_decode"] > 1
+    assert f["loader"]["loader_MBps"] > 0 and f["loader"]["loader_vs_raw"] > 0
+    assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
     text = report.format()
-    assert "extract end to end" in text and "checksums (ViT-g)" in text
+    assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text

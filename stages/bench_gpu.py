@@ -1,0 +1,330 @@
+"""`pipeline bench --gpu`: the figures only an accelerator can give, at the released sizes.
+
+- extraction: random-init ViT-g/16 at 256 px in bf16, batch 64: the encoder alone on in-memory pixels,
+  one decoder thread alone on the bench profile's 1280x720 episodes, and a real `extract` with enough
+  decoders; how many decode workers one GPU needs;
+- the released predictor (24 x 1024) training step on cached-size batches: step time, clips/s, MFU and
+  peak memory at batch 8, dense-mask SDPA vs FlexAttention, with and without activation checkpointing,
+  compiled and not, and the largest batch that fits;
+- the window loader at ViT-g sizes into pinned memory, GB/s;
+- one-GPU DDP over NCCL against the same steps without DDP.
+
+The same code runs on the CPU with tiny sizes (`GpuBenchSizes.tiny`), which is how the test suite keeps
+it working where no GPU is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.errors import UsageError
+from pipeline.manifest import Manifest
+from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
+from pipeline.store import FeatureStore
+from stages.augment import CropBox, crop_frames
+from stages.droid import episode_id_for, iter_frames, list_episodes
+from stages.encoder import build_runtime
+from stages.extract import extract
+from stages.fingerprint import predictor_config
+from stages.flops import H100_BF16_TFLOPS, encoder_flops_per_frame, predictor_train_flops_per_clip
+from stages.models.predictor import PredictorConfig
+from stages.optim import set_schedule
+from stages.part import episode_jobs
+from stages.plan import EpisodeTask
+from stages.train import autocast_for, build_training, train_step
+from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GpuBenchSizes:
+    """What to measure at which size: the release's on a GPU, tiny ones to exercise the code on a CPU."""
+
+    encoder_preset: str | None = "vit_giant"  # None: the manifest's own encoder
+    crop: int = 256
+    extract_batch: int = 64
+    predictor: tuple[int, int, int] = (1024, 24, 16)  # width, depth, heads
+    frames: int = 16
+    batch: int = 8
+    max_batch: int = 256  # the largest-batch search stops here
+    steps: int = 10
+    loader_frames: int = 512  # cached frames written for the loader measurement (ViT-g: 370 MB)
+
+    @classmethod
+    def tiny(cls) -> GpuBenchSizes:
+        return cls(encoder_preset=None, crop=32, extract_batch=8, predictor=(32, 1, 1), frames=4, batch=2,
+                   max_batch=4, steps=2, loader_frames=16)
+
+
+@dataclass
+class GpuBenchReport:
+    figures: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.figures
+
+    def format(self) -> str:
+        f = self.figures
+        e = f["extraction"]
+        lines = [f"{f['device_name']}: peak {f['peak_tflops']:.0f} bf16 TFLOP/s assumed for MFU",
+                 f"extraction ViT ({e['encoder']}) bf16 batch {e['batch']}: encoder alone {e['encoder_fps']:.0f} "
+                 f"frames/s ({e['encoder_mfu']:.0%} MFU); one decoder {e['decoder_fps']:.1f} frames/s -> "
+                 f"{e['decoders_needed']:.1f} decoders per GPU; extract end to end {e['end_to_end_fps']:.0f} frames/s "
+                 f"with {e['decode_workers']} decode workers ({e['end_to_end_fps'] / e['encoder_fps']:.0%} of the "
+                 f"encoder alone)"]
+        for c in f["predictor"]:
+            fit = "" if c.get("fits", True) else "  (out of memory)"
+            lines.append(f"predictor {c['attention']:5s} ckpt {c['activation_checkpointing']!s:5s} compile "
+                         f"{c['compile']!s:5s} batch {c['batch']:4d}: {c.get('step_seconds', float('nan')):.3f} "
+                         f"s/step, {c.get('clips_per_s', float('nan')):.1f} clips/s, MFU "
+                         f"{c.get('mfu', float('nan')):.1%}, peak memory {c.get('peak_GiB', float('nan')):.1f} GiB"
+                         + fit)
+        ld, d = f["loader"], f["ddp"]
+        lines.append(f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)")
+        lines.append(f"DDP over {d['backend']} (1 rank): {d['ddp_step_seconds']:.3f} s/step vs "
+                     f"{d['plain_step_seconds']:.3f} without DDP ({d['ddp_vs_plain']:.2f}x)")
+        return "\n".join(lines)
+
+
+def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None = None,
+                  sizes: GpuBenchSizes = GpuBenchSizes(), peak_tflops: float = H100_BF16_TFLOPS) -> GpuBenchReport:
+    """All GPU figures; refuses without a GPU unless a device is given (the CPU test)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            raise UsageError("`pipeline bench --gpu` needs a CUDA GPU (torch.cuda.is_available() is False); the "
+                             "README lists the figures it gives as pending")
+        device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    echo(f"GPU bench on {name}")
+    figures = {"device_name": name, "peak_tflops": peak_tflops,
+               "extraction": _extraction(m, device, sizes, peak_tflops, echo),
+               "predictor": _predictor(m, device, sizes, peak_tflops, echo),
+               "loader": _loader(m, device, sizes, echo),
+               "ddp": _ddp(m, device, sizes, echo)}
+    return GpuBenchReport(figures)
+
+
+def _sized(m: Manifest, sizes: GpuBenchSizes, device: torch.device) -> Manifest:
+    """The manifest at the measured sizes: ViT-g at 256 px in bf16, the released predictor, bf16 training."""
+    enc = dataclasses.replace(m.encoder, preset=sizes.encoder_preset or m.encoder.preset, checkpoint=None,
+                              precision="bf16" if device.type == "cuda" else "fp32", batch_size=sizes.extract_batch,
+                              device=str(device) if device.type == "cuda" else "cpu")
+    if sizes.encoder_preset is None:
+        enc = dataclasses.replace(enc, preset=m.encoder.preset)
+    width, depth, heads = sizes.predictor
+    return dataclasses.replace(
+        m, encoder=enc, crop=dataclasses.replace(m.crop, size=sizes.crop),
+        data=dataclasses.replace(m.data, frames_per_clip=sizes.frames),
+        predictor=dataclasses.replace(m.predictor, embed_dim=width, depth=depth, num_heads=heads, checkpoint=None),
+        train=dataclasses.replace(m.train, precision="bf16" if device.type == "cuda" else "fp32",
+                                  device=str(device), global_batch_size=sizes.batch, compile=False))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- extraction ---------------------------------------------------------------------------------------
+
+
+def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> dict[str, Any]:
+    sm = _sized(m, sizes, device)
+    encoder = build_runtime(sm, device)
+    pixels = torch.randn(sizes.extract_batch, 3, sizes.crop, sizes.crop, device=device)  # [B, 3, S, S]
+    encoder.encode_pixels(pixels)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(sizes.steps):
+        encoder.encode_pixels(pixels)
+    _sync(device)
+    enc_fps = sizes.steps * sizes.extract_batch / (time.perf_counter() - t0)
+    flops = encoder_flops_per_frame(encoder.model.cfg)
+    dec_fps = _decoder_fps(sm)
+    workers = max(1, min(os.cpu_count() or 1, math.ceil(enc_fps / dec_fps)))
+    echo(f"extraction: encoder {enc_fps:.0f} frames/s, one decoder {dec_fps:.1f} frames/s; extracting with "
+         f"{workers} decode workers ...")
+    del encoder
+    with tempfile.TemporaryDirectory() as tmp:
+        e2e = dataclasses.replace(sm, cache=dataclasses.replace(sm.cache, path=f"{tmp}/cache"),
+                                  extract=dataclasses.replace(sm.extract, scheduler="inline", decode_workers=workers))
+        s = extract(e2e, show_progress=False, echo=lambda _: None)
+    return {"encoder": f"{sm.encoder.preset or 'manifest'} at {sizes.crop} px", "batch": sizes.extract_batch,
+            "encoder_fps": enc_fps, "encoder_mfu": enc_fps * flops / (peak * 1e12),
+            "decoder_fps": dec_fps, "decoders_needed": enc_fps / dec_fps, "decode_workers": workers,
+            "end_to_end_fps": s.frames_per_second, "frames": s.frames}
+
+
+def _decoder_fps(m: Manifest) -> float:
+    """One decoder thread: decord + crop of the views extraction would draw, frames/s."""
+    root = Path(m.data.root)
+    frames, t0 = 0, time.perf_counter()
+    for folder in list_episodes(m.data.episodes, root)[:2]:
+        job = episode_jobs(EpisodeTask(episode_id_for(folder, root), str(folder), {}), m.data, m.views, m.crop)[0]
+        for batch in iter_frames(job.episode, job.indices, m.encoder.batch_size, m.extract.decode_threads):
+            crop_frames(batch, CropBox(*job.record.box)).copy()
+            frames += len(batch)
+    return frames / (time.perf_counter() - t0)
+
+
+# -- the predictor's training step -------------------------------------------------------------------
+
+
+def _batch(pcfg: PredictorConfig, B: int, T: int, device: torch.device) -> Batch:
+    """A cached-size batch already on the device (what a loader hands over)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    feats = torch.randn(B, T, pcfg.tokens_per_frame, pcfg.embed_dim, generator=g).to(torch.bfloat16)
+    return Batch(feats.to(device), (0.05 * torch.randn(B, T - 1, 7, generator=g)).to(device),
+                 torch.randn(B, T, 7, generator=g).to(device), 0)
+
+
+def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
+    """Seconds per step, clips/s, MFU and peak memory of `steps` steps at batch B (after one warm-up)."""
+    pcfg = predictor_config(sm)
+    model, optimizer, scaler, loss_fn = build_training(sm, pcfg, device)
+    autocast, batch = autocast_for(sm, device), _batch(pcfg, B, sm.data.frames_per_clip, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for k in range(steps + 1):
+        if k == 1:
+            _sync(device)
+            t0 = time.perf_counter()
+        set_schedule(optimizer, k + 1, sm.train)
+        train_step(loss_fn, model, optimizer, scaler, batch, B, autocast, None)
+    _sync(device)
+    secs = (time.perf_counter() - t0) / steps
+    flops = predictor_train_flops_per_clip(pcfg, sm.data.frames_per_clip, sm.train.auto_steps) * B
+    peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return {"step_seconds": secs, "clips_per_s": B / secs, "mfu": flops / secs / (peak * 1e12),
+            "peak_GiB": peak_bytes / 2**30, "fits": True}
+
+
+def _predictor(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> list[dict]:
+    base = _sized(m, sizes, device)
+    attentions = ("dense", "flex") if device.type == "cuda" else ("dense",)  # no FlexAttention backward on CPU
+    compiles = (False, True) if device.type == "cuda" else (False,)
+    results = []
+    for attention in attentions:
+        for ckpt in (False, True):
+            for comp in compiles:
+                sm = dataclasses.replace(base, train=dataclasses.replace(
+                    base.train, attention=attention, activation_checkpointing=ckpt, compile=comp))
+                row = {"attention": attention, "activation_checkpointing": ckpt, "compile": comp,
+                       "batch": sizes.batch}
+                row.update(_try(sm, device, sizes.batch, sizes.steps, peak))
+                echo(f"predictor {row}")
+                results.append(row)
+                if not comp:
+                    results.append(_largest_batch(sm, device, sizes, peak, echo))
+    return results
+
+
+def _try(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
+    try:
+        return _step_figures(sm, device, B, steps, peak)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"fits": False}
+
+
+def _largest_batch(sm: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> dict:
+    """Double the batch from the measured one until it no longer fits (or max_batch)."""
+    best: dict[str, Any] = {}
+    B = sizes.batch * 2
+    while sizes.max_batch >= B:
+        got = _try(sm, device, B, max(2, sizes.steps // 2), peak)
+        if not got["fits"]:
+            break
+        best = {**got, "batch": B}
+        B *= 2
+    row = {"attention": sm.train.attention, "activation_checkpointing": sm.train.activation_checkpointing,
+           "compile": False, "largest": True, **(best or {"batch": sizes.batch, "fits": False})}
+    echo(f"largest batch {row}")
+    return row
+
+
+# -- the loader at ViT-g sizes ------------------------------------------------------------------------
+
+
+def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo) -> dict[str, Any]:
+    """Random ViT-g sized features in a real store, read by the training loader into pinned memory."""
+    sm = _sized(m, sizes, device)
+    pcfg = predictor_config(sm)
+    T, B, n = sizes.frames, sizes.batch, sizes.loader_frames
+    with tempfile.TemporaryDirectory() as tmp:
+        store = FeatureStore(tmp, {"bench": "loader"}).create()
+        attempt = new_attempt_id()
+        writer = store.part_writer("bench", attempt, n, pcfg.tokens_per_frame, pcfg.embed_dim, sm.cache)
+        writer.write(0, torch.randn(n, pcfg.tokens_per_frame, pcfg.embed_dim))
+        writer.finish(np.zeros((n, 7)), np.zeros((n, 7)), np.arange(n))
+        per = n // 4
+        views = [ViewRecord(f"v{k}", f"e{k}", "e", sm.data.camera, "s", 0, 1, 15.0, [1, 1], [0, 0, 1, 1], {},
+                            "bench", attempt, k * per, per, writer.digests(k * per, per)) for k in range(4)]
+        store.commit(CommitRecord(f"bench.{attempt}", "bench", attempt, n, time.time(), views))
+        index = WindowIndex(store, split="all", frames_per_clip=T)
+        first = index.views_of(index.episodes[0])[0]
+        threads = max(2, min(8, os.cpu_count() or 1))
+        batches = max(4, sizes.steps)
+        with WindowLoader(CachedSource(store, T, first), index, B, T, 0, threads=threads, prefetch=4,
+                          device=device) as loader:
+            next(loader)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(loader)
+            _sync(device)
+            secs = time.perf_counter() - t0
+    nbytes = batches * B * T * pcfg.tokens_per_frame * pcfg.embed_dim * 2
+    echo(f"loader: {nbytes / secs / 1e9:.2f} GB/s")
+    return {"GBps": nbytes / secs / 1e9, "threads": threads, "pinned": device.type == "cuda"}
+
+
+# -- DDP ------------------------------------------------------------------------------------------------
+
+
+def _ddp(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo) -> dict[str, Any]:
+    """One rank of DDP (NCCL on a GPU, gloo on the CPU) against the same steps without it."""
+    sm = _sized(m, sizes, device)
+    pcfg = predictor_config(sm)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        times = {}
+        for wrapped in (False, True):
+            model, optimizer, scaler, loss_fn = build_training(sm, pcfg, device)
+            if wrapped:
+                ids = [device.index or 0] if device.type == "cuda" else None
+                loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
+            batch = _batch(pcfg, sizes.batch, sizes.frames, device)
+            autocast = autocast_for(sm, device)
+            for k in range(sizes.steps + 1):
+                if k == 1:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                train_step(loss_fn, model, optimizer, scaler, batch, sizes.batch, autocast, None)
+            _sync(device)
+            times[wrapped] = (time.perf_counter() - t0) / sizes.steps
+    finally:
+        dist.destroy_process_group()
+    echo(f"ddp over {backend}: {times[True]:.3f} s/step vs {times[False]:.3f} s/step (1 rank)")
+    return {"backend": backend, "ddp_step_seconds": times[True], "plain_step_seconds": times[False],
+            "ddp_vs_plain": times[True] / times[False]}

@@ -1,0 +1,33 @@
+"""`pipeline bench --gpu` at tiny sizes on the CPU: its code runs and reports every figure (the numbers
+themselves only mean something on a GPU), and it refuses clearly where no GPU is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import UsageError
+from pipeline.manifest import load_manifest
+from stages.bench_gpu import GpuBenchSizes, run_gpu_bench
+
+
+def test_gpu_bench_code_runs_at_tiny_sizes_on_the_cpu(workdir: Path) -> None:
+    m = load_manifest(workdir / "manifest.yaml", None, ["train.loader_threads=1"])
+    report = run_gpu_bench(m, echo=lambda _: None, device=torch.device("cpu"), sizes=GpuBenchSizes.tiny())
+    f = report.to_dict()
+    e = f["extraction"]
+    assert e["encoder_fps"] > 0 and e["decoder_fps"] > 0 and e["end_to_end_fps"] > 0 and e["decode_workers"] >= 1
+    steps = [c for c in f["predictor"] if "largest" not in c]
+    assert {(c["attention"], c["activation_checkpointing"]) for c in steps} == {("dense", False), ("dense", True)}
+    assert all(c["fits"] and c["clips_per_s"] > 0 and c["mfu"] > 0 for c in steps)
+    assert any(c.get("largest") for c in f["predictor"])
+    assert f["loader"]["GBps"] > 0 and f["ddp"]["backend"] == "gloo" and f["ddp"]["ddp_vs_plain"] > 0
+    assert "DDP over gloo" in report.format()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_bench_refuses_without_a_gpu(workdir: Path) -> None:
+    with pytest.raises(UsageError, match="needs a CUDA GPU"):
+        run_gpu_bench(load_manifest(workdir / "manifest.yaml", None, []), echo=lambda _: None)
