@@ -232,8 +232,8 @@ def bench(
                                          "encoder and predictor like the release, at 1280x720).")] = "bench",
     set_: SetOpt = None,
     episodes: Annotated[int, typer.Option(help="Episodes to measure on (the bench profile writes them once).")] = 4,
-    repeats: Annotated[int, typer.Option(help="Interleaved rounds of the training measurements (0: skip).")] = 3,
-    steps: Annotated[int, typer.Option(help="Training steps per kind and round.")] = 10,
+    repeats: Annotated[int, typer.Option(help="Interleaved rounds of the training measurements (0: skip).")] = 5,
+    steps: Annotated[int, typer.Option(help="Training steps per kind and round.")] = 20,
     gpu_tflops: Annotated[float, typer.Option(help="bf16 TFLOP/s an accelerator achieves, for the rate the "
                                               "released config needs (default: an H100's dense peak).")] = 989.0,
     gpu: Annotated[bool, typer.Option("--gpu", help="The GPU measurements instead (ViT-g extraction, released "

@@ -7,7 +7,6 @@ from pathlib import Path
 from pipeline.manifest import load_manifest
 from stages.bench import run_bench
 
-
 TRAIN = ["predictor.embed_dim=32", "predictor.depth=1", "predictor.num_heads=1", "train.global_batch_size=2",
          "train.loader_threads=1", "train.device=cpu"]
 
