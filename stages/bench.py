@@ -7,8 +7,11 @@ Measured on the same frames (view 0 of the first episodes of the manifest):
   write overlapped this should be close to the encoder figure;
 - store: write MB/s, random 16-frame window read MB/s (through the checked read path) and compression
   ratio per codec;
-- checksums: what the per-chunk and per-row crc32c cost, against plain zarr arrays of the same layout
-  without them, on ViT-g sized rows, interleaved, median of 3.
+- checksums: the store's writes and checked reads (direct shard reader, crc32c per chunk and per row)
+  against plain zarr arrays of the same layout without checksums, on ViT-g sized rows, interleaved,
+  medians; and the share of the checked read spent computing the checksums;
+- training (stages/bench_train.py): cached vs online vs predictor-only steps, the FLOP model, the
+  loader against raw reads, the rate the released config needs, and the break-even of extraction.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
@@ -163,7 +167,7 @@ def _checksum_cost(m: Manifest, feats: torch.Tensor, tmp: str, repeats: int = 3,
     same chunks and shards without checksums (same run, same bytes, interleaved, medians)."""
     cache = dataclasses.replace(m.cache, compressor="none")
     n = len(feats)
-    times: dict[str, list[float]] = {k: [] for k in ("write", "write_plain", "read", "read_plain")}
+    times: dict[str, list[float]] = {k: [] for k in ("write", "write_plain", "read", "read_plain", "crc")}
     for r in range(repeats):
         store = FeatureStore(f"{tmp}/checked-{r}", {"bench": "checked"}).create()
         (view,), seconds = write_views(store, feats, cache)
@@ -179,12 +183,23 @@ def _checksum_cost(m: Manifest, feats: torch.Tensor, tmp: str, repeats: int = 3,
         for _ in range(reads):
             times["read"].append(_window_reads(_checked_reader(store, view), n, like))
             times["read_plain"].append(_window_reads(_plain_reader(plain), n, like))
+            times["crc"].append(_crc_seconds(like, n))
     med = {k: float(np.median(v)) for k, v in times.items()}
     nbytes = n * like[0].numel() * like.element_size()
     window_bytes = WINDOW * (nbytes // n) * 32
     return {"write_MBps": nbytes / med["write"] / 1e6, "write_plain_MBps": nbytes / med["write_plain"] / 1e6,
             "read_MBps": window_bytes / med["read"] / 1e6, "read_plain_MBps": window_bytes / med["read_plain"] / 1e6,
-            "write_vs_plain": med["write_plain"] / med["write"], "read_vs_plain": med["read_plain"] / med["read"]}
+            "write_vs_plain": med["write_plain"] / med["write"], "read_vs_plain": med["read_plain"] / med["read"],
+            "crc_share_of_read": min(1.0, med["crc"] / med["read"])}
+
+
+def _crc_seconds(like: torch.Tensor, n: int) -> float:
+    """The checks' own time in the 32 window reads: crc32c over every byte twice (per chunk, per row)."""
+    window = np.zeros(WINDOW * like[0].numel() * like.element_size(), np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(2 * 32):
+        google_crc32c.value(window)
+    return time.perf_counter() - t0
 
 
 def _checked_reader(store: FeatureStore, view: ViewRecord) -> Callable[[int, torch.Tensor], object]:
@@ -225,8 +240,9 @@ def format_bench(f: dict[str, Any]) -> str:
                          f"{c['read_MBps']:7.1f} MB/s   ratio {c['ratio']:.3f}x")
     c = f["checksums_vitg_size"]
     lines.append(f"checksums (ViT-g)     write {c['write_MBps']:7.1f} vs {c['write_plain_MBps']:7.1f} MB/s plain zarr "
-                 f"({c['write_vs_plain']:.2f}x);  window read {c['read_MBps']:7.1f} vs {c['read_plain_MBps']:7.1f} "
-                 f"MB/s ({c['read_vs_plain']:.2f}x)")
+                 f"({c['write_vs_plain']:.2f}x);  checked window read {c['read_MBps']:7.1f} vs plain zarr "
+                 f"{c['read_plain_MBps']:7.1f} MB/s ({c['read_vs_plain']:.2f}x), the checks "
+                 f"{100 * c['crc_share_of_read']:.0f}% of it")
     if "training" in f:
         lines += format_training(f)
     return "\n".join(lines)

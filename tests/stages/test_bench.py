@@ -22,7 +22,7 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
         assert all(c["write_MBps"] > 0 and c["read_MBps"] > 0 and c["ratio"] > 0 for c in table.values())
     c = f["checksums_vitg_size"]
     assert all(c[k] > 0 for k in ("write_MBps", "write_plain_MBps", "read_MBps", "read_plain_MBps",
-                                  "write_vs_plain", "read_vs_plain"))
+                                  "write_vs_plain", "read_vs_plain", "crc_share_of_read"))
     for kind in ("cached", "online", "predictor_only", "decode_only"):
         c = f["training"][kind]["clips_per_s"]
         assert 0 < c["min"] <= c["median"] <= c["max"], kind
