@@ -51,15 +51,17 @@ VITG_FRAMES = 64  # frames of 256 x 1408 written for the ViT-g sized store figur
 
 @dataclass
 class BenchReport:
-    """The figures of one `pipeline bench` run (frames/s, MB/s, ratios), keyed as documented in the README."""
+    """The figures of one `pipeline bench` run (frames/s, MB/s, ratios), keyed as documented in the README,
+    and how they print (`format_bench`, or the GPU bench's own table)."""
 
     figures: dict[str, Any]
+    formatter: Callable[[dict[str, Any]], str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.figures
 
     def format(self) -> str:
-        return format_bench(self.figures)
+        return (self.formatter or format_bench)(self.figures)
 
 
 BENCH_EPISODE = {"width": 1280, "height": 720, "min_seconds": 9.0, "max_seconds": 11.0}  # DROID's frame size

@@ -36,6 +36,7 @@ from pipeline.manifest import Manifest
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
+from stages.bench import BenchReport
 from stages.droid import episode_id_for, iter_frames, list_episodes
 from stages.encoder import build_runtime
 from stages.extract import extract
@@ -71,38 +72,31 @@ class GpuBenchSizes:
                    max_batch=4, steps=2, loader_frames=16)
 
 
-@dataclass
-class GpuBenchReport:
-    figures: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.figures
-
-    def format(self) -> str:
-        f = self.figures
-        e = f["extraction"]
-        lines = [f"{f['device_name']}: peak {f['peak_tflops']:.0f} bf16 TFLOP/s assumed for MFU",
-                 f"extraction ViT ({e['encoder']}) bf16 batch {e['batch']}: encoder alone {e['encoder_fps']:.0f} "
-                 f"frames/s ({e['encoder_mfu']:.0%} MFU); one decoder {e['decoder_fps']:.1f} frames/s -> "
-                 f"{e['decoders_needed']:.1f} decoders per GPU; extract end to end {e['end_to_end_fps']:.0f} frames/s "
-                 f"with {e['decode_workers']} decode workers ({e['end_to_end_fps'] / e['encoder_fps']:.0%} of the "
-                 f"encoder alone)"]
-        for c in f["predictor"]:
-            fit = "" if c.get("fits", True) else "  (out of memory)"
-            lines.append(f"predictor {c['attention']:5s} ckpt {c['activation_checkpointing']!s:5s} compile "
-                         f"{c['compile']!s:5s} batch {c['batch']:4d}: {c.get('step_seconds', float('nan')):.3f} "
-                         f"s/step, {c.get('clips_per_s', float('nan')):.1f} clips/s, MFU "
-                         f"{c.get('mfu', float('nan')):.1%}, peak memory {c.get('peak_GiB', float('nan')):.1f} GiB"
-                         + fit)
-        ld, d = f["loader"], f["ddp"]
-        lines.append(f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)")
-        lines.append(f"DDP over {d['backend']} (1 rank): {d['ddp_step_seconds']:.3f} s/step vs "
-                     f"{d['plain_step_seconds']:.3f} without DDP ({d['ddp_vs_plain']:.2f}x)")
-        return "\n".join(lines)
+def format_gpu(f: dict[str, Any]) -> str:
+    """The GPU bench as a few lines: extraction, each predictor configuration, loader, DDP."""
+    e = f["extraction"]
+    lines = [f"{f['device_name']}: peak {f['peak_tflops']:.0f} bf16 TFLOP/s assumed for MFU",
+             f"extraction ViT ({e['encoder']}) bf16 batch {e['batch']}: encoder alone {e['encoder_fps']:.0f} "
+             f"frames/s ({e['encoder_mfu']:.0%} MFU); one decoder {e['decoder_fps']:.1f} frames/s -> "
+             f"{e['decoders_needed']:.1f} decoders per GPU; extract end to end {e['end_to_end_fps']:.0f} frames/s "
+             f"with {e['decode_workers']} decode workers ({e['end_to_end_fps'] / e['encoder_fps']:.0%} of the "
+             f"encoder alone)"]
+    for c in f["predictor"]:
+        fit = "" if c.get("fits", True) else "  (out of memory)"
+        lines.append(f"predictor {c['attention']:5s} ckpt {c['activation_checkpointing']!s:5s} compile "
+                     f"{c['compile']!s:5s} batch {c['batch']:4d}: {c.get('step_seconds', float('nan')):.3f} "
+                     f"s/step, {c.get('clips_per_s', float('nan')):.1f} clips/s, MFU "
+                     f"{c.get('mfu', float('nan')):.1%}, peak memory {c.get('peak_GiB', float('nan')):.1f} GiB"
+                     + fit)
+    ld, d = f["loader"], f["ddp"]
+    lines.append(f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)")
+    lines.append(f"DDP over {d['backend']} (1 rank): {d['ddp_step_seconds']:.3f} s/step vs "
+                 f"{d['plain_step_seconds']:.3f} without DDP ({d['ddp_vs_plain']:.2f}x)")
+    return "\n".join(lines)
 
 
 def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None = None,
-                  sizes: GpuBenchSizes = GpuBenchSizes(), peak_tflops: float = H100_BF16_TFLOPS) -> GpuBenchReport:
+                  sizes: GpuBenchSizes = GpuBenchSizes(), peak_tflops: float = H100_BF16_TFLOPS) -> BenchReport:
     """All GPU figures; refuses without a GPU unless a device is given (the CPU test)."""
     if device is None:
         if not torch.cuda.is_available():
@@ -116,7 +110,7 @@ def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None =
                "predictor": _predictor(m, device, sizes, peak_tflops, echo),
                "loader": _loader(m, device, sizes, echo),
                "ddp": _ddp(m, device, sizes, echo)}
-    return GpuBenchReport(figures)
+    return BenchReport(figures, format_gpu)
 
 
 def _sized(m: Manifest, sizes: GpuBenchSizes, device: torch.device) -> Manifest:
