@@ -37,6 +37,7 @@ RESUME_HINT = {"extract": "re-run the same `pipeline extract` to resume (nothing
 def _setup() -> None:
     """Warnings (a record skipped, a view skipped) print as one `warning:` line each on stderr."""
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # dask's own notices are not the user's business
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -54,7 +55,8 @@ def _user_errors(command: str = "") -> Iterator[None]:
     try:
         yield
     except Interrupted as err:
-        typer.secho(f"interrupted ({err}): {RESUME_HINT.get(command, 're-run to resume')}", err=True)
+        detail = f"{err.detail}; " if err.detail else ""
+        typer.secho(f"interrupted ({err}): {detail}{RESUME_HINT.get(command, 're-run to resume')}", err=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         typer.secho(f"interrupted: {RESUME_HINT.get(command, 're-run to resume')}", err=True)
@@ -196,15 +198,16 @@ def train(
 ) -> None:
     """Stage two: train the action-conditioned predictor from the feature cache (torchrun for several GPUs)."""
     m = _load(manifest, profile, set_)
-    from stages.run_dir import latest_checkpoint
+    from stages.checkpoints import has_checkpoint
     from stages.train import train as run_train
 
     run_dir = out or Path(m.train.out)
-    if resume and latest_checkpoint(run_dir) is None:
+    if resume and not has_checkpoint(run_dir / "checkpoints"):
         raise _fail(f"--resume: no checkpoint in {run_dir / 'checkpoints'}", EXIT_USAGE)
     with _user_errors("train"):
         s = run_train(m, run_dir, steps, online=online)
-    typer.echo("\n" + s.format())
+    if s.rank == 0:  # under torchrun every rank returns a summary; one prints it
+        typer.echo("\n" + s.format())
 
 
 @app.command()

@@ -42,7 +42,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        _CPU_GROUP.append(dist.new_group(backend="gloo"))  # small host-side agreements, no GPU sync
     return DistInfo(rank, world, local_rank, dev)
+
+
+_CPU_GROUP: list = []  # a gloo group beside NCCL, created with the job
+
+
+def any_rank(values: list[int], info: DistInfo) -> list[int]:
+    """The maximum of each value over the ranks, on the CPU (a stop request, a checkpoint that is due):
+    every rank then takes the same decision at the same step, and no GPU stream is waited for."""
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)  # [n] on the host
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CPU_GROUP[0] if _CPU_GROUP else None)
+    return t.tolist()
 
 
 def all_mean(values: list[float], info: DistInfo) -> list[float]:

@@ -36,8 +36,8 @@ class DamagedDataError(RuntimeError):
 class Interrupted(Exception):
     """A run stopped by a signal at a safe point; nothing half-committed."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
+    def __init__(self, signum: int, detail: str = "") -> None:
+        self.signum, self.detail = signum, detail
         super().__init__(signal.Signals(signum).name)
 
     @property

@@ -18,6 +18,7 @@ architecture derived from it is an `XConfig` (`ViTConfig`, `PredictorConfig` in 
 from __future__ import annotations
 
 import dataclasses
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ import yaml
 from pipeline.errors import UsageError
 
 PRESETS = ("vit_large", "vit_huge", "vit_giant")
+_SIGNALS = [s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM")]
 
 
 class ManifestError(UsageError):
@@ -201,6 +203,10 @@ class TrainSection:
     eval_windows: int = 64  # held-out windows per evaluation
     eval_horizons: int = 4  # rollout horizons 1..k evaluated (at most frames_per_clip - 1 are used)
     checkpoint_every: int = 5000  # steps between kept checkpoints (latest is written at every eval too)
+    checkpoint_minutes: float = 30.0  # also write latest.pt when this long has passed since the last save; 0 = off
+    keep_checkpoints: int = 0  # kept step_N.pt files to keep (the newest); 0 = all
+    warning_signal: str | None = "SIGUSR1"  # a batch system's warning (Slurm --signal=USR1@120): checkpoint, stop
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     loader_threads: int = 4  # threads reading windows
     prefetch_batches: int = 2  # batches read ahead
     device: str = "auto"  # auto (the rank's GPU if present), cpu, cuda
@@ -223,6 +229,11 @@ class TrainSection:
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
         _require(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size, "must be >= 0")
+        _require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", self.checkpoint_minutes, "must be >= 0")
+        _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
+        _require(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
+        _require(self.warning_signal is None or self.warning_signal in _SIGNALS, "train.warning_signal",
+                 self.warning_signal, f"must be null or a signal name such as SIGUSR1 ({', '.join(_SIGNALS[:6])}...)")
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""Ctrl-C and SIGTERM as clean stops: raised as `Interrupted` at the point the main thread is at.
+"""Ctrl-C, SIGTERM and a batch system's warning signal as clean stops.
 
-A batch system stops a job with SIGTERM, a user with Ctrl-C (SIGINT). Stage one can stop anywhere:
-nothing is committed before its record is written, and the record write is atomic, so the exception
-unwinds through `finally` blocks that stop the worker threads, and the CLI says how to resume.
+A batch system stops a job with SIGTERM (and warns before its time limit with a signal of the user's
+choice: Slurm's `--signal=USR1@120`), a user with Ctrl-C (SIGINT).
+- Stage one can stop anywhere (`raise_on_signals`): nothing is committed before its record is written,
+  and the record write is atomic, so `Interrupted` unwinds through `finally` blocks that stop the worker
+  threads, and the CLI says how to resume.
+- Stage two stops at the next step boundary (`StopRequest`): every rank agrees on the step, rank 0
+  saves a full checkpoint of it, then `Interrupted` ends the run with 130 (SIGINT) or 143.
 """
 
 from __future__ import annotations
@@ -34,3 +38,27 @@ def raise_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class StopRequest:
+    """Records the first stop signal received (SIGINT, SIGTERM, and `warning`, e.g. "SIGUSR1") instead of
+    interrupting the step; the training loop asks `received` at each step boundary."""
+
+    def __init__(self, warning: str | None = None) -> None:
+        self.signals = STOP_SIGNALS + ((signal.Signals[warning],) if warning else ())
+        self.received = 0  # the signal's number, 0 while none came
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._note) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the step to end
+        self.received = self.received or signum

@@ -13,6 +13,7 @@ Committed parts added to the store since the last start are picked up when a run
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -24,27 +25,28 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pipeline.distributed import DistInfo, all_mean, barrier, init_distributed, params_in_sync, shutdown
-from pipeline.errors import UsageError
+from pipeline.distributed import DistInfo, all_mean, any_rank, barrier, init_distributed, params_in_sync, shutdown
+from pipeline.errors import Interrupted, UsageError
 from pipeline.manifest import Manifest
 from pipeline.records import ViewRecord
+from pipeline.signals import StopRequest
+from pipeline.store import fingerprint_digest
+from stages.checkpoints import (
+    RankRNG,
+    Stateful,
+    checkpoint_payload,
+    remove_temp_files,
+    restore,
+    resume_checkpoint,
+    run_changes,
+    write_checkpoints,
+)
 from stages.evaluate import evaluate, format_eval
-from stages.fingerprint import predictor_config, reader_spec
+from stages.fingerprint import fingerprint_spec, predictor_config, reader_spec
 from stages.models.predictor import ACPredictor, PredictorConfig, ac_loss, build_predictor
 from stages.optim import build_optimizer, set_schedule
 from stages.plots import plot_horizons, plot_losses
-from stages.run_dir import (
-    RankRNG,
-    Stateful,
-    append_jsonl,
-    checkpoint_payload,
-    latest_checkpoint,
-    load_checkpoint,
-    read_jsonl,
-    restore,
-    save_checkpoint,
-    truncate_jsonl,
-)
+from stages.run_dir import append_jsonl, read_jsonl, truncate_jsonl
 from stages.windows import (
     BadViews,
     Batch,
@@ -80,6 +82,7 @@ class TrainSummary:
     eval: dict[str, Any] = field(default_factory=dict)
     skipped_views: list[str] = field(default_factory=list)  # damaged views left out (train.on_bad_data: skip)
     online: bool = False  # features computed in the step from the videos (--online)
+    rank: int = 0  # of the process that made this summary (only rank 0 prints it)
 
     def format(self) -> str:
         if self.end_step == self.start_step:
@@ -109,8 +112,12 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
 
     `online`: compute each clip's features in the step from the videos, the released way (the baseline
     the cache is measured against; `stages/online.py`), instead of reading them from the store."""
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps {steps}: must be >= 1 (the optimizer step to stop after)")
     info = init_distributed(m.train.device)
     cfg, T = m.train, m.data.frames_per_clip
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     run_dir = Path(out or cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"train.out {run_dir} is a file, not a run folder")
@@ -136,17 +143,19 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                           threads=cfg.loader_threads, prefetch=cfg.prefetch_batches, device=info.device, bad=bad)
     states: dict[str, Stateful] = {"predictor": model, "optimizer": optimizer, "scaler": scaler, "loader": loader,
                                    "rng": RankRNG(info)}
-    latest = latest_checkpoint(run_dir) if resume else None
-    step = restore(load_checkpoint(latest), states) if latest else 0
+    step = _resume(run_dir, m, states, data.fingerprint, info, echo) if resume else 0
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
     autocast = autocast_for(m, info.device)
     if info.is_main:
         _start_run_dir(run_dir, m, step)
+        if not held_idx.episodes:
+            echo(f"No held-out episodes (train.heldout_fraction {cfg.heldout_fraction}, {len(train_idx.episodes)} "
+                 "episodes): evaluation is skipped in this run.")
     last = min(steps or cfg.total_steps, cfg.total_steps)
     held = eval_windows(held_idx, T, cfg.eval_windows, cfg.seed) if held_idx.episodes else []
     summary = TrainSummary(str(run_dir), step, step, info.world_size, len(train_idx.episodes),
-                           len(held_idx.episodes), train_idx.num_views, online=online)
+                           len(held_idx.episodes), train_idx.num_views, online=online, rank=info.rank)
     if info.is_main and step < last:
         echo(f"Training {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter predictor on "
              f"{summary.train_episodes} episodes ({summary.train_views} views), {summary.heldout_episodes} held out; "
@@ -154,38 +163,49 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
              f"{info.world_size} x {info.device.type}; run folder {run_dir}")
 
     # -- the loop -----------------------------------------------------------------------------------------
-    bar = tqdm(total=last, initial=step, unit="step", disable=not (show_progress and info.is_main) or step >= last,
-               dynamic_ncols=True, desc="train")
+    interactive = show_progress and info.is_main and sys.stderr.isatty()  # batch jobs get plain log lines
+    bar = tqdm(total=last, initial=step, unit="step", disable=not interactive or step >= last, dynamic_ncols=True,
+               desc="train")
     meter = MetricsAccumulator(info.device)
     micro = cfg.micro_batch_size or cfg.global_batch_size // info.world_size
+    stopper, last_save = StopRequest(cfg.warning_signal), time.monotonic()
     t_start = time.perf_counter()
     try:
-        while step < last:
-            step += 1
-            batch = featurize(next(loader))  # online: the frozen encoder runs here, in the step
-            lr = set_schedule(optimizer, step, cfg)
-            tf_loss, roll_loss, grad_norm = train_step(ddp, model, optimizer, scaler, batch, micro, autocast,
-                                                       cfg.grad_clip)
-            meter.add(tf_loss, roll_loss, grad_norm, batch.wait_seconds)  # device tensors: nothing read here
+        with stopper:
+            while step < last:
+                step += 1
+                batch = featurize(next(loader))  # online: the frozen encoder runs here, in the step
+                lr = set_schedule(optimizer, step, cfg)
+                tf_loss, roll_loss, grad_norm = train_step(ddp, model, optimizer, scaler, batch, micro, autocast,
+                                                           cfg.grad_clip)
+                meter.add(tf_loss, roll_loss, grad_norm, batch.wait_seconds)  # device tensors: nothing read here
 
-            if step % cfg.log_every == 0 or step == last:
-                row = meter.row(step, lr, cfg.global_batch_size, info)  # the one host read per log interval
-                summary.first_loss = summary.first_loss if summary.first_loss is not None else row["loss"]
-                summary.last_loss = row["loss"]
-                if info.is_main:
-                    append_jsonl(run_dir / "metrics.jsonl", row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{row['clips_per_s']:.1f}",
-                                    wait=f"{100 * row['data_wait_share']:.0f}%")
-            bar.update(1)
+                if step % cfg.log_every == 0 or step == last:
+                    row = meter.row(step, lr, cfg.global_batch_size, info)  # the one host read per log interval
+                    summary.first_loss = summary.first_loss if summary.first_loss is not None else row["loss"]
+                    summary.last_loss = row["loss"]
+                    if info.is_main:
+                        append_jsonl(run_dir / "metrics.jsonl", row)
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{row['clips_per_s']:.1f}",
+                                        wait=f"{100 * row['data_wait_share']:.0f}%")
+                        if show_progress and not interactive:
+                            echo(_log_line(row, last, time.perf_counter() - t_start, step - summary.start_step))
+                bar.update(1)
 
-            at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == last
-            if at_eval:
-                summary.eval = _evaluate_and_plot(m, model, source, featurize, held, autocast, step, run_dir, info,
-                                                  bad)
-            if at_eval or step % cfg.checkpoint_every == 0:
-                _checkpoint(run_dir, m, states, step, info, keep=step % cfg.checkpoint_every == 0)
-            if meter.steps == 0:
-                meter.restart_clock()  # evaluation and checkpoint time stay out of the step figures
+                at_eval = bool(held) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == last)
+                if at_eval:
+                    summary.eval = _evaluate_and_plot(m, model, source, featurize, held, autocast, step, run_dir,
+                                                      info, bad)
+                due = cfg.checkpoint_minutes > 0 and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
+                stop, due = any_rank([stopper.received, int(due)], info)  # every rank decides alike
+                if at_eval or step == last or step % cfg.checkpoint_every == 0 or due or stop:
+                    latest = _checkpoint(run_dir, m, states, step, data.fingerprint, info,
+                                         keep=step % cfg.checkpoint_every == 0)
+                    last_save = time.monotonic()
+                if stop:
+                    raise Interrupted(stop, f"stopped after step {step}; {latest} saved")
+                if meter.steps == 0:
+                    meter.restart_clock()  # evaluation and checkpoint time stay out of the step figures
     finally:
         bar.close()
         loader.close()
@@ -233,6 +253,7 @@ class TrainingData:
     where: str  # for messages
     source: Callable[[ViewRecord], WindowSource]  # given one view (for the feature layout)
     featurize: Featurize
+    fingerprint: str  # of the features (the store's digest): a resumed run must train on the same ones
 
 
 def cached_data(m: Manifest, pcfg: PredictorConfig) -> TrainingData:
@@ -240,7 +261,7 @@ def cached_data(m: Manifest, pcfg: PredictorConfig) -> TrainingData:
     store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
     T = m.data.frames_per_clip
     return TrainingData(list(store.committed_views().values()), store.url,
-                         lambda view: CachedSource(store, T, view), lambda batch: batch)
+                         lambda view: CachedSource(store, T, view), lambda batch: batch, store.digest)
 
 
 def online_data(m: Manifest, info: DistInfo) -> TrainingData:
@@ -249,7 +270,8 @@ def online_data(m: Manifest, info: DistInfo) -> TrainingData:
 
     views, rows = online_views(m)
     source = OnlineSource(m, rows)
-    return TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device))
+    return TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device),
+                        fingerprint_digest(fingerprint_spec(m)))
 
 
 class _LossModule(torch.nn.Module):
@@ -294,6 +316,15 @@ def train_step(loss_fn: torch.nn.Module, model: ACPredictor, optimizer: torch.op
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return tf_sum, roll_sum, grad_norm
+
+
+def _log_line(row: dict[str, Any], last: int, elapsed: float, done: int) -> str:
+    """A metrics row as one plain line (batch jobs, no terminal): step, loss, lr, clips/s, ETA."""
+    eta = elapsed / max(done, 1) * (last - row["step"])
+    return (f"step {row['step']}/{last}  loss {row['loss']:.4f} (tf {row['tf_loss']:.4f}, rollout "
+            f"{row['rollout_loss']:.4f})  lr {row['lr']:.2e}  grad norm {row['grad_norm']:.3f}  "
+            f"{row['clips_per_s']:.1f} clips/s  data wait {100 * row['data_wait_share']:.0f}%  "
+            f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
 
 
 class MetricsAccumulator:
@@ -361,14 +392,38 @@ def _evaluate_and_plot(m: Manifest, model: ACPredictor, source: WindowSource, fe
     return result
 
 
-def _checkpoint(run_dir: Path, m: Manifest, states: dict[str, Stateful], step: int, info: DistInfo,
-                keep: bool) -> None:
-    """Every rank takes part (the RNG of every rank is gathered); rank 0 writes latest.pt, and a kept copy
-    every checkpoint_every steps."""
-    readers_only = {"config": m.to_dict(), "predictor_config": predictor_config(m).to_dict()}
-    payload = checkpoint_payload(states, step, readers_only)
+def _checkpoint(run_dir: Path, m: Manifest, states: dict[str, Stateful], step: int, fingerprint: str,
+                info: DistInfo, keep: bool) -> Path:
+    """Every rank takes part (the RNG of every rank is gathered); rank 0 writes the kept step_N.pt (every
+    checkpoint_every steps) and then latest.pt. Returns latest.pt."""
+    extra = {"config": m.to_dict(), "predictor_config": predictor_config(m).to_dict(), "data_fingerprint": fingerprint}
+    payload = checkpoint_payload(states, step, extra)
+    folder = run_dir / "checkpoints"
     if info.is_main:
-        save_checkpoint(run_dir / "checkpoints" / "latest.pt", payload)
-        if keep:
-            save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}.pt", payload)
+        write_checkpoints(folder, payload, step, keep, m.train.keep_checkpoints)
     barrier(info)
+    return folder / "latest.pt"
+
+
+def _resume(run_dir: Path, m: Manifest, states: dict[str, Stateful], fingerprint: str, info: DistInfo,
+            echo: Callable[[str], None]) -> int:
+    """Continue from the run's newest intact checkpoint (0 for a new run), after making sure it is the same
+    run: a setting that changes the model, or other features, is refused naming each change."""
+    folder = run_dir / "checkpoints"
+    if info.is_main:
+        for path in remove_temp_files(folder):
+            echo(f"removed {path}: the temp file of a save that was killed")
+    barrier(info)
+    found = resume_checkpoint(folder, warn=lambda line: echo(f"warning: {line}") if info.is_main else None)
+    if found is None:
+        return 0
+    ckpt, path = found
+    changes = run_changes(ckpt.get("config", {}), m.to_dict())
+    saved = ckpt.get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        changes.append(f"the features (store fingerprint): {saved[:16]} -> {fingerprint[:16]}")
+    if changes:
+        raise UsageError(f"{run_dir} holds another run (checkpoint {path.name}, step {ckpt['step']}); this command "
+                         "changes what is trained:\n  " + "\n  ".join(changes) + "\nResume with the run's own "
+                         "settings, or start a new run in another folder (--out, or train.out).")
+    return restore(ckpt, states)

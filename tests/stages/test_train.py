@@ -203,8 +203,8 @@ def test_checkpoint_restores_every_state_it_saves(workdir: Path) -> None:
     shutil.copytree(run, doctored)
     latest = doctored / "checkpoints" / "latest.pt"
     ckpt = torch.load(latest, weights_only=False)
-    assert set(ckpt) == {"format", "step", "config", "predictor_config", "predictor", "optimizer", "scaler",
-                         "loader", "rng"}
+    assert set(ckpt) == {"format", "step", "config", "predictor_config", "data_fingerprint", "predictor",
+                         "optimizer", "scaler", "loader", "rng"}
     assert ckpt["loader"]["batch_number"] == ckpt["step"] == 10 and len(ckpt["rng"]["ranks"]) == 1
     ckpt["loader"]["batch_number"] = 500  # as if the loader had been elsewhere in its stream
     torch.save(ckpt, latest)
