@@ -50,12 +50,6 @@ def encode_features(x: torch.Tensor, logical_dtype: str) -> np.ndarray:
     return x.to(torch.float32).cpu().numpy()
 
 
-def decode_features(rows: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    """Stored rows -> the tensor that was written, bit for bit."""
-    t = torch.from_numpy(np.ascontiguousarray(rows))
-    return t.view(torch.bfloat16) if logical_dtype == "bfloat16" else t
-
-
 def finite_rows(rows: torch.Tensor) -> torch.Tensor:
     """[F] bool: which feature rows [F, ...] hold only finite numbers. A float32 row sum is NaN/inf if any
     element is (or if the row is absurdly large, ~1e34 per element): 2x torch.isfinite, 5x numpy on bf16."""

@@ -52,6 +52,7 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.core.buffer.cpu import NDBuffer
 
+from pipeline.durable import replace_durably
 from pipeline.errors import DamagedDataError, StoreError
 from pipeline.manifest import CacheSection
 from pipeline.part_writer import TORCH_DTYPES, PartWriter, crc32c
@@ -234,7 +235,7 @@ class FeatureStore:
             try:
                 self._arrays[key] = zarr.open_array(store=f"{self.url}/{view.location}", path=name, mode="r")
             except Exception as err:
-                raise DamagedDataError(self._where(view, name), f"array cannot be opened ({_short(err)})") from err
+                raise DamagedDataError(self.where(view, name), f"array cannot be opened ({_short(err)})") from err
         return self._arrays[key]
 
     def read_features(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -250,7 +251,7 @@ class FeatureStore:
         rows = slice(view.start + start, view.start + start + length)
         logical = arr.attrs.get("logical_dtype")
         if logical not in TORCH_DTYPES:
-            raise DamagedDataError(self._where(view, "features"), f"logical_dtype {logical!r} in zarr.json")
+            raise DamagedDataError(self.where(view, "features"), f"logical_dtype {logical!r} in zarr.json")
         if out is None:
             out = torch.empty((length, *arr.shape[1:]), dtype=TORCH_DTYPES[logical])
         elif TORCH_DTYPES[logical] != out.dtype or tuple(arr.shape[1:]) != tuple(out.shape[1:]):
@@ -265,13 +266,13 @@ class FeatureStore:
             else:
                 arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target))
         except DamagedDataError as err:
-            raise DamagedDataError(f"{err.where} {self._where(view, 'features').split(' ', 1)[1]}", err.what) from err
+            raise DamagedDataError(f"{err.where} {context(view)}", err.what) from err
         except Exception as err:  # a checksum, an index or a file that is not what was written
-            raise DamagedDataError(self._where(view, "features", rows), _short(err)) from err
+            raise DamagedDataError(self.where(view, "features", rows), _short(err)) from err
         want = view.digests["features"][start : start + length]
         for i, row in enumerate(target):
             if crc32c(row) != want[i]:
-                raise DamagedDataError(self._where(view, "features", slice(rows.start + i, rows.start + i + 1)),
+                raise DamagedDataError(self.where(view, "features", slice(rows.start + i, rows.start + i + 1)),
                                        f"row {start + i} of the view is not what was committed (crc32c)")
         return out
 
@@ -288,19 +289,19 @@ class FeatureStore:
         try:
             rows = arr[view.start : view.start + view.length]
         except Exception as err:
-            raise DamagedDataError(self._where(view, name), _short(err)) from err
+            raise DamagedDataError(self.where(view, name), _short(err)) from err
         if crc32c(rows) != view.digests.get(name):
-            raise DamagedDataError(self._where(view, name), "rows are not what was committed (crc32c)")
+            raise DamagedDataError(self.where(view, name), "rows are not what was committed (crc32c)")
         return rows
 
-    def _where(self, view: ViewRecord, name: str, rows: slice | None = None) -> str:
-        """Which file, view and episode a problem is in, for messages."""
+    def where(self, view: ViewRecord, name: str, rows: slice | None = None) -> str:
+        """Which file (the shard of `rows`, where given), view and episode a problem is in, for messages."""
         where = f"{self.url}/{view.location}/{name}"
         arr = self._arrays.get((view.location, name))
         if rows is not None and arr is not None:
             shard = arr.shards[0] if arr.shards else arr.chunks[0]
             where += "/" + arr.metadata.encode_chunk_key((rows.start // shard, *[0] * (arr.ndim - 1)))
-        return f"{where} (view {view.view_id} of episode {view.episode_id}, commit {view.commit})"
+        return f"{where} {context(view)}"
 
     # -- writing -------------------------------------------------------------------------------
     def part_writer(self, part_id: str, attempt: str, frames: int, tokens: int, dim: int,
@@ -375,27 +376,15 @@ class FeatureStore:
         """Atomic write: temp file + fsync + rename on a local disk; a single PUT (atomic) on object stores."""
         path = f"{self.root}/{rel}"
         data = json.dumps(obj, indent=1).encode()
-        if not self.is_local:
+        if self.is_local:
+            replace_durably(path, lambda f: f.write(data), f"{path}.{uuid.uuid4().hex[:8]}.tmp")
+        else:
             self.fs.pipe_file(path, data)
-            return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself survives a power cut
-        finally:
-            os.close(fd)
+
+
+def context(view: ViewRecord) -> str:
+    """The view, episode and commit a file belongs to, for messages."""
+    return f"(view {view.view_id} of episode {view.episode_id}, commit {view.commit})"
 
 
 def _pid_alive(pid: int) -> bool:

@@ -82,7 +82,7 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
     """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows);
     the training figures from `repeats` interleaved rounds of `steps` steps each (0 repeats: skip them)."""
     folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
-    crops, decode_s = _decode(m, folders)
+    crops, decode_s = decode_views(m, folders)
     frames = sum(len(c) for c in crops)
     spec = fingerprint_spec(m)
     encoder = load_encoder(m, FeatureStore(m.cache.path, spec).digest)
@@ -118,8 +118,9 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
     })
 
 
-def _decode(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:
-    """View 0 of each episode, decoded and cropped exactly as extraction draws it."""
+def decode_views(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:
+    """View 0 of each episode, decoded and cropped exactly as extraction draws it (one decoder); the
+    crops and the seconds it took."""
     one_view = dataclasses.replace(m.views, per_episode=1)
     crops, t0 = [], time.perf_counter()
     for folder in folders:

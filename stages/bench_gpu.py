@@ -35,17 +35,14 @@ from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
-from stages.augment import CropBox, crop_frames
-from stages.bench import BenchReport
-from stages.droid import episode_id_for, iter_frames, list_episodes
+from stages.bench import BenchReport, decode_views
+from stages.droid import list_episodes
 from stages.encoder import build_runtime
 from stages.extract import extract
 from stages.fingerprint import predictor_config
 from stages.flops import H100_BF16_TFLOPS, encoder_flops_per_frame, predictor_train_flops_per_clip
 from stages.models.predictor import PredictorConfig
 from stages.optim import set_schedule
-from stages.part import episode_jobs
-from stages.plan import EpisodeTask
 from stages.train import autocast_for, build_training, train_step
 from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader
 
@@ -166,14 +163,8 @@ def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: f
 
 def _decoder_fps(m: Manifest) -> float:
     """One decoder thread: decord + crop of the views extraction would draw, frames/s."""
-    root = Path(m.data.root)
-    frames, t0 = 0, time.perf_counter()
-    for folder in list_episodes(m.data.episodes, root)[:2]:
-        job = episode_jobs(EpisodeTask(episode_id_for(folder, root), str(folder), {}), m.data, m.views, m.crop)[0]
-        for batch in iter_frames(job.episode, job.indices, m.encoder.batch_size, m.extract.decode_threads):
-            crop_frames(batch, CropBox(*job.record.box)).copy()
-            frames += len(batch)
-    return frames / (time.perf_counter() - t0)
+    crops, seconds = decode_views(m, list_episodes(m.data.episodes, Path(m.data.root))[:2])
+    return sum(len(c) for c in crops) / seconds
 
 
 # -- the predictor's training step -------------------------------------------------------------------
@@ -187,13 +178,14 @@ def _batch(pcfg: PredictorConfig, B: int, T: int, device: torch.device) -> Batch
                  torch.randn(B, T, 7, generator=g).to(device), 0)
 
 
-def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
-    """Seconds per step, clips/s, MFU and peak memory of `steps` steps at batch B (after one warm-up)."""
+def _seconds_per_step(sm: Manifest, device: torch.device, B: int, steps: int, ddp: bool = False) -> float:
+    """Seconds per training step of the manifest's predictor on a cached-size batch already on the device,
+    over `steps` steps after one warm-up; `ddp` wraps the loss in DistributedDataParallel (one rank)."""
     pcfg = predictor_config(sm)
     model, optimizer, scaler, loss_fn = build_training(sm, pcfg, device)
+    if ddp:
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index or 0] if device.type == "cuda" else None)
     autocast, batch = autocast_for(sm, device), _batch(pcfg, B, sm.data.frames_per_clip, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for k in range(steps + 1):
         if k == 1:
             _sync(device)
@@ -201,8 +193,15 @@ def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: 
         set_schedule(optimizer, k + 1, sm.train)
         train_step(loss_fn, model, optimizer, scaler, batch, B, autocast, None)
     _sync(device)
-    secs = (time.perf_counter() - t0) / steps
-    flops = predictor_train_flops_per_clip(pcfg, sm.data.frames_per_clip, sm.train.auto_steps) * B
+    return (time.perf_counter() - t0) / steps
+
+
+def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
+    """Seconds per step, clips/s, MFU and peak memory of `steps` steps at batch B (after one warm-up)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    secs = _seconds_per_step(sm, device, B, steps)
+    flops = predictor_train_flops_per_clip(predictor_config(sm), sm.data.frames_per_clip, sm.train.auto_steps) * B
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return {"step_seconds": secs, "clips_per_s": B / secs, "mfu": flops / secs / (peak * 1e12),
             "peak_GiB": peak_bytes / 2**30, "fits": True}
@@ -294,7 +293,6 @@ def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo)
 def _ddp(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo) -> dict[str, Any]:
     """One rank of DDP (NCCL on a GPU, gloo on the CPU) against the same steps without it."""
     sm = _sized(m, sizes, device)
-    pcfg = predictor_config(sm)
     backend = "nccl" if device.type == "cuda" else "gloo"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -302,21 +300,8 @@ def _ddp(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo) ->
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group(backend, rank=0, world_size=1)
     try:
-        times = {}
-        for wrapped in (False, True):
-            model, optimizer, scaler, loss_fn = build_training(sm, pcfg, device)
-            if wrapped:
-                ids = [device.index or 0] if device.type == "cuda" else None
-                loss_fn = DistributedDataParallel(loss_fn, device_ids=ids)
-            batch = _batch(pcfg, sizes.batch, sizes.frames, device)
-            autocast = autocast_for(sm, device)
-            for k in range(sizes.steps + 1):
-                if k == 1:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                train_step(loss_fn, model, optimizer, scaler, batch, sizes.batch, autocast, None)
-            _sync(device)
-            times[wrapped] = (time.perf_counter() - t0) / sizes.steps
+        times = {wrapped: _seconds_per_step(sm, device, sizes.batch, sizes.steps, ddp=wrapped)
+                 for wrapped in (False, True)}
     finally:
         dist.destroy_process_group()
     echo(f"ddp over {backend}: {times[True]:.3f} s/step vs {times[False]:.3f} s/step (1 rank)")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.distributed import DistInfo
+from pipeline.durable import fsync_dir, replace_durably
 from pipeline.errors import UsageError
 
 CHECKPOINT_FORMAT = "vjepa2ac-pipeline-train/2"  # 2: one dict of stateful things (loader, RankRNG)
@@ -101,18 +102,7 @@ def restore(ckpt: dict[str, Any], states: dict[str, Stateful]) -> int:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """temp file + fsync + rename + fsync of the folder: a kill or a power cut never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    replace_durably(path, lambda f: torch.save(payload, f), path.with_name(f"{path.name}.tmp{os.getpid()}"))
 
 
 def write_checkpoints(folder: Path, payload: dict[str, Any], step: int, keep: bool, keep_last: int) -> None:
@@ -128,7 +118,7 @@ def write_checkpoints(folder: Path, payload: dict[str, Any], step: int, keep: bo
         tmp.unlink(missing_ok=True)
         os.link(kept, tmp)  # no second write of a multi-GB file
         os.replace(tmp, latest)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError:  # a filesystem without hard links
         tmp.unlink(missing_ok=True)
         save_checkpoint(latest, payload)
@@ -198,14 +188,6 @@ def _try_load(path: Path, damaged: list[tuple[Path, str]]) -> tuple[dict[str, An
     except Exception as err:  # truncated zip, unpickling errors, foreign files: all "damaged"
         damaged.append((path, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]))
         return None
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- is it the same run? ----------------------------------------------------------------------------

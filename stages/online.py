@@ -1,7 +1,7 @@
 """`pipeline train --online`: the released way -- decode, crop and encode every clip in the training step.
 
 The baseline the cache is measured against, and a way to train on episodes not yet extracted. Views
-are drawn by the same `draw_views` as extraction, windows by the same sampler, states and actions
+come from extraction's own `episode_jobs`, windows from the same sampler, states and actions
 rounded exactly as the store keeps them, and the encoder's output is rounded to `cache.dtype` before
 the predictor sees it: a cached run and an online run with the same seed see the same windows and log
 the same losses (within float noise of other batch compositions; tested on an fp32 config).
@@ -22,18 +22,16 @@ import torch
 from pipeline.manifest import Manifest
 from pipeline.part_writer import TORCH_DTYPES
 from pipeline.records import ViewRecord
-from stages.augment import CropBox, crop_frames, draw_views, preprocess
+from stages.augment import CropBox, crop_frames, preprocess
 from stages.droid import (
     Episode,
     EpisodeError,
-    actions_from_states,
     decode_frames,
     episode_id_for,
-    frame_grid,
-    frame_stride,
     list_episodes,
-    open_episode,
 )
+from stages.part import episode_jobs
+from stages.plan import EpisodeTask
 from stages.windows import Batch, Window, _Buffers
 
 log = logging.getLogger("pipeline.online")
@@ -50,26 +48,21 @@ class _ViewData:
 
 
 def online_views(m: Manifest) -> tuple[list[ViewRecord], dict[str, _ViewData]]:
-    """The manifest's views, drawn from the episodes themselves (what extraction would store); episodes
-    that cannot be read are named in a warning and left out."""
+    """The manifest's views, drawn from the episodes by the same `episode_jobs` extraction uses (so the
+    same views, rows and rounding); episodes that cannot be read are named in a warning and left out."""
     root = Path(m.data.root)
     records, data = [], {}
     for folder in list_episodes(m.data.episodes, root):
-        eid = episode_id_for(folder, root)
         try:
-            ep = open_episode(folder, m.data.camera)
+            jobs = episode_jobs(EpisodeTask(episode_id_for(folder, root), str(folder), {}), m.data, m.views, m.crop)
         except EpisodeError as err:
             log.warning(f"episode left out of online training: {err}")
             continue
-        stride = frame_stride(ep.video_fps, m.data.fps)
-        for v in draw_views(m.views, m.crop, m.data.camera, eid, ep.frame_hw, stride):
-            indices = frame_grid(ep.num_usable, stride, v.draw.phase)  # [F]
-            states = ep.states[indices]  # [F, 7] float64
-            actions = np.concatenate([actions_from_states(states), np.full((1, 7), np.nan)])  # [F, 7]
-            records.append(ViewRecord(v.view_id, eid, str(folder), m.data.camera, ep.serial, v.draw.phase, stride,
-                                      ep.video_fps, list(ep.frame_hw), v.draw.box.as_list(), {}, part="online",
-                                      length=len(indices)))
-            data[v.view_id] = _ViewData(ep, indices, states.astype(np.float32), actions.astype(np.float32))
+        for job in jobs:
+            job.record.part = "online"
+            records.append(job.record)
+            data[job.record.view_id] = _ViewData(job.episode, job.indices, job.states.astype(np.float32),
+                                                 job.actions.astype(np.float32))
     return records, data
 
 

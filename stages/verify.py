@@ -187,7 +187,7 @@ def _check_features(store: FeatureStore, v: ViewRecord) -> int:
         ok = finite_rows(rows)  # [n]
         if not ok.all():
             row = start + int(torch.argmin(ok.int()))
-            raise DamagedDataError(_where(store, v, "features"), f"non-finite (or absurdly large) values in row {row}")
+            raise DamagedDataError(store.where(v, "features"), f"non-finite (or absurdly large) values in row {row}")
         nbytes += rows.numel() * rows.element_size()
     return nbytes
 
@@ -198,19 +198,15 @@ def _check_rows(store: FeatureStore, v: ViewRecord) -> int:
     actions = store.read_rows(v, "actions")
     index = store.read_rows(v, "frame_index")
     if not np.isfinite(states).all() or np.abs(states[:, :3]).max() > MAX_ABS_POSITION:
-        raise DamagedDataError(_where(store, v, "states"), "non-finite or impossible end-effector states")
+        raise DamagedDataError(store.where(v, "states"), "non-finite or impossible end-effector states")
     want = actions_from_states(states.astype(np.float64))  # [F-1, 7]
     if not (np.isnan(actions[-1]).all() and np.allclose(actions[:-1], want, atol=ACTION_ATOL)):
-        raise DamagedDataError(_where(store, v, "actions"), "actions do not follow from the stored states")
+        raise DamagedDataError(store.where(v, "actions"), "actions do not follow from the stored states")
     grid = v.phase + v.stride * np.arange(v.length)
     if not np.array_equal(index, grid):
-        raise DamagedDataError(_where(store, v, "frame_index"),
+        raise DamagedDataError(store.where(v, "frame_index"),
                                f"frame indices are not the view's grid (phase {v.phase}, stride {v.stride})")
     return states.nbytes + actions.nbytes + index.nbytes
-
-
-def _where(store: FeatureStore, v: ViewRecord, name: str) -> str:
-    return f"{store.url}/{v.location}/{name} (view {v.view_id} of episode {v.episode_id}, commit {v.commit})"
 
 
 def _repair(store: FeatureStore, commits: list[CommitRecord], summary: VerifySummary) -> None:

@@ -315,8 +315,7 @@ def _window_rows(store: FeatureStore, window: Window, T: int) -> tuple[np.ndarra
     states, actions = _view_rows(store, view)
     a = actions[s : s + T - 1]  # [T-1, 7]; the view's last row (NaN) is never inside
     if not np.isfinite(a).all():
-        raise DamagedDataError(f"{store.url}/{view.location}/actions (view {view.view_id} of episode "
-                               f"{view.episode_id})", f"non-finite actions in rows {s}..{s + T - 2}")
+        raise DamagedDataError(store.where(view, "actions"), f"non-finite actions in rows {s}..{s + T - 2}")
     return a, states[s : s + T]
 
 
