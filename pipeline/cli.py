@@ -36,8 +36,10 @@ RESUME_HINT = {"extract": "re-run the same `pipeline extract` to resume (nothing
 @app.callback()
 def _setup() -> None:
     """Warnings (a record skipped, a view skipped) print as one `warning:` line each on stderr."""
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, force=True)
-    logging.getLogger("distributed").setLevel(logging.ERROR)  # dask's own notices are not the user's business
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)  # libraries that lower their loggers' levels (dask does) still stay quiet
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
 
 def _fail(message: str, code: int) -> typer.Exit:

@@ -18,6 +18,10 @@ from distributed import Client, LocalCluster
 
 from pipeline.errors import UsageError
 
+# Importing distributed configures its loggers (INFO and up); its notices -- a worker killed on shutdown,
+# a missing optional dashboard package -- are not the user's business. Errors still show.
+logging.getLogger("distributed").setLevel(logging.ERROR)
+
 
 @contextmanager
 def dask_client(scheduler: str, workers: int, gpus: int, retries: int = 2,
