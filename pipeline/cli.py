@@ -264,5 +264,112 @@ def bench(
         out.write_text(json.dumps(report.to_dict(), indent=1))
 
 
+@app.command()
+def inspect(
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    view: Annotated[str | None, typer.Option(help="View id, or a unique prefix of one (default: a random "
+                                             "committed view, drawn with --seed).")] = None,
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: inspect_<view id>.png here).")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a static page into this folder: index.html with a "
+                                              "table of the views' facts, and one PNG per view.")] = None,
+    views: Annotated[int, typer.Option(help="Views on the --html page (random committed ones).")] = 6,
+    seed: Annotated[int | None, typer.Option(help="Seed of the random draw of views (default: a new one).")] = None,
+) -> None:
+    """Pictures of the feature cache (1600x1000 PNG per view): raw frames with the crop box, the encoder's
+    input, a PCA of the cached features, states and actions over time."""
+    m = _load(manifest, profile, set_)
+    from stages.inspect_cache import inspect_cache
+
+    with _user_errors():
+        s = inspect_cache(m, view=view, out=out, html=html, views=views, seed=seed)
+    typer.echo(s.format())
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint of `pipeline train` (or its run folder: "
+                                               "latest.pt), or a file in the release's vjepa2-ac-vitg.pt format.")],
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[str, typer.Option(help="Episodes to evaluate on: heldout | train | all (training's split: "
+                                       "train.heldout_fraction, train.split_salt).")] = "heldout",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    out: Annotated[Path | None, typer.Option(help="JSON file to write, the plot beside it as .png (default: "
+                                             "<checkpoint stem>.eval.json / .eval.png beside the checkpoint).")]
+    = None,
+) -> None:
+    """Evaluate a predictor checkpoint on the feature cache: teacher-forcing and rollout L1 per horizon against
+    copying the last frame, with the spread over windows."""
+    m = _load(manifest, profile, set_)
+    from stages.eval_checkpoint import evaluate_checkpoint
+
+    with _user_errors():
+        report = evaluate_checkpoint(m, checkpoint, split=split, out=out)
+    typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.format())
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (its checkpoints/latest.pt) or a checkpoint .pt file.")],
+    to: Annotated[Path, typer.Option("--to", help="The .pt file to write.")],
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[str, typer.Option(help="In a run folder: latest, step_N (a kept one) or a path.")]
+    = "latest",
+) -> None:
+    """Write a run's checkpoint in the release's vjepa2-ac-vitg.pt format (encoder + predictor), for the
+    release's hub loader and planning notebook; the encoder is the manifest's."""
+    m = _load(manifest, profile, set_)
+    from stages.export import export_release
+
+    with _user_errors():
+        s = export_release(m, run, to, which=checkpoint)
+    typer.echo(s.format())
+
+
+@app.command()
+def plan(
+    manifest: ManifestOpt = Path("data_manifest.yaml"),
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Our checkpoint (or run folder) or a released "
+                                                    "vjepa2-ac-vitg.pt (default: <train.out>/checkpoints/latest.pt).")]
+    = None,
+    view: Annotated[str | None, typer.Option(help="A committed view of the store (its id or a unique prefix).")]
+    = None,
+    start_frame: Annotated[int | None, typer.Option(help="Frame of --view to start from.")] = None,
+    goal_frame: Annotated[int | None, typer.Option(help="Frame of --view to reach.")] = None,
+    start_image: Annotated[Path | None, typer.Option(help="Image file of the start (instead of --view).")] = None,
+    goal_image: Annotated[Path | None, typer.Option(help="Image file of the goal.")] = None,
+    state: Annotated[str | None, typer.Option(help="Robot state at --start-image: 'x y z roll pitch yaw gripper'.")]
+    = None,
+    closed_loop: Annotated[int | None, typer.Option(help="Run the closed-loop benchmark on N start/goal pairs of "
+                                                    "the synthetic scene instead (planner vs baselines).")] = None,
+    out: Annotated[Path | None, typer.Option(help="--closed-loop: folder for closed_loop.json / .png (default: "
+                                             "<train.out>/closed_loop).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Plan actions towards a goal frame with the trained predictor (CEM, the released way; settings plan.*),
+    or with --closed-loop N measure receding-horizon planning against baselines in the synthetic scene."""
+    m = _load(manifest, profile, set_)
+    from stages.planning import run_plan
+
+    with _user_errors():
+        if closed_loop is not None:
+            from stages.closed_loop import run_closed_loop
+
+            if any(v is not None for v in (view, start_frame, goal_frame, start_image, goal_image, state)):
+                raise UsageError("--closed-loop draws its own start/goal pairs: leave out --view, --start-*, "
+                                 "--goal-* and --state")
+            s = run_closed_loop(m, checkpoint, closed_loop, out, echo=lambda line: typer.echo(line, err=json_out))
+        else:
+            s = run_plan(m, checkpoint, view, start_frame, goal_frame, start_image, goal_image, state)
+    typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else s.format())
+
+
 if __name__ == "__main__":
     app()

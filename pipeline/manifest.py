@@ -22,6 +22,7 @@ import signal
 import types
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,15 +44,34 @@ class DataSection:
 
     root: str  # folder the episode list is relative to
     episodes: str  # text file (one episode folder per line, the release's format) or a glob under root
-    camera: str = "left_mp4_path"  # metadata key of the camera; V-JEPA 2-AC uses the left exterior one
+    # metadata keys of the cameras to store views of; V-JEPA 2-AC uses the left exterior one. With several,
+    # training draws one camera per window uniformly (the release's `camera_views`).
+    cameras: list[str] = field(default_factory=lambda: ["left_mp4_path"])
+    camera: str | None = None  # one camera, the older spelling: when set, it means cameras: [camera]
     fps: float = 4.0  # target frame rate; stride = ceil(video_fps / fps) raw frames
+    # the video's frame rate for the stride: auto = what decord reports (the release's behaviour), or a
+    # number that overrides it (DROID MP4s may report another rate than the capture's; see README)
+    video_fps: float | Literal["auto"] = "auto"
     frames_per_clip: int = 16  # T of a training clip (paper 16); shorter episodes are failures
+
+    def __post_init__(self) -> None:
+        if self.camera is not None:  # the alias is resolved once, so the rest of the code sees `cameras` only
+            self.cameras, self.camera = [self.camera], None
 
     def validate(self) -> None:
         _require(self.fps > 0, "data.fps", self.fps, "must be > 0")
+        _require(self.video_fps == "auto" or self.video_fps > 0, "data.video_fps", self.video_fps,
+                 "must be auto or a frame rate > 0")
         _require(self.frames_per_clip >= 2, "data.frames_per_clip", self.frames_per_clip, "must be >= 2")
-        _require(self.camera.endswith("_mp4_path"), "data.camera", self.camera,
-                 "must be a metadata key ending in _mp4_path, e.g. left_mp4_path")
+        _require(len(self.cameras) >= 1, "data.cameras", self.cameras, "must name at least one camera")
+        _require(len(set(self.cameras)) == len(self.cameras), "data.cameras", self.cameras, "lists a camera twice")
+        for cam in self.cameras:
+            _require(cam.endswith("_mp4_path"), "data.cameras", cam,
+                     "must be metadata keys ending in _mp4_path, e.g. left_mp4_path")
+
+    def fps_override(self) -> float | None:
+        """data.video_fps as a number, or None for auto (use the rate the video reports)."""
+        return None if self.video_fps == "auto" else float(self.video_fps)
 
 
 @dataclass
@@ -60,7 +80,9 @@ class ViewsSection:
 
     per_episode: int = 1  # views per episode; identical draws are stored once
     seed: int = 0  # draws of view k of episode e come from (seed, e, k)
-    phase: Literal["random", "first"] = "random"  # temporal phase of the frame grid: drawn, or always 0
+    # temporal phase of the frame grid: drawn per view, always 0, or every phase (the release's sampling:
+    # a view per phase of each crop draw, so stride x the views; see README "Sampling as the release")
+    phase: Literal["random", "first", "all"] = "random"
 
     def validate(self) -> None:
         _require(self.per_episode >= 1, "views.per_episode", self.per_episode, "must be >= 1")
@@ -211,6 +233,10 @@ class TrainSection:
     prefetch_batches: int = 2  # batches read ahead
     device: str = "auto"  # auto (the rank's GPU if present), cpu, cuda
     on_bad_data: Literal["raise", "skip"] = "raise"  # damaged cached data: stop and say so, or skip the view
+    # last window start: "release" = one stored frame must follow the window (the release's bound, start <=
+    # num_frames - 1 - T * stride); "full" = every window that fits (one more start per view)
+    window_range: Literal["release", "full"] = "release"
+    tensorboard: bool = False  # also write TensorBoard event files to <out>/tensorboard
 
     @property
     def total_steps(self) -> int:
@@ -237,6 +263,51 @@ class TrainSection:
 
 
 @dataclass
+class PlanSection:
+    """Goal-conditioned planning with a trained predictor (`pipeline plan`): the cross-entropy method as the
+    released V-JEPA 2-AC runs it -- the defaults are the release's (`WorldModel.mpc_args` of its
+    notebooks/utils/world_model_wrapper.py, gripper momenta and clips of `cem` in notebooks/utils/mpc_utils.py)
+    -- and the closed-loop benchmark on the built-in synthetic scene (`pipeline plan --closed-loop N`)."""
+
+    samples: int = 400  # action sequences drawn per CEM iteration
+    iterations: int = 10  # CEM iterations per plan (the release's cem_steps)
+    topk: int = 10  # lowest-energy sequences (elites) the mean and std are refitted to
+    horizon: int = 2  # actions per planned sequence, rolled out by the predictor (the release's rollout)
+    momentum_mean: float = 0.15  # share of the old xyz mean kept at each refit
+    momentum_std: float = 0.15  # share of the old xyz std kept at each refit
+    momentum_mean_gripper: float = 0.15  # share of the old gripper mean kept at each refit
+    momentum_std_gripper: float = 0.15  # share of the old gripper std kept at each refit
+    max_norm: float = 0.05  # xyz deltas are clipped to [-max_norm, max_norm] per axis (metres per step)
+    gripper_clip: float = 0.75  # sampled gripper deltas are clipped to [-gripper_clip, gripper_clip]
+    gripper_round: float = 0.25  # planned gripper deltas smaller than this in size become 0
+    seed: int = 0  # seed of the samples: the same inputs give the same plan
+    device: str = "auto"  # auto (cuda if present), cpu, cuda: where the predictor and encoder run
+    steps: int = 10  # closed loop: actions executed per episode, each after a new plan
+    goal_seconds: float = 1.0  # closed loop: the goal is where a held-out scripted episode is this much later
+    goal_orientation: Literal["start", "episode"] = "start"  # closed loop: the planner only translates, so the
+    # goal keeps the start's orientation (start), or takes the episode's (episode: partly out of reach)
+    scene_seed: int = 0  # closed loop: seed the synthetic episodes were written with (`pipeline demo`: 0)
+    scenes: int = 1  # closed loop: shared scenes of the synthetic episodes (`pipeline demo`: 1)
+    image_size: tuple[int, int] = (320, 180)  # closed loop: width, height of the synthetic videos (synth default)
+
+    def validate(self) -> None:
+        for name in ("samples", "iterations", "horizon", "steps"):
+            _require(getattr(self, name) >= 1, f"plan.{name}", getattr(self, name), "must be >= 1")
+        _require(2 <= self.topk <= self.samples, "plan.topk", self.topk, f"must be in [2, plan.samples {self.samples}]")
+        for name in ("momentum_mean", "momentum_std", "momentum_mean_gripper", "momentum_std_gripper"):
+            _require(0 <= getattr(self, name) <= 1, f"plan.{name}", getattr(self, name), "must be in [0, 1]")
+        _require(self.max_norm > 0, "plan.max_norm", self.max_norm, "must be > 0")
+        _require(self.gripper_clip >= 0, "plan.gripper_clip", self.gripper_clip, "must be >= 0")
+        _require(self.gripper_round >= 0, "plan.gripper_round", self.gripper_round, "must be >= 0")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 "plan.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _require(self.goal_seconds > 0, "plan.goal_seconds", self.goal_seconds, "must be > 0")
+        _require(self.scenes >= 0, "plan.scenes", self.scenes, "must be >= 0")
+        _require(all(v >= 16 and v % 2 == 0 for v in self.image_size), "plan.image_size", self.image_size,
+                 "must be even and >= 16 (width, height)")
+
+
+@dataclass
 class Manifest:
     """One resolved profile of data_manifest.yaml."""
 
@@ -248,6 +319,7 @@ class Manifest:
     extract: ExtractSection = field(default_factory=ExtractSection)
     predictor: PredictorSection = field(default_factory=PredictorSection)
     train: TrainSection = field(default_factory=TrainSection)
+    plan: PlanSection = field(default_factory=PlanSection)
     profile: str = "default"  # the profile's name (set by the loader)
 
     def validate(self) -> None:
@@ -363,8 +435,14 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], key)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, inner, key)
+            except ManifestError as err:
+                errors.append(err)
+        raise errors[-1] if len(errors) == 1 else ManifestError(
+            f"{key}: {value!r} is not valid: " + "; or ".join(str(e).split(": ", 1)[-1] for e in errors))
     if origin is Literal:
         if value not in args:
             raise ManifestError(f"{key}: {value!r} is not one of {list(args)}")
@@ -375,11 +453,16 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string; 48/11 a fraction
         try:
-            return float(value)
-        except ValueError:
+            return float(value) if "/" not in value else float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
             pass
+    if typing.get_origin(hint) is list or hint is list:
+        if not isinstance(value, list):
+            raise ManifestError(f"{key}: {value!r} must be a list")
+        inner = (typing.get_args(hint) or (Any,))[0]
+        return value if inner is Any else [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ManifestError(f"{key}: {value!r} is not a valid {getattr(hint, '__name__', hint)}")

@@ -71,6 +71,7 @@ class ViewRecord:
     start: int = 0  # first row in the attempt's arrays
     length: int = 0  # rows (frames)
     digests: dict[str, Any] = field(default_factory=dict)  # crc32c: features per row, states/actions/frame_index
+    capture_fps: float | None = None  # the camera's rate from trajectory.h5's timestamps (None: not recorded)
     committed_at: float = 0.0  # from the commit record (not stored per view)
     commit: str = ""  # name of the commit record that lists it (not stored per view)
 
@@ -85,6 +86,7 @@ class ViewRecord:
 _VIEW_TYPES = {"view_id": str, "episode_id": str, "episode_path": str, "camera": str, "serial": str, "phase": int,
                "stride": int, "video_fps": (int, float), "frame_hw": list, "box": list, "source": dict, "part": str,
                "attempt": str, "start": int, "length": int, "digests": dict}
+_OPTIONAL_VIEW_TYPES = {"capture_fps": (int, float, type(None))}  # absent in records of older versions
 
 
 @dataclass
@@ -130,7 +132,10 @@ def _parse_view(v: Any, commit: dict[str, Any], i: int) -> ViewRecord:
     for key, kind in _VIEW_TYPES.items():
         if not isinstance(v.get(key), kind) or isinstance(v.get(key), bool):
             raise RecordError(f"views[{i}].{key} is missing or not a {getattr(kind, '__name__', 'number')}")
-    unknown = set(v) - set(_VIEW_TYPES)
+    for key, kind in _OPTIONAL_VIEW_TYPES.items():
+        if key in v and (not isinstance(v[key], kind) or isinstance(v[key], bool)):
+            raise RecordError(f"views[{i}].{key} is {v[key]!r}, not a number or null")
+    unknown = set(v) - set(_VIEW_TYPES) - set(_OPTIONAL_VIEW_TYPES)
     if unknown:
         raise RecordError(f"views[{i}] has unknown keys {sorted(unknown)}")
     if v["part"] != commit["part"] or v["attempt"] != commit["attempt"]:

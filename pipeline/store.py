@@ -53,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.durable import replace_durably
-from pipeline.errors import DamagedDataError, StoreError
+from pipeline.errors import DamagedDataError, StoreError, UsageError
 from pipeline.manifest import CacheSection
 from pipeline.part_writer import TORCH_DTYPES, PartWriter, crc32c
 from pipeline.records import (
@@ -385,6 +385,21 @@ class FeatureStore:
 def context(view: ViewRecord) -> str:
     """The view, episode and commit a file belongs to, for messages."""
     return f"(view {view.view_id} of episode {view.episode_id}, commit {view.commit})"
+
+
+def find_view(views: dict[str, ViewRecord], prefix: str) -> ViewRecord:
+    """The committed view (of `committed_views()`) whose id is `prefix` or starts with it, like git's short
+    hashes: the one rule for every command that takes a view id (UsageError when none or several match)."""
+    key = prefix.strip().lower()
+    found = sorted(vid for vid in views if key and vid.startswith(key))
+    if not found:
+        raise UsageError(f"--view {prefix!r}: no committed view has an id starting with it ({len(views)} views "
+                         f"are committed, e.g. {', '.join(sorted(views)[:3]) or 'none'})")
+    if len(found) > 1:
+        more = ", ..." if len(found) > 4 else ""
+        raise UsageError(f"--view {prefix!r} is ambiguous: {len(found)} views start with it "
+                         f"({', '.join(found[:4])}{more}); give more characters")
+    return views[found[0]]
 
 
 def _pid_alive(pid: int) -> bool:

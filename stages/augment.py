@@ -92,7 +92,9 @@ def draw_view(
     ratio: tuple[float, float],
     random_phase: bool,
 ) -> ViewDraw:
-    """The phase and crop box of view `view` of an episode, reproducibly."""
+    """The phase and crop box of view `view` of an episode, reproducibly. `random_phase` draws the phase
+    first (phase 0 otherwise); `views.phase: all` draws as `random` does, so its crop boxes are those of
+    `random` and a store made with `random` is a subset of the one `all` asks for."""
     rng = np.random.default_rng(view_seed(seed, episode_id, view))
     phase = int(rng.integers(0, stride)) if random_phase else 0
     return ViewDraw(phase, draw_crop(rng, frame_hw[0], frame_hw[1], scale, ratio))
@@ -111,13 +113,18 @@ def draw_views(views: ViewsSection, crop: CropSection, camera: str, episode_id: 
     """The distinct views the manifest asks for of one episode and camera, in draw order.
 
     View k is drawn from (views.seed, episode, k); identical draws (always, under the released crop
-    settings) give the same view id and are listed once.
+    settings) give the same view id and are listed once. With `views.phase: all` each crop draw is
+    stored at every phase 0..stride-1 of the frame grid, so the windows of the views cover every raw
+    start frame the release can draw.
     """
     out: dict[str, DrawnView] = {}
     for k in range(views.per_episode):
-        d = draw_view(views.seed, episode_id, k, frame_hw, stride, crop.scale, crop.ratio, views.phase == "random")
-        vid = view_id_for(episode_id, camera, d.phase, stride, d.box.as_list())
-        out.setdefault(vid, DrawnView(vid, d))
+        d = draw_view(views.seed, episode_id, k, frame_hw, stride, crop.scale, crop.ratio,
+                      views.phase != "first")
+        phases = range(stride) if views.phase == "all" else (d.phase,)
+        for phase in phases:
+            vid = view_id_for(episode_id, camera, phase, stride, d.box.as_list())
+            out.setdefault(vid, DrawnView(vid, ViewDraw(phase, d.box)))
     return list(out.values())
 
 

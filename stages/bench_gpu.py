@@ -266,10 +266,10 @@ def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo)
         writer.write(0, torch.randn(n, pcfg.tokens_per_frame, pcfg.embed_dim))
         writer.finish(np.zeros((n, 7)), np.zeros((n, 7)), np.arange(n))
         per = n // 4
-        views = [ViewRecord(f"v{k}", f"e{k}", "e", sm.data.camera, "s", 0, 1, 15.0, [1, 1], [0, 0, 1, 1], {},
+        views = [ViewRecord(f"v{k}", f"e{k}", "e", sm.data.cameras[0], "s", 0, 1, 15.0, [1, 1], [0, 0, 1, 1], {},
                             "bench", attempt, k * per, per, writer.digests(k * per, per)) for k in range(4)]
         store.commit(CommitRecord(f"bench.{attempt}", "bench", attempt, n, time.time(), views))
-        index = WindowIndex(store, split="all", frames_per_clip=T)
+        index = WindowIndex(store, split="all", frames_per_clip=T, window_range="full")
         first = index.views_of(index.episodes[0])[0]
         threads = max(2, min(8, os.cpu_count() or 1))
         batches = max(4, sizes.steps)

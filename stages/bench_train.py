@@ -25,7 +25,7 @@ from stages.fingerprint import predictor_config, vit_config
 from stages.flops import released, step_model
 from stages.optim import set_schedule
 from stages.train import Featurize, autocast_for, build_training, cached_data, online_data, train_step
-from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader, sample_batch
+from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader, sample_batch, split_index
 
 FEATURE_BYTES_VITG = 256 * 1408 * 2  # one cached frame of the release: 256 tokens x 1408, 16 bits
 
@@ -44,7 +44,7 @@ def bench_training(m: Manifest, repeats: int, steps: int, gpu_tflops: float,
     pcfg = predictor_config(m)
     T, B = m.data.frames_per_clip, m.train.global_batch_size
     cached, online = cached_data(m, pcfg), online_data(m, info)
-    index = WindowIndex.from_views(cached.views, split="all", frames_per_clip=T, camera=m.data.camera)
+    index = split_index(m, cached.views, "all")
     first = index.views_of(index.episodes[0])[0]
     model, optimizer, scaler, loss_fn = build_training(m, pcfg, device)
     autocast = autocast_for(m, device)
@@ -164,7 +164,7 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     store = FeatureStore(f"{tmp}/loader-store", {"bench": "loader"}).create()
     views, _ = write_views(store, torch.randn(frames, 256, 1408), cache, views=4)
     view = views[0]
-    index = WindowIndex.from_views(views, split="all", frames_per_clip=T)
+    index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")  # short views
     source = CachedSource(store, T, views[0])
     windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
     with WindowLoader(source, index, batch, T, 0, threads=m.train.loader_threads,

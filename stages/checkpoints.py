@@ -41,6 +41,7 @@ RESUMABLE_CHANGES = (
     "train.constant_steps",  # the total steps: raise it to train longer
     "data.root", "data.episodes", "cache.path", "encoder.checkpoint", "predictor.checkpoint",  # where, not what
     "extract.", "encoder.batch_size", "encoder.device",  # stage one's scheduling
+    "plan.",  # planning with a trained model (`pipeline plan`) does not change what is trained
 )
 
 
@@ -190,13 +191,36 @@ def _try_load(path: Path, damaged: list[tuple[Path, str]]) -> tuple[dict[str, An
         return None
 
 
+def resolve_checkpoint(target: Path, which: str = "latest") -> Path:
+    """The checkpoint file a command names: a .pt path as it is, or in a run folder (or its checkpoints/
+    folder) `latest.pt`, a kept `step_N` or a path; a missing one is a UsageError listing what is there."""
+    if target.is_file():
+        if which != "latest":
+            raise UsageError(f"--checkpoint {which}: {target} is a file; --checkpoint picks one in a run folder")
+        return target
+    if not target.is_dir():
+        raise UsageError(f"{target}: no such checkpoint file or run folder")
+    folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
+    if which == "latest":
+        path = folder / "latest.pt"
+    elif m := re.fullmatch(r"step_?(\d+)(\.pt)?", which):
+        path = folder / f"step_{int(m.group(1)):07d}.pt"
+    else:
+        path = Path(which)
+    if not path.is_file():
+        there = [p.name for _, p in sorted(kept_checkpoints(folder))]
+        there += ["latest.pt"] if (folder / "latest.pt").exists() else []
+        raise UsageError(f"no checkpoint {path} (in {folder}: {', '.join(there) or 'none'})")
+    return path
+
+
 # -- is it the same run? ----------------------------------------------------------------------------
 
 
 def run_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that differs between a run's checkpoint and this command and
     would change the model being trained (RESUMABLE_CHANGES may differ)."""
-    old, new = _flatten(saved), _flatten(now)
+    old, new = _flatten(_upgrade(saved)), _flatten(now)
     out = []
     for key in sorted(old.keys() | new.keys()):
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
@@ -205,6 +229,14 @@ def run_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             continue
         out.append(f"{key}: {old.get(key, '(not set)')!r} -> {new.get(key, '(not set)')!r}")
     return out
+
+
+def _upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config in today's spelling: `data.camera: X` (before data.cameras existed) is cameras [X]."""
+    data = config.get("data")
+    if isinstance(data, dict) and "cameras" not in data and isinstance(data.get("camera"), str):
+        return {**config, "data": {**data, "cameras": [data["camera"]], "camera": None}}
+    return config
 
 
 def _same(a: Any, b: Any) -> bool:

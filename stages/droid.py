@@ -43,6 +43,7 @@ H5_NAME = "trajectory.h5"
 METADATA_GLOB = "metadata_*.json"
 CARTESIAN_KEY = "observation/robot_state/cartesian_position"
 GRIPPER_KEY = "observation/robot_state/gripper_position"
+TIMESTAMP_GROUP = "observation/timestamp/cameras"  # <serial>_estimated_capture: ms per row (not always there)
 MAX_ABS_POSITION = 100.0  # m: an end effector farther than this from the robot base is a broken recording
 MAX_ABS_ANGLE = 4 * math.pi  # rad: Euler angles are within +-pi; allow unwrapped ones, refuse garbage
 MAX_ABS_GRIPPER = 1.5  # gripper_position lives in [0, 1]; refuse what is far outside
@@ -76,6 +77,7 @@ class Episode:
     num_rows: int  # rows in trajectory.h5
     states: np.ndarray  # [N, 7] float64: cartesian_position (6) ++ gripper_position (1)
     frame_hw: tuple[int, int]  # (height, width) of the frames, from the stream header
+    capture_fps: float | None = None  # the camera's rate from trajectory.h5's per-frame timestamps, if it has them
 
     @property
     def num_usable(self) -> int:
@@ -102,13 +104,13 @@ def source_files(folder: Path, camera_key: str) -> list[Path]:
 Source = dict[str, list[int]]  # file name (relative to the episode folder) -> [size, mtime_ns]
 
 
-def source_identity(folder: Path, camera_key: str) -> Source:
+def source_identity(folder: Path, *camera_keys: str) -> Source:
     """Size and mtime of the files an episode's views are made from; never raises (missing = absent).
 
-    Recorded with every committed view and failure, so a changed or fixed episode is noticed by
-    planning without opening a video."""
+    Recorded with every committed view (its own camera's files) and failure (all cameras' files), so a
+    changed or fixed episode is noticed by planning without opening a video."""
     out: Source = {}
-    for f in source_files(folder, camera_key):
+    for f in dict.fromkeys(f for key in camera_keys for f in source_files(folder, key)):
         try:
             st = f.stat()
             out[f.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
@@ -201,18 +203,36 @@ def open_episode(path: str | Path, camera_key: str = "left_mp4_path") -> Episode
     n = min(num_frames, num_rows)
     states = np.concatenate([cartesian[:n], gripper[:n, None]], axis=1)  # [N, 7]
     states.setflags(write=False)
+    serial = video_name.split(".")[0]
     return Episode(
         path=folder,
         metadata=metadata,
         camera_key=camera_key,
-        serial=video_name.split(".")[0],
+        serial=serial,
         video_path=video_path,
         video_fps=fps,
         num_video_frames=num_frames,
         num_rows=num_rows,
         states=states,
         frame_hw=frame_hw,
+        capture_fps=capture_fps(folder, serial),
     )
+
+
+def capture_fps(folder: Path, serial: str) -> float | None:
+    """The camera's capture rate from trajectory.h5's `observation/timestamp/cameras/<serial>_estimated_capture`
+    (milliseconds per row, as DROID records them): 1000 / the median step. None when the file has no such
+    timestamps or they do not increase: the check is a help, never a reason to fail an episode."""
+    try:
+        with h5py.File(folder / H5_NAME, "r") as f:
+            node = f.get(f"{TIMESTAMP_GROUP}/{serial}_estimated_capture")
+            stamps = np.asarray(node[()], dtype=np.float64) if isinstance(node, h5py.Dataset) else None
+    except (OSError, TypeError, ValueError):
+        return None
+    if stamps is None or stamps.ndim != 1 or len(stamps) < 3:
+        return None
+    step = float(np.median(np.diff(stamps)))  # ms
+    return 1000.0 / step if np.isfinite(step) and step > 0 else None
 
 
 def _read_metadata(folder: Path) -> tuple[Path, dict[str, Any]]:

@@ -16,15 +16,18 @@ import torch
 from stages.models.predictor import ACPredictor, ac_loss, layer_norm_features, rollout
 from stages.windows import Batch
 
+QUANTILES = (0.1, 0.5, 0.9)  # the spread over windows: one bad window and a typical one read differently
+
 
 @torch.no_grad()
 def evaluate(model: ACPredictor, batches: Iterable[Batch], auto_steps: int, horizons: int,
-             autocast: AbstractContextManager, step: int) -> dict[str, Any]:
-    """Mean held-out losses and per-horizon L1 of the model and of the copy baseline."""
+             autocast: AbstractContextManager, step: int | None) -> dict[str, Any]:
+    """Mean losses and per-horizon L1 of the model and of the copy baseline, with their spread over windows
+    (a mean alone hides whether the model is a little better everywhere or much better on a few windows)."""
     was_training = model.training
     model.eval()
     n, tf_sum, roll_sum = 0, 0.0, 0.0
-    model_sum, copy_sum = torch.zeros(horizons, dtype=torch.float64), torch.zeros(horizons, dtype=torch.float64)
+    model_l1, copy_l1 = [], []  # per batch: [B, k] each
     for batch in batches:
         feats = batch.features.float()  # [B, T, hw, D]
         b = feats.shape[0]
@@ -33,13 +36,37 @@ def evaluate(model: ACPredictor, batches: Iterable[Batch], auto_steps: int, hori
             h = layer_norm_features(feats)  # [B, T, hw, D]
             preds = rollout(model, h[:, 0], batch.actions, batch.states, horizons).float()  # [B, k, hw, D]
         target = h[:, 1 : horizons + 1]  # [B, k, hw, D]
-        model_sum += (preds - target).abs().mean(dim=(2, 3)).sum(0).double().cpu()  # [k]
-        copy_sum += (h[:, :1] - target).abs().mean(dim=(2, 3)).sum(0).double().cpu()  # [k]
+        model_l1.append((preds - target).abs().mean(dim=(2, 3)).double().cpu())  # [B, k]
+        copy_l1.append((h[:, :1] - target).abs().mean(dim=(2, 3)).double().cpu())  # [B, k]
         tf_sum, roll_sum, n = tf_sum + float(tf) * b, roll_sum + float(roll) * b, n + b
     model.train(was_training)
+    empty = torch.zeros(0, horizons, dtype=torch.float64)  # [0, k]
+    per_model, per_copy = torch.cat([empty, *model_l1]), torch.cat([empty, *copy_l1])  # [N, k] each
     return {"step": step, "windows": n, "tf_loss": tf_sum / max(n, 1), "rollout_loss": roll_sum / max(n, 1),
-            "horizons": [{"horizon": k + 1, "model_l1": float(model_sum[k] / max(n, 1)),
-                          "copy_l1": float(copy_sum[k] / max(n, 1))} for k in range(horizons)]}
+            "horizons": [_horizon_row(k, per_model[:, k], per_copy[:, k]) for k in range(horizons)]}
+
+
+def _horizon_row(k: int, model: torch.Tensor, copy: torch.Tensor) -> dict[str, Any]:
+    """Horizon k+1: mean L1 of model and copy, their spread over the windows, and the share of windows
+    on which the model beats the copy (model [N], copy [N], per-window L1)."""
+    row: dict[str, Any] = {"horizon": k + 1, "model_l1": _mean(model), "copy_l1": _mean(copy)}
+    row.update(_spread("model_l1", model))
+    row.update(_spread("copy_l1", copy))
+    row["model_better"] = _mean((model < copy).double())  # mean of [N] 0/1
+    return row
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.sum() / max(len(values), 1))
+
+
+def _spread(name: str, values: torch.Tensor) -> dict[str, float | None]:
+    """std over windows (population: defined for one window) and the QUANTILES; None without windows."""
+    keys = [f"{name}_std", *(f"{name}_p{round(100 * q)}" for q in QUANTILES)]
+    if not len(values):
+        return dict.fromkeys(keys, None)
+    quantiles = torch.quantile(values, torch.tensor(QUANTILES, dtype=values.dtype))  # [3]
+    return dict(zip(keys, [float(values.std(correction=0)), *map(float, quantiles)], strict=True))
 
 
 def format_eval(result: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,9 @@ from pipeline.store import FeatureStore
 from stages.encoder import load_encoder
 from stages.fingerprint import fingerprint_spec, vit_config
 from stages.part import PartResult, PartSettings, run_part
-from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes
+from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes, view_settings
+from stages.timing import CameraTiming, camera_timings, format_timings, timing_warnings
+from stages.windows import manifest_views
 
 EVENT_TOPIC = "pipeline-extract-progress"
 
@@ -54,6 +56,8 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)  # {episode, path, reason}
     parts_left: list[dict[str, str]] = field(default_factory=list)  # {part, why}: committed/claimed by others
     parts_retried: dict[str, int] = field(default_factory=dict)  # part -> extra attempts after a worker died
+    timing: list[CameraTiming] = field(default_factory=list)  # video fps and stride per camera (stages/timing.py)
+    warnings: list[str] = field(default_factory=list)  # e.g. trajectory timestamps that disagree with the fps
 
     @property
     def frames_per_second(self) -> float:
@@ -64,7 +68,7 @@ class ExtractSummary:
         return self.frames / self.encode_seconds if self.encode_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "frames_per_second": self.frames_per_second,
+        return {**asdict(self), "frames_per_second": self.frames_per_second,
                 "encoder_frames_per_second": self.encoder_frames_per_second}
 
     def format(self) -> str:
@@ -73,7 +77,8 @@ class ExtractSummary:
                  f"skipped (committed) {self.views_skipped}, failed episodes {len(self.failed)}",
                  f"frames     {self.frames} in {self.seconds:.1f} s = {self.frames_per_second:.1f} frames/s end to end"
                  f" (encoder alone {self.encoder_frames_per_second:.1f} frames/s)",
-                 f"written    {human_bytes(self.bytes_written)}"]
+                 f"written    {human_bytes(self.bytes_written)}", *format_timings(self.timing)]
+        lines += [f"warning    {w}" for w in self.warnings]
         if self.parts_retried:
             lines.append(f"retried    {len(self.parts_retried)} part(s) whose worker died: "
                          + ", ".join(f"{p} (+{n})" for p, n in sorted(self.parts_retried.items())))
@@ -95,12 +100,12 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     spec = fingerprint_spec(m)
     store = FeatureStore(m.cache.path, spec).create()
     plans = plan_episodes(m, store)
-    parts = make_parts(plans, m.extract.episodes_per_part)
+    parts = make_parts(plans, m.extract.episodes_per_part, view_settings(m))
     summary = _summary_from_plan(store, plans)
     if not parts:
         echo(f"Nothing to do: all {summary.views_skipped} planned views of {len(plans)} episodes are committed "
              f"in {store.url}; no encoding.")
-        return summary
+        return _with_timing(summary, store, m)
     todo = sum(len(p.episodes) for p in parts)
     echo(f"Extracting {todo} episodes in {len(parts)} parts into {store.url} "
          f"({summary.views_skipped} views already committed, {len(summary.failed)} failed before)")
@@ -118,6 +123,15 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - t0
+    return _with_timing(summary, store, m)
+
+
+def _with_timing(summary: ExtractSummary, store: FeatureStore, m: Manifest) -> ExtractSummary:
+    """The video fps and stride found per camera over the committed views, and a warning where the
+    trajectory files' timestamps disagree with the rate the strides came from."""
+    summary.timing = camera_timings(manifest_views(store.committed_views().values(), m.data),
+                                    m.data.cameras, m.data.fps_override())
+    summary.warnings = timing_warnings(summary.timing, m.data.fps)
     return summary
 
 

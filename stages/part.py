@@ -218,25 +218,33 @@ def _prepare(part: PartTask, settings: PartSettings, result: PartResult) -> list
 
 
 def episode_jobs(task: EpisodeTask, data: DataSection, views: ViewsSection, crop: CropSection) -> list[ViewJob]:
-    """Open an episode (no decoding) and draw its views: the distinct ones not already committed."""
+    """Open an episode (no decoding) and draw its views of every camera: the distinct ones not already
+    committed. A camera the episode cannot give fails the whole episode (named in the error)."""
     folder = Path(task.path)
     if not folder.is_dir():
         raise EpisodeError(folder, "episode folder does not exist")
-    ep = open_episode(folder, data.camera)
-    stride = frame_stride(ep.video_fps, data.fps)
-    source = source_identity(folder, data.camera)
+    return [job for camera in data.cameras for job in _camera_jobs(task, folder, camera, data, views, crop)]
+
+
+def _camera_jobs(task: EpisodeTask, folder: Path, camera: str, data: DataSection, views: ViewsSection,
+                 crop: CropSection) -> list[ViewJob]:
+    ep = open_episode(folder, camera)
+    stride = frame_stride(data.fps_override() or ep.video_fps, data.fps)
+    source = source_identity(folder, camera)
     jobs = []
-    for v in draw_views(views, crop, data.camera, task.episode_id, ep.frame_hw, stride):
+    for v in draw_views(views, crop, camera, task.episode_id, ep.frame_hw, stride):
         if v.view_id in task.done_views:
             continue
         indices = frame_grid(ep.num_usable, stride, v.draw.phase)  # [F]
         if len(indices) < 2:  # how many frames a clip needs is stage two's business (views shorter are skipped)
             raise EpisodeError(folder, f"episode too short: {ep.num_usable} usable frames at stride {stride} give "
-                               f"{len(indices)} frame(s) from phase {v.draw.phase}; a view needs 2 for one action")
+                               f"{len(indices)} frame(s) from phase {v.draw.phase} ({camera}); a view needs 2 for "
+                               "one action")
         states = ep.states[indices]  # [F, 7]
         actions = np.concatenate([actions_from_states(states), np.full((1, 7), np.nan)])  # [F, 7]
-        record = ViewRecord(v.view_id, task.episode_id, str(folder), data.camera, ep.serial, v.draw.phase, stride,
-                            ep.video_fps, list(ep.frame_hw), v.draw.box.as_list(), source, length=len(indices))
+        record = ViewRecord(v.view_id, task.episode_id, str(folder), camera, ep.serial, v.draw.phase, stride,
+                            ep.video_fps, list(ep.frame_hw), v.draw.box.as_list(), source, length=len(indices),
+                            capture_fps=ep.capture_fps)
         jobs.append(ViewJob(record, ep, indices, states, actions))
     return jobs
 
@@ -259,7 +267,7 @@ def _finish_failures(store: FeatureStore, part: PartTask, result: PartResult, fa
             store.clear_failure(task.episode_id)
     for eid, path, reason in result.failures:
         store.write_failure(FailureRecord(eid, path, reason, time.time(),
-                                          source_identity(Path(path), settings.data.camera),
+                                          source_identity(Path(path), *settings.data.cameras),
                                           settings.failure_settings))
 
 
@@ -294,10 +302,11 @@ def _put(q: queue.Queue, item: Decoded, stop: threading.Event) -> None:
 
 
 def _by_episode(jobs: list[ViewJob]) -> Iterator[list[ViewJob]]:
-    """The views of one episode (they are laid out next to each other)."""
+    """The views of one episode and camera, i.e. of one video (they are laid out next to each other)."""
     group: list[ViewJob] = []
     for job in jobs:
-        if group and job.record.episode_id != group[0].record.episode_id:
+        if group and (job.record.episode_id, job.record.camera) != (group[0].record.episode_id,
+                                                                   group[0].record.camera):
             yield group
             group = []
         group.append(job)

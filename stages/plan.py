@@ -9,6 +9,7 @@ episode never seen, or changed, goes to a worker, which opens it and draws its v
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -59,17 +60,21 @@ class EpisodePlan:
         return self.state in ("partial", "stale", "new")
 
 
-def planned_view_ids(m: Manifest, episode_id: str, frame_hw: list[int], video_fps: float) -> list[str]:
-    """The distinct view ids the manifest asks for, given an episode's frame size and frame rate."""
-    stride = frame_stride(video_fps, m.data.fps)
-    return [v.view_id for v in draw_views(m.views, m.crop, m.data.camera, episode_id, (frame_hw[0], frame_hw[1]),
-                                          stride)]
+def planned_view_ids(m: Manifest, episode_id: str, camera: str, frame_hw: list[int], video_fps: float) -> list[str]:
+    """The distinct view ids the manifest asks for of one camera, given its frame size and reported frame rate."""
+    stride = frame_stride(m.data.fps_override() or video_fps, m.data.fps)
+    return [v.view_id for v in draw_views(m.views, m.crop, camera, episode_id, (frame_hw[0], frame_hw[1]), stride)]
 
 
 def episode_settings(m: Manifest) -> dict[str, Any]:
     """The stage-one settings outside the fingerprint that an episode's failure can depend on. A failure
-    is recorded with them and retried when they change (e.g. a camera key an episode lacks)."""
-    return {"camera": m.data.camera}
+    is recorded with them and retried when they change (e.g. a camera key an episode lacks, or a frame
+    rate override that makes it long enough)."""
+    cams = m.data.cameras
+    out: dict[str, Any] = {"camera": cams[0]} if len(cams) == 1 else {"cameras": cams}
+    if m.data.video_fps != "auto":
+        out["video_fps"] = m.data.video_fps
+    return out
 
 
 def failure_applies(failure: FailureRecord, source: Source, m: Manifest) -> bool:
@@ -82,7 +87,7 @@ def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
     root = Path(m.data.root)
     by_episode: dict[str, list[ViewRecord]] = defaultdict(list)
     for rec in store.committed_views().values():
-        if rec.camera == m.data.camera:
+        if rec.camera in m.data.cameras:
             by_episode[rec.episode_id].append(rec)
     failures = store.failures()
     return [_plan_one(m, folder, episode_id_for(folder, root), by_episode, failures)
@@ -91,32 +96,51 @@ def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
 
 def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[ViewRecord]],
               failures: dict[str, FailureRecord]) -> EpisodePlan:
-    src = source_identity(folder, m.data.camera)
+    cams = m.data.cameras
+    src = source_identity(folder, *cams)
+    per_camera = {cams[0]: src} if len(cams) == 1 else {c: source_identity(folder, c) for c in cams}
     recs = by_episode.get(eid, [])
-    current = [r for r in recs if r.source == src]
+    current = [r for r in recs if r.source == per_camera[r.camera]]
     stale = len(recs) - len(current)
+    unopened = m.views.per_episode * len(cams)  # planned views before the episode is opened (stride unknown)
     failure = failures.get(eid)
     if failure is not None and failure_applies(failure, src, m) and not current:
         state = "new" if m.extract.retry_failed else "failed"
-        return EpisodePlan(eid, str(folder), state, m.views.per_episode, 0, stale, src, failure.reason)
+        return EpisodePlan(eid, str(folder), state, unopened, 0, stale, src, failure.reason)
     if not current:
-        return EpisodePlan(eid, str(folder), "stale" if recs else "new", m.views.per_episode, 0, stale, src)
-    planned = planned_view_ids(m, eid, current[0].frame_hw, current[0].video_fps)
+        return EpisodePlan(eid, str(folder), "stale" if recs else "new", unopened, 0, stale, src)
+    planned, missing = [], 0  # missing: cameras never extracted, their views are drawn once the episode is opened
+    for cam in cams:
+        seen = [r for r in current if r.camera == cam]
+        if seen:
+            planned += planned_view_ids(m, eid, cam, seen[0].frame_hw, seen[0].video_fps)
+        else:
+            missing += 1
     have = {r.view_id for r in current}
     done = [v for v in planned if v in have]
-    state = "done" if len(done) == len(planned) else "partial"
-    return EpisodePlan(eid, str(folder), state, len(planned), len(done), stale, src, done_views=done)
+    state = "done" if len(done) == len(planned) and not missing else "partial"
+    count = len(planned) + missing * m.views.per_episode
+    return EpisodePlan(eid, str(folder), state, count, len(done), stale, src, done_views=done)
 
 
-def make_parts(plans: list[EpisodePlan], episodes_per_part: int) -> list[PartTask]:
-    """Group the episodes that need work into parts, in a stable order, each named by its content: two
-    runs with the same plan form the same parts, so one recognises (and skips) what the other committed
-    or is working on. Each run of a part still writes an attempt of its own."""
+def view_settings(m: Manifest) -> dict[str, Any]:
+    """The stage-one settings outside the fingerprint that decide which views an episode gets."""
+    return {"cameras": m.data.cameras, "fps": m.data.fps, "video_fps": m.data.video_fps,
+            "views": dataclasses.asdict(m.views)}
+
+
+def make_parts(plans: list[EpisodePlan], episodes_per_part: int, settings: dict[str, Any] | None = None
+               ) -> list[PartTask]:
+    """Group the episodes that need work into parts, in a stable order, each named by its content (the
+    episodes, their files, the views already there and the `view_settings` asking for more): two runs
+    with the same plan form the same parts, so one recognises (and skips) what the other committed or is
+    working on, while a run asking for other views (another fps or phase rule) never mistakes the earlier
+    run's part for its own. Each run of a part still writes an attempt of its own."""
     todo = sorted((p for p in plans if p.needs_work), key=lambda p: p.episode_id)
     tasks = [EpisodeTask(p.episode_id, p.path, p.source, p.done_views) for p in todo]
     parts = []
     for i in range(0, len(tasks), episodes_per_part):
         group = tasks[i : i + episodes_per_part]
-        key = canonical_json([[t.episode_id, t.source, t.done_views] for t in group])
+        key = canonical_json([[[t.episode_id, t.source, t.done_views] for t in group], settings or {}])
         parts.append(PartTask(hashlib.sha1(key.encode()).hexdigest()[:20], group))
     return parts

@@ -12,6 +12,8 @@ from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
 from stages.fingerprint import reader_spec
 from stages.plan import plan_episodes
+from stages.timing import CameraTiming, camera_timings, format_timings, timing_warnings
+from stages.windows import manifest_views
 
 EPISODE_STATES = ("done", "partial", "stale", "new", "failed")
 
@@ -36,6 +38,8 @@ class StatusReport:
     unreferenced_attempts: int = 0  # attempt folders no commit names: killed or running extracts (gc lists them)
     quarantined: list[str] = field(default_factory=list)  # commit records moved aside by verify --repair
     bad_records: dict[str, str] = field(default_factory=dict)  # record path -> what is wrong (skipped)
+    timing: list[CameraTiming] = field(default_factory=list)  # video fps and stride per camera (stages/timing.py)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -51,7 +55,9 @@ class StatusReport:
             f"views        planned {self.views_planned}  committed {self.views_committed}  "
             f"pending {self.views_pending}  stale {self.views_stale}  failed {self.views_failed}",
             f"on disk      {human_bytes(self.bytes_on_disk)}{uncommitted}",
+            *(line.replace("timing     ", "timing       ", 1) for line in format_timings(self.timing)),
         ]
+        lines += [f"warning      {w}" for w in self.warnings]
         lines += [f"failed       {f['episode']}: {f['reason']}" for f in self.episodes_failed]
         if self.episodes_failed:
             lines.append("             retry: fix the files (a changed episode is retried by the next extract), or "
@@ -85,5 +91,8 @@ def status_report(m: Manifest) -> StatusReport:
         live = {(c.part, c.attempt) for c in store.commits()}
         report.unreferenced_attempts = len(set(store.attempts()) - live)
         report.quarantined = store.quarantined()
+        report.timing = camera_timings(manifest_views(store.committed_views().values(), m.data),
+                                    m.data.cameras, m.data.fps_override())
+        report.warnings = timing_warnings(report.timing, m.data.fps)
     report.bad_records = dict(store.bad_records)
     return report

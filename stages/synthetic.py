@@ -28,7 +28,9 @@ Euler angles (roll near pi, wrapped to (-pi, pi], small pitch, varying yaw) and 
 the scene with pinhole projections from either side; the wrist camera rides on the gripper and
 looks down past the fingers. Rendering is numpy only: the table is ray-cast per pixel, boxes are
 painted as convex polygons (painter's algorithm). The joint positions are a smooth function of
-the pose, not real inverse kinematics.
+the pose, not real inverse kinematics. The scene (`Scene`, `make_cameras`), the block's physics
+(`step_block`) and the renderer (`render_step`) are public: `stages/sim.py` drives them as a small
+simulator for closed-loop planning, in the scene of the episodes a model was trained on.
 
 Episode i is drawn from `numpy.random.default_rng((seed, i))` alone, so the first episodes do not
 depend on how many are written. The same seed writes byte-identical files: the RGB -> YUV
@@ -86,6 +88,8 @@ TEXTURE_SIZE = 256  # texels along one side of the table / floor tile
 TEXTURE_METRES = 0.5  # the tile's side on the table
 STEREO_BASELINE = {"wrist": 0.063, "ext1": 0.12, "ext2": 0.12}  # ZED mini / ZED 2, metres
 SCENE_STREAM = 7_919  # seeds shared scenes apart from the per-episode streams
+CAMERAS = ("wrist", "ext1", "ext2")  # ext1 is the robot's left (left_mp4_path), ext2 its right
+WRIST_FOCAL = 0.45  # wrist camera focal length in units of image width
 
 
 def write_synthetic_dataset(
@@ -113,12 +117,9 @@ def write_synthetic_dataset(
     folders: list[Path] = []
     used: set[str] = set()
     for i in _progress(range(episodes), progress):
-        rng = np.random.default_rng((seed, i))
-        # a scene (cameras, table, block colour) of its own, or one of `scenes` shared ones, as in a lab
-        scene = rng if scenes == 0 else np.random.default_rng((seed, SCENE_STREAM, i % scenes))
-        plan = _plan_episode(rng, scene, used, min_seconds, max_seconds)
+        plan = episode_plan(seed, i, scenes, min_seconds, max_seconds, used)
         short = short_video_every > 0 and (i + 1) % short_video_every == 0
-        folders.append(_write_episode(out, plan, scene, width, height, short))
+        folders.append(_write_episode(out, plan, width, height, short))
     lines = [str(f.relative_to(out)) for f in folders]
     (out / "episodes.txt").write_text("".join(f"{line}\n" for line in lines))
     return folders
@@ -151,7 +152,7 @@ def _progress(items: range, enabled: bool) -> Any:
 
 
 @dataclass(frozen=True)
-class _Motion:
+class Motion:
     """The simulated episode, N steps at 15 Hz."""
 
     xyz: np.ndarray  # [N, 3] end-effector position, metres
@@ -162,22 +163,53 @@ class _Motion:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Scene:
+    """What stays fixed while an episode is filmed: exterior cameras, table texture and block colour."""
+
+    ext_poses: dict[str, tuple[np.ndarray, np.ndarray]]  # "ext1"/"ext2" -> (rot [3,3], pos [3])
+    ext_focal: dict[str, float]  # focal length in units of image width
+    block_rgb: tuple[int, int, int]
+    ground: np.ndarray  # [1 + 2 T², 3] uint8 palette of wall, table and floor, see _ground_palette
+
+
+def draw_scene(rng: np.random.Generator) -> Scene:
+    """A scene from `rng`, in the order the episodes have always drawn it (so a seed writes the same files)."""
+    ext_poses = {"ext1": _ext_pose(rng, +1.0), "ext2": _ext_pose(rng, -1.0)}
+    ext_focal = {"ext1": float(rng.uniform(0.5, 0.56)), "ext2": float(rng.uniform(0.54, 0.58))}
+    block_rgb = BLOCK_RGBS[int(rng.integers(len(BLOCK_RGBS)))]
+    return Scene(ext_poses, ext_focal, block_rgb, _ground_palette(rng))
+
+
+@dataclass(frozen=True)
+class EpisodePlan:
+    """One synthetic episode before it is written: names, the simulated motion and the scene."""
+
     lab: str
     when: dt.datetime
     uuid: str
     folder: Path  # relative to out: <LAB>/success/<date>/<Day_Mon_DD_HH:MM:SS_YYYY>
     serials: dict[str, str]  # "wrist"/"ext1"/"ext2" -> serial
     task: str
-    motion: _Motion
-    ext_poses: dict[str, tuple[np.ndarray, np.ndarray]]  # "ext1"/"ext2" -> (rot [3,3], pos [3])
-    ext_focal: dict[str, float]  # focal length in units of image width
-    block_rgb: tuple[int, int, int]
+    motion: Motion
+    scene: Scene
+
+
+def episode_plan(seed: int, index: int, scenes: int = 0, min_seconds: float = 10.0, max_seconds: float = 20.0,
+                 used: set[str] | None = None) -> EpisodePlan:
+    """Episode `index` of `write_synthetic_dataset(..., seed, scenes=scenes)`, drawn from its seeds alone.
+
+    Also what the simulator (`stages/sim.py`) replays: an index past the written ones is a scripted
+    episode no model was trained on, filmed in the same scene when `scenes` > 0.
+    """
+    rng = np.random.default_rng((seed, index))
+    # a scene (cameras, table, block colour) of its own, or one of `scenes` shared ones, as in a lab
+    scene = rng if scenes == 0 else np.random.default_rng((seed, SCENE_STREAM, index % scenes))
+    return _plan_episode(rng, scene, set() if used is None else used, min_seconds, max_seconds)
 
 
 def _plan_episode(
     rng: np.random.Generator, scene: np.random.Generator, used: set[str], min_s: float, max_s: float
-) -> _Plan:
+) -> EpisodePlan:
     lab = str(rng.choice(LABS))
     when = dt.datetime(2023, 3, 1, 8) + dt.timedelta(
         days=int(rng.integers(0, 240)), seconds=int(rng.integers(0, 11 * 3600))
@@ -193,7 +225,7 @@ def _plan_episode(
         serial = str(int(rng.integers(13_000_000, 39_000_000)))
         serials += [serial] if serial not in serials else []
     num_rows = round(rng.uniform(min_s, max_s) * FPS)
-    return _Plan(
+    return EpisodePlan(
         lab=lab,
         when=when,
         uuid=f"{lab}+{collector}+{when:%Y-%m-%d-%Hh-%Mm-%Ss}",
@@ -201,9 +233,7 @@ def _plan_episode(
         serials=dict(zip(("wrist", "ext1", "ext2"), serials, strict=True)),
         task=str(rng.choice(TASKS)),
         motion=_simulate(rng, num_rows),
-        ext_poses={"ext1": _ext_pose(scene, +1.0), "ext2": _ext_pose(scene, -1.0)},
-        ext_focal={"ext1": float(scene.uniform(0.5, 0.56)), "ext2": float(scene.uniform(0.54, 0.58))},
-        block_rgb=BLOCK_RGBS[int(scene.integers(len(BLOCK_RGBS)))],
+        scene=draw_scene(scene),  # after the motion: with scenes=0 it comes from the same stream
     )
 
 
@@ -230,7 +260,7 @@ def _look_at(pos: np.ndarray, target: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- simulation
 
 
-def _simulate(rng: np.random.Generator, n: int) -> _Motion:
+def _simulate(rng: np.random.Generator, n: int) -> Motion:
     """Scripted random policy + block physics, one step at a time (N is a few hundred)."""
     pose = np.array([*rng.uniform([0.4, -0.15, 0.2], [0.6, 0.15, 0.35]), 0.0, 0.0, rng.uniform(-1, 1), 0.0])
     block = np.array([*rng.uniform([0.35, -0.2], [0.65, 0.2]), BLOCK_SIZE / 2, rng.uniform(-np.pi, np.pi)])
@@ -241,12 +271,12 @@ def _simulate(rng: np.random.Generator, n: int) -> _Motion:
             for k in range(1, steps + 1):
                 ease = 0.5 - 0.5 * np.cos(np.pi * k / steps)
                 pose = start + ease * (target - start)
-                block, grasped = _step_block(blocks[-1], poses[-1], pose, grasped)
+                block, grasped = step_block(blocks[-1], poses[-1], pose, grasped)
                 poses.append(pose)
                 blocks.append(block)
     p, b = np.array(poses[:n]), np.array(blocks[:n])
     roll = np.angle(np.exp(1j * (np.pi + p[:, 3])))  # wrapped to (-pi, pi], as real DROID stores it
-    return _Motion(
+    return Motion(
         xyz=p[:, :3],
         euler=np.stack([roll, p[:, 4], p[:, 5]], axis=1),
         grip=p[:, 6],
@@ -291,7 +321,7 @@ def _plan_segments(rng: np.random.Generator, pose: np.ndarray, block: np.ndarray
     ]
 
 
-def _step_block(block: np.ndarray, prev: np.ndarray, pose: np.ndarray, grasped: bool) -> tuple[np.ndarray, bool]:
+def step_block(block: np.ndarray, prev: np.ndarray, pose: np.ndarray, grasped: bool) -> tuple[np.ndarray, bool]:
     """Block [x, y, z, yaw] after the gripper moved from `prev` to `pose`: carried, pushed or at rest."""
     block = block.copy()
     closed, was_closed = pose[6] >= 0.5, prev[6] >= 0.5
@@ -374,7 +404,7 @@ def _gripper_boxes(xyz: np.ndarray, rot: np.ndarray, grip: float, arm: bool) -> 
     return boxes
 
 
-def _block_box(center: np.ndarray, yaw: float, rgb: tuple[int, int, int]) -> _Box:
+def block_box(center: np.ndarray, yaw: float, rgb: tuple[int, int, int]) -> _Box:
     rot = Rotation.from_euler("z", yaw).as_matrix()
     return _Box(center, rot, np.full(3, BLOCK_SIZE / 2), rgb)
 
@@ -382,7 +412,7 @@ def _block_box(center: np.ndarray, yaw: float, rgb: tuple[int, int, int]) -> _Bo
 # ----------------------------------------------------------------------------- rendering
 
 
-class _Camera:
+class Camera:
     """A pinhole camera (OpenCV axes) of a fixed image size; draws the scene for one pose."""
 
     def __init__(self, width: int, height: int, focal: float, ground: np.ndarray) -> None:
@@ -494,25 +524,35 @@ def _ground_palette(rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------- per-frame views
 
 
-def _gripper_rotations(motion: _Motion) -> np.ndarray:
-    return Rotation.from_euler("xyz", motion.euler).as_matrix()  # [N, 3, 3]
+def gripper_rotations(euler: np.ndarray) -> np.ndarray:
+    """Extrinsic "xyz" Euler angles [N, 3] -> gripper-to-base rotations [N, 3, 3]."""
+    return Rotation.from_euler("xyz", euler).as_matrix()  # [N, 3, 3]
 
 
-def _wrist_poses(motion: _Motion) -> tuple[np.ndarray, np.ndarray]:
-    """Wrist camera rotation [N, 3, 3] and position [N, 3], camera-to-base."""
-    grot = _gripper_rotations(motion)
+def _wrist_poses(xyz: np.ndarray, grot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wrist camera rotation [N, 3, 3] and position [N, 3], camera-to-base, for gripper poses [N, 3], [N, 3, 3]."""
     mount = Rotation.from_euler("y", -WRIST_TILT).as_matrix()
     cam_rot = np.stack([_rotate(mount[:, k], grot) for k in range(3)], axis=-1)  # grot @ mount
-    return cam_rot, motion.xyz + _rotate(WRIST_OFFSET, grot)
+    return cam_rot, xyz + _rotate(WRIST_OFFSET, grot)
 
 
-def _camera_poses(plan: _Plan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-camera rotation [N, 3, 3] and position [N, 3] of the left eye, camera-to-base."""
-    n = len(plan.motion.xyz)
-    poses = {"wrist": _wrist_poses(plan.motion)}
-    for name, (rot, pos) in plan.ext_poses.items():
+def camera_poses(scene: Scene, xyz: np.ndarray, grot: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-camera rotation [N, 3, 3] and position [N, 3] of the left eye, camera-to-base, for N gripper poses."""
+    n = len(xyz)
+    poses = {"wrist": _wrist_poses(xyz, grot)}
+    for name, (rot, pos) in scene.ext_poses.items():
         poses[name] = (np.broadcast_to(rot, (n, 3, 3)).copy(), np.broadcast_to(pos, (n, 3)).copy())
     return poses
+
+
+def _camera_poses(plan: EpisodePlan) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return camera_poses(plan.scene, plan.motion.xyz, gripper_rotations(plan.motion.euler))
+
+
+def make_cameras(scene: Scene, width: int, height: int, names: tuple[str, ...] = CAMERAS) -> dict[str, Camera]:
+    """The scene's cameras of the given names ("wrist", "ext1", "ext2") at one image size."""
+    focal = {"wrist": WRIST_FOCAL, **scene.ext_focal}
+    return {name: Camera(width, height, focal[name], scene.ground) for name in names}
 
 
 def _shadow(xyz: np.ndarray) -> np.ndarray:
@@ -522,25 +562,33 @@ def _shadow(xyz: np.ndarray) -> np.ndarray:
     return np.stack([xyz[0] + radius * np.cos(angles), xyz[1] + radius * np.sin(angles), np.full(12, 0.001)], axis=1)
 
 
-def _frames(plan: _Plan, cams: dict[str, _Camera], count: int) -> Iterator[dict[str, np.ndarray]]:
+def render_step(cams: dict[str, Camera], poses: dict[str, tuple[np.ndarray, np.ndarray]], xyz: np.ndarray,
+                grot: np.ndarray, grip: float, block: _Box) -> dict[str, np.ndarray]:
+    """Each camera's image [H, W, 3] uint8 of one moment: camera poses (rot [3, 3], pos [3]) by name, the
+    gripper at xyz [3] / grot [3, 3] with opening `grip`, and the block (the episodes' and the simulator's)."""
+    shadow = _shadow(xyz)
+    images = {}
+    for name, cam in cams.items():
+        boxes = [*_gripper_boxes(xyz, grot, grip, arm=name != "wrist"), block]
+        images[name] = cam.render(*poses[name], boxes, shadow)
+    return images
+
+
+def _frames(plan: EpisodePlan, cams: dict[str, Camera], count: int) -> Iterator[dict[str, np.ndarray]]:
     """The three camera images of each of the first `count` steps."""
     m = plan.motion
-    grot = _gripper_rotations(m)
-    poses = _camera_poses(plan)
+    grot = gripper_rotations(m.euler)
+    poses = camera_poses(plan.scene, m.xyz, grot)
     for t in range(count):
-        block = _block_box(m.block_xyz[t], float(m.block_yaw[t]), plan.block_rgb)
-        shadow = _shadow(m.xyz[t])
-        images = {}
-        for name, cam in cams.items():
-            boxes = [*_gripper_boxes(m.xyz[t], grot[t], float(m.grip[t]), arm=name != "wrist"), block]
-            images[name] = cam.render(poses[name][0][t], poses[name][1][t], boxes, shadow)
-        yield images
+        block = block_box(m.block_xyz[t], float(m.block_yaw[t]), plan.scene.block_rgb)
+        at_t = {name: (rot[t], pos[t]) for name, (rot, pos) in poses.items()}
+        yield render_step(cams, at_t, m.xyz[t], grot[t], float(m.grip[t]), block)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_episode(out: Path, plan: _Plan, scene: np.random.Generator, width: int, height: int, short: bool) -> Path:
+def _write_episode(out: Path, plan: EpisodePlan, width: int, height: int, short: bool) -> Path:
     """Write one episode into a temporary folder, then move it into place."""
     final = out / plan.folder
     tmp = final.with_name(f".{final.name}.partial")  # hidden: globs like "*/success/*/*" skip it
@@ -549,12 +597,7 @@ def _write_episode(out: Path, plan: _Plan, scene: np.random.Generator, width: in
     poses = _camera_poses(plan)
     _write_metadata(tmp, plan, poses)
     _write_h5(tmp / "trajectory.h5", plan, poses)
-    ground = _ground_palette(scene)
-    cams = {
-        "wrist": _Camera(width, height, 0.45, ground),
-        "ext1": _Camera(width, height, plan.ext_focal["ext1"], ground),
-        "ext2": _Camera(width, height, plan.ext_focal["ext2"], ground),
-    }
+    cams = make_cameras(plan.scene, width, height)
     count = len(plan.motion.xyz) - (1 if short else 0)
     _write_videos(
         {k: tmp / "recordings" / "MP4" / f"{s}.mp4" for k, s in plan.serials.items()},
@@ -623,7 +666,7 @@ def _eyes(name: str, rot: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.n
     return _pose6(rot, pos), _pose6(rot, right)
 
 
-def _write_metadata(folder: Path, plan: _Plan, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def _write_metadata(folder: Path, plan: EpisodePlan, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     rel = plan.folder.as_posix()
     meta: dict[str, Any] = {
         "uuid": plan.uuid,
@@ -653,7 +696,7 @@ def _write_metadata(folder: Path, plan: _Plan, poses: dict[str, tuple[np.ndarray
     (folder / f"metadata_{plan.uuid}.json").write_text(json.dumps(meta, indent=2))
 
 
-def _write_h5(path: Path, plan: _Plan, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def _write_h5(path: Path, plan: EpisodePlan, poses: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     m = plan.motion
     n = len(m.xyz)
     cartesian = np.concatenate([m.xyz, m.euler], axis=1)  # [N, 6]
@@ -687,7 +730,7 @@ def _write_h5(path: Path, plan: _Plan, poses: dict[str, tuple[np.ndarray, np.nda
         _write_actions(f, cartesian, m.grip, state["joint_positions"][()])
 
 
-def _joint_positions(m: _Motion) -> np.ndarray:
+def _joint_positions(m: Motion) -> np.ndarray:
     """A smooth, plausible-looking [N, 7] function of the pose (not inverse kinematics)."""
     x, y, z = m.xyz.T
     reach = np.hypot(x, y)
@@ -705,7 +748,7 @@ def _joint_positions(m: _Motion) -> np.ndarray:
     )
 
 
-def _write_timestamps(f: h5py.File, plan: _Plan, n: int) -> None:
+def _write_timestamps(f: h5py.File, plan: EpisodePlan, n: int) -> None:
     t0 = int(plan.when.replace(tzinfo=dt.UTC).timestamp() * 1000)
     step_ms = t0 + np.round(np.arange(n) * 1000 / FPS).astype(np.int64)  # [N]
     ts = f.create_group("observation/timestamp")

@@ -47,16 +47,17 @@ from stages.models.predictor import ACPredictor, PredictorConfig, ac_loss, build
 from stages.optim import build_optimizer, set_schedule
 from stages.plots import plot_horizons, plot_losses
 from stages.run_dir import append_jsonl, read_jsonl, truncate_jsonl
+from stages.tb_events import TensorBoardLog
 from stages.windows import (
     BadViews,
     Batch,
     CachedSource,
-    WindowIndex,
     WindowLoader,
     WindowSource,
     eval_windows,
     load_windows,
     open_training_store,
+    split_index,
 )
 
 EVAL_BATCH = 16  # windows per evaluation forward
@@ -128,9 +129,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     # -- data: committed views of the store that matches the fingerprint (or, online, the episodes) -------
     pcfg = predictor_config(m)
     data = online_data(m, info) if online else cached_data(m, pcfg)
-    train_idx, held_idx = (WindowIndex.from_views(data.views, split=split, frames_per_clip=T, camera=m.data.camera,
-                                                  heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt)
-                           for split in ("train", "heldout"))
+    train_idx, held_idx = (split_index(m, data.views, split) for split in ("train", "heldout"))
     if not train_idx.episodes:
         raise ValueError(f"no training windows of {T} frames (data.frames_per_clip) in {data.where}: "
                          f"{train_idx.dropped_views} views are shorter")
@@ -163,6 +162,9 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
              f"{info.world_size} x {info.device.type}; run folder {run_dir}")
 
     # -- the loop -----------------------------------------------------------------------------------------
+    tb = TensorBoardLog(run_dir, cfg.tensorboard and info.is_main, step)
+    if held and step == 0 < last:  # every eval curve starts from the untrained model
+        tb.evaluation(_evaluate_and_plot(m, model, source, featurize, held, autocast, 0, run_dir, info, bad))
     interactive = show_progress and info.is_main and sys.stderr.isatty()  # batch jobs get plain log lines
     bar = tqdm(total=last, initial=step, unit="step", disable=not interactive or step >= last, dynamic_ncols=True,
                desc="train")
@@ -186,6 +188,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                     summary.last_loss = row["loss"]
                     if info.is_main:
                         append_jsonl(run_dir / "metrics.jsonl", row)
+                        tb.train_row(row)
                         bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{row['clips_per_s']:.1f}",
                                         wait=f"{100 * row['data_wait_share']:.0f}%")
                         if show_progress and not interactive:
@@ -196,6 +199,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                 if at_eval:
                     summary.eval = _evaluate_and_plot(m, model, source, featurize, held, autocast, step, run_dir,
                                                       info, bad)
+                    tb.evaluation(summary.eval)
                 due = cfg.checkpoint_minutes > 0 and time.monotonic() - last_save > 60 * cfg.checkpoint_minutes
                 stop, due = any_rank([stopper.received, int(due)], info)  # every rank decides alike
                 if at_eval or step == last or step % cfg.checkpoint_every == 0 or due or stop:
@@ -209,6 +213,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     finally:
         bar.close()
         loader.close()
+        tb.close()
     summary.end_step = step
     summary.seconds = time.perf_counter() - t_start
     totals = meter.totals
@@ -257,7 +262,8 @@ class TrainingData:
 
 
 def cached_data(m: Manifest, pcfg: PredictorConfig) -> TrainingData:
-    """The committed views of the store that matches the manifest's fingerprint."""
+    """The committed views of the store that matches the manifest's fingerprint (`split_index` keeps those of
+    the manifest's cameras and stride)."""
     store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
     T = m.data.frames_per_clip
     return TrainingData(list(store.committed_views().values()), store.url,

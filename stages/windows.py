@@ -13,8 +13,11 @@ Three properties of that path decide whether a run can be trusted and resumed, s
 - what comes out is exactly what `FeatureStore.read_features` gives (bf16 stays bf16, bit for bit);
   the layer norm and any casting are the trainer's business.
 
-Sampling follows the release: an episode uniformly, then one of its views uniformly, then a start
-uniformly in [0, length - T]. Reads run on a thread pool (zarr releases the GIL for file I/O and
+Sampling follows the release: an episode uniformly, then a camera uniformly, then a raw start frame
+uniformly among the starts the episode's views hold, in the release's range (one stored frame must
+follow the window), then one of the crop draws holding it. With `views.phase: all` the views hold every
+raw start, so the draw is the release's exactly; with one phase per view it is the release's restricted
+to the stored phases. Reads run on a thread pool (zarr releases the GIL for file I/O and
 decoding), a few batches ahead of the trainer. Measured on 2 vCPUs from the page cache with ViT-g
 sized windows (16 x 256 x 1408 bf16): ~1.3 GB/s into fresh CPU buffers, ~2 GB/s into recycled ones
 (what the pinned-memory cache gives a CUDA trainer); zarr-python keeps it at about one core, so more
@@ -28,7 +31,7 @@ import threading
 import time
 import weakref
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,9 +41,11 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import DamagedDataError, StoreError
+from pipeline.manifest import DataSection, Manifest
 from pipeline.part_writer import STATE_DIM, TORCH_DTYPES
 from pipeline.records import ViewRecord
 from pipeline.store import FORMAT_VERSION, FeatureStore, store_specs
+from stages.droid import frame_stride
 
 SPLITS = ("train", "heldout", "all")
 CPU = torch.device("cpu")
@@ -62,6 +67,17 @@ def split_of(episode_id: str, heldout_fraction: float, salt: str = "") -> str:
     return "heldout" if u < heldout_fraction else "train"
 
 
+def manifest_views(views: Iterable[ViewRecord], data: DataSection) -> list[ViewRecord]:
+    """The committed views a manifest trains on: of its cameras, on the frame grid its rates give.
+
+    A store keeps every view it was ever asked for. Views of another stride (made under another
+    data.fps or data.video_fps) stay in it for the runs that want them, but would mix clip durations
+    into this run's windows, so they are left out here."""
+    override = data.fps_override()
+    return [v for v in views
+            if v.camera in data.cameras and v.stride == frame_stride(override or v.video_fps, data.fps)]
+
+
 # -- the index ---------------------------------------------------------------------------------------
 
 
@@ -73,50 +89,111 @@ class Window:
     start: int
 
 
-class WindowIndex:
-    """The committed views of one split, grouped by episode, that are long enough for a T-frame window.
+WINDOW_RANGES = ("release", "full")
 
-    Built once at start-up from the commit records (no array is opened). Views shorter than T are
-    dropped and counted; an episode none of whose views is long enough is dropped with them.
+
+def window_starts(length: int, frames_per_clip: int, window_range: str = "release") -> int:
+    """How many T-frame windows a view of `length` stored frames offers.
+
+    "release": the release draws a raw start in [0, num_frames - 1 - T * stride], so one more frame of the
+    grid must follow the window (length - T starts); "full": every window that fits (length - T + 1)."""
+    return max(0, length - frames_per_clip + (window_range == "full"))
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The views of one episode and camera on the same frame grid (stride, phase): their windows start at
+    the same raw frames, so a drawn start is shared by them and one of them is picked for it."""
+
+    views: tuple[ViewRecord, ...]
+    starts: tuple[int, ...]  # window starts of each view (equal unless a stale view is shorter)
+
+
+@dataclass(frozen=True)
+class _Camera:
+    """One camera of one episode: its grids and the cumulative count of their distinct raw starts."""
+
+    grids: tuple[_Grid, ...]
+    cumulative: np.ndarray  # [grids] int64: starts of grids 0..k
+
+    @classmethod
+    def of(cls, views: list[ViewRecord], starts: Callable[[ViewRecord], int]) -> _Camera:
+        by_grid: dict[tuple[int, int], list[ViewRecord]] = defaultdict(list)
+        for v in sorted(views, key=lambda v: v.view_id):
+            by_grid[(v.stride, v.phase)].append(v)
+        grids = tuple(_Grid(tuple(vs), tuple(map(starts, vs))) for _, vs in sorted(by_grid.items()))
+        return cls(grids, np.cumsum([max(g.starts) for g in grids]))
+
+    def draw(self, rng: np.random.Generator) -> Window:
+        """A raw start uniformly over this camera's distinct starts, then one view holding it uniformly."""
+        u = int(rng.integers(self.cumulative[-1]))
+        k = int(np.searchsorted(self.cumulative, u, side="right"))
+        start = u - (int(self.cumulative[k - 1]) if k else 0)
+        grid = self.grids[k]
+        holders = [v for v, n in zip(grid.views, grid.starts, strict=True) if n > start]
+        return Window(holders[int(rng.integers(len(holders)))], start)
+
+
+class WindowIndex:
+    """The committed views of one split, grouped by episode and camera, that hold at least one T-frame window.
+
+    Built once at start-up from the commit records (no array is opened). Views too short for a window
+    are dropped and counted; an episode none of whose views is long enough is dropped with them.
     """
 
     def __init__(self, store: FeatureStore, *, split: str, frames_per_clip: int, heldout_fraction: float = 0.0,
-                 salt: str = "", camera: str | None = None):
-        self._build(store.committed_views().values(), split, frames_per_clip, heldout_fraction, salt, camera)
+                 salt: str = "", cameras: Sequence[str] | None = None, window_range: str = "release"):
+        self._build(store.committed_views().values(), split, frames_per_clip, heldout_fraction, salt, cameras,
+                    window_range)
 
     @classmethod
     def from_views(cls, views: Iterable[ViewRecord], *, split: str, frames_per_clip: int,
-                   heldout_fraction: float = 0.0, salt: str = "", camera: str | None = None) -> WindowIndex:
+                   heldout_fraction: float = 0.0, salt: str = "", cameras: Sequence[str] | None = None,
+                   window_range: str = "release") -> WindowIndex:
         """The same index from view records at hand (a store's subset, or records made up in tests)."""
         index = cls.__new__(cls)
-        index._build(views, split, frames_per_clip, heldout_fraction, salt, camera)
+        index._build(views, split, frames_per_clip, heldout_fraction, salt, cameras, window_range)
         return index
 
     def _build(self, views: Iterable[ViewRecord], split: str, frames_per_clip: int, heldout_fraction: float,
-               salt: str, camera: str | None) -> None:
+               salt: str, cameras: Sequence[str] | None, window_range: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} must be one of {SPLITS}")
         if frames_per_clip < 2:
             raise ValueError(f"frames_per_clip {frames_per_clip} must be >= 2 (a window needs one action)")
-        self.split, self.frames_per_clip = split, frames_per_clip
-        self.heldout_fraction, self.salt, self.camera = heldout_fraction, salt, camera
-        self.dropped_views = 0  # views of this split shorter than frames_per_clip
+        if window_range not in WINDOW_RANGES:
+            raise ValueError(f"window_range {window_range!r} must be one of {WINDOW_RANGES}")
+        self.split, self.frames_per_clip, self.window_range = split, frames_per_clip, window_range
+        self.heldout_fraction, self.salt, self.cameras = heldout_fraction, salt, cameras
+        self.dropped_views = 0  # views of this split too short for one window
         grouped: dict[str, list[ViewRecord]] = defaultdict(list)
         for v in views:
-            if camera is not None and v.camera != camera:
+            if cameras is not None and v.camera not in cameras:
                 continue
             if split != "all" and split_of(v.episode_id, heldout_fraction, salt) != split:
                 continue
-            if v.length < frames_per_clip:
+            if self.starts(v) < 1:
                 self.dropped_views += 1
                 continue
             grouped[v.episode_id].append(v)
         self._views = {e: sorted(vs, key=lambda v: v.view_id) for e, vs in grouped.items()}
+        self._cameras = {e: [_Camera.of([v for v in vs if v.camera == c], self.starts)
+                             for c in sorted({v.camera for v in vs})] for e, vs in self._views.items()}
         self.episodes: list[str] = sorted(self._views)
 
+    def starts(self, view: ViewRecord) -> int:
+        """Window starts of a view under this index's window range."""
+        return window_starts(view.length, self.frames_per_clip, self.window_range)
+
     def views_of(self, episode: str) -> list[ViewRecord]:
-        """The episode's usable views, sorted by view id (a stable order for the sampler)."""
+        """The episode's usable views, sorted by view id (a stable order)."""
         return self._views[episode]
+
+    def draw(self, episode: str, rng: np.random.Generator) -> Window:
+        """The release's draw within an episode: a camera uniformly, then a raw start uniformly (the
+        (phase, stored start) pair), then a crop draw holding it uniformly."""
+        cameras = self._cameras[episode]
+        return cameras[int(rng.integers(len(cameras)))].draw(rng)
 
     def _all_views(self) -> Iterable[ViewRecord]:
         return (v for vs in self._views.values() for v in vs)
@@ -131,13 +208,23 @@ class WindowIndex:
 
     @property
     def num_windows(self) -> int:
-        """Distinct T-frame windows (start positions) over all usable views."""
-        return sum(v.length - self.frames_per_clip + 1 for v in self._all_views())
+        """Distinct T-frame windows (view, start) over all usable views."""
+        return sum(self.starts(v) for v in self._all_views())
 
     def __repr__(self) -> str:
         return (f"WindowIndex(split={self.split!r}, T={self.frames_per_clip}, episodes={len(self.episodes)}, "
                 f"views={self.num_views}, frames={self.num_frames}, windows={self.num_windows}, "
                 f"dropped_views={self.dropped_views})")
+
+
+def split_index(m: Manifest, views: Iterable[ViewRecord], split: str) -> WindowIndex:
+    """The windows of `split` as a run of manifest `m` sees them: its cameras and stride, its split rule
+    (train.heldout_fraction, train.split_salt) and window range. Training and `pipeline eval` both call it,
+    so a checkpoint evaluated later is evaluated on the windows its run used."""
+    cfg = m.train
+    return WindowIndex.from_views(manifest_views(views, m.data), split=split, frames_per_clip=m.data.frames_per_clip,
+                                  cameras=m.data.cameras, heldout_fraction=cfg.heldout_fraction,
+                                  salt=cfg.split_salt, window_range=cfg.window_range)
 
 
 # -- opening the store for training ------------------------------------------------------------------
@@ -188,7 +275,7 @@ def _stores_under(store: FeatureStore) -> str:
 
 
 def sample_batch(index: WindowIndex, batch_size: int, seed: int, rank: int, batch_number: int) -> list[Window]:
-    """The windows of global batch `batch_number` on `rank`: episode, then view, then start, uniformly.
+    """The windows of global batch `batch_number` on `rank`: an episode uniformly, then `WindowIndex.draw`.
 
     Each (seed, rank, batch) has its own generator, so any batch can be drawn without drawing the
     ones before it: resuming needs only the batch number, and ranks never share a stream.
@@ -198,13 +285,7 @@ def sample_batch(index: WindowIndex, batch_size: int, seed: int, rank: int, batc
     if min(seed, rank, batch_number) < 0:
         raise ValueError(f"seed {seed}, rank {rank}, batch_number {batch_number} must be >= 0")
     rng = np.random.default_rng([seed, rank, batch_number])
-    T = index.frames_per_clip
-    out = []
-    for _ in range(batch_size):
-        views = index.views_of(index.episodes[rng.integers(len(index.episodes))])
-        view = views[rng.integers(len(views))]
-        out.append(Window(view, int(rng.integers(view.length - T + 1))))
-    return out
+    return [index.draw(index.episodes[int(rng.integers(len(index.episodes)))], rng) for _ in range(batch_size)]
 
 
 class BadViews:
@@ -240,13 +321,12 @@ def replacement_window(index: WindowIndex, seed: int, rank: int, batch_number: i
                        bad: BadViews) -> Window:
     """A window for slot `slot` of a batch whose drawn window was damaged: the release's rule over the views
     not known to be damaged, from a generator of (seed, rank, batch, slot, attempt) alone."""
-    episodes = [e for e in index.episodes if any(v not in bad for v in index.views_of(e))]
-    if not episodes:
+    sound = WindowIndex.from_views((v for v in index._all_views() if v not in bad), split="all",
+                                   frames_per_clip=index.frames_per_clip, window_range=index.window_range)
+    if not sound.episodes:
         raise DamagedDataError("every view of the training split", "all are damaged: run `pipeline verify --repair`")
     rng = np.random.default_rng([seed, rank, batch_number, slot, attempt, 1])
-    views = [v for v in index.views_of(episodes[rng.integers(len(episodes))]) if v not in bad]
-    view = views[rng.integers(len(views))]
-    return Window(view, int(rng.integers(view.length - index.frames_per_clip + 1)))
+    return sound.draw(sound.episodes[int(rng.integers(len(sound.episodes)))], rng)
 
 
 def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> list[Window]:
@@ -258,7 +338,7 @@ def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> lis
     covers as many episodes as it can, without favouring the alphabetically first ones.
     """
     order = [index.episodes[i] for i in np.random.default_rng(seed).permutation(len(index.episodes))]
-    queues = [deque(_episode_windows(index.views_of(e), T)) for e in order]
+    queues = [deque(_episode_windows(index, e, T)) for e in order]
     out: list[Window] = []
     while len(out) < max_windows and any(queues):
         for q in queues:
@@ -267,9 +347,10 @@ def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> lis
     return out
 
 
-def _episode_windows(views: list[ViewRecord], T: int) -> list[Window]:
+def _episode_windows(index: WindowIndex, episode: str, T: int) -> list[Window]:
     """One episode's non-overlapping windows, interleaved over its views."""
-    starts = [list(range(0, v.length - T + 1, T)) for v in views]
+    views = index.views_of(episode)
+    starts = [list(range(0, index.starts(v), T)) for v in views]
     return [Window(v, s[k]) for k in range(max(map(len, starts), default=0))
             for v, s in zip(views, starts, strict=True) if k < len(s)]
 

@@ -20,7 +20,8 @@ def test_shipped_profiles_load_with_required_keys(profile: str) -> None:
 
 def test_droid_profile_is_the_paper_setup() -> None:
     m = load_manifest(MANIFEST, "droid")
-    assert (m.data.camera, m.data.fps, m.data.frames_per_clip) == ("left_mp4_path", 4.0, 16)
+    assert (m.data.cameras, m.data.fps, m.data.frames_per_clip) == (["left_mp4_path"], 4.0, 16)
+    assert (m.data.video_fps, m.views.phase, m.train.window_range) == ("auto", "random", "release")
     assert (m.crop.size, m.crop.scale, m.crop.ratio) == (256, (1.777, 1.777), (0.75, 1.35))
     assert (m.encoder.preset, m.encoder.precision, m.encoder.checkpoint_key) == ("vit_giant", "bf16", "target_encoder")
     assert m.encoder.checkpoint.endswith("vitg.pt")
@@ -51,11 +52,29 @@ def test_default_profile_and_overrides(tmp_path: Path) -> None:
         ("crop.ratio=[1.0]", "crop.ratio"),
         ("views.per_episode=0", "views.per_episode: 0"),
         ("noequals", "dotted.key=value"),
+        ("data.cameras=left_mp4_path", "data.cameras: 'left_mp4_path' must be a list"),
+        ("data.cameras=[left_mp4_path, left_mp4_path]", "lists a camera twice"),
+        ("data.cameras=[left]", "data.cameras: 'left'"),
+        ("data.cameras=[]", "at least one camera"),
+        ("data.video_fps=0", "data.video_fps: 0"),
+        ("data.video_fps=fast", "data.video_fps: 'fast' is not valid"),
+        ("encoder.mlp_ratio=48/0", "encoder.mlp_ratio: '48/0'"),
+        ("train.window_range=most", "train.window_range: 'most'"),
     ],
 )
 def test_bad_values_name_key_and_value(override: str, message: str) -> None:
     with pytest.raises(ManifestError, match=message.replace("[", r"\[")):
         load_manifest(MANIFEST, "demo", [override])
+
+
+def test_cameras_fps_and_fractions() -> None:
+    m = load_manifest(MANIFEST, "demo", ["data.camera=ext1_mp4_path"])  # the older one-camera spelling
+    assert (m.data.cameras, m.data.camera) == (["ext1_mp4_path"], None)
+    m = load_manifest(MANIFEST, "demo", ["data.cameras=[ext1_mp4_path, wrist_mp4_path]", "data.video_fps=15",
+                                         "encoder.mlp_ratio=48/11", "views.phase=all"])
+    assert m.data.cameras == ["ext1_mp4_path", "wrist_mp4_path"] and m.data.fps_override() == 15.0
+    assert m.encoder.mlp_ratio == 48 / 11 and m.views.phase == "all"
+    assert load_manifest(MANIFEST, "demo").data.fps_override() is None
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_features_are_the_encoder_on_the_drawn_crop(workdir: Path) -> None:
     assert len(views) == 6 and {v.episode_id for v in views.values()} == {
         line for line in (workdir / "data/episodes.txt").read_text().splitlines()}
     rec = next(iter(views.values()))
-    ep = open_episode(rec.episode_path, m.data.camera)
+    ep = open_episode(rec.episode_path, m.data.cameras[0])
     index = store.read_rows(rec, "frame_index")
     assert np.array_equal(index, np.arange(rec.phase, ep.num_usable, rec.stride))
     crops = torch.from_numpy(np.ascontiguousarray(crop_frames(decode_frames(ep, index), CropBox(*rec.box))))
@@ -258,12 +258,12 @@ def test_video_corrupt_in_the_middle_fails_only_its_episode(workdir: Path) -> No
     """Corruption found while decoding (after rows were allocated): the episode fails, the part commits the rest."""
     m = load(workdir, "extract.episodes_per_part=3")
     lines = (workdir / "data/episodes.txt").read_text().splitlines()
-    mp4 = open_episode(workdir / "data" / lines[1], m.data.camera).video_path
+    mp4 = open_episode(workdir / "data" / lines[1], m.data.cameras[0]).video_path
     data = bytearray(mp4.read_bytes())
     cut = len(data) // 3
     data[cut : cut + len(data) // 3] = np.random.default_rng(0).integers(0, 256, len(data) // 3, np.uint8).tobytes()
     mp4.write_bytes(bytes(data))
-    open_episode(mp4.parent.parent.parent, m.data.camera)  # still opens: the damage shows only when decoding
+    open_episode(mp4.parent.parent.parent, m.data.cameras[0])  # still opens: the damage shows only when decoding
     s = run(m)
     assert [f["episode"] for f in s.failed] == [lines[1]] and "decode" in s.failed[0]["reason"]
     views = FeatureStore(m.cache.path, fingerprint_spec(m)).committed_views()

@@ -138,3 +138,13 @@ def test_batch_jobs_get_plain_log_lines_and_bad_steps_a_usage_error(cached: Path
     assert "ETA" in lines[0] and "\r" not in proc.stdout + proc.stderr
     bad = subprocess.run(cli(cached, run, 0), capture_output=True, text=True, timeout=240)
     assert bad.returncode == 2 and "--steps 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_config_saved_with_data_camera_is_the_same_run_as_data_cameras() -> None:
+    from stages.checkpoints import run_changes
+
+    now = load_manifest(Path(__file__).resolve().parents[2] / "data_manifest.yaml", "demo").to_dict()
+    saved = {**now, "data": {k: v for k, v in now["data"].items() if k != "cameras"} | {"camera": "wrist_mp4_path"}}
+    assert run_changes(saved, now) == []
+    saved["data"]["camera"] = "ext1_mp4_path"
+    assert run_changes(saved, now) == ["data.cameras: ['ext1_mp4_path'] -> ['wrist_mp4_path']"]

@@ -80,7 +80,8 @@ def test_loss_falls_and_results_are_written(workdir: Path) -> None:
         assert (run / name).exists(), name
     result = json.loads((run / "eval.json").read_text())
     assert [h["horizon"] for h in result["horizons"]] == [1, 2] and result["windows"] > 0
-    assert len((run / "eval.jsonl").read_text().splitlines()) == 5
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 10, 20, 30, 40, 50]  # the curve starts from the untrained model
     # the checkpoint's predictor uses the release's key names: it loads strictly as a released file would
     ckpt = run / "checkpoints" / "latest.pt"
     model = build_predictor(predictor_config(load(workdir)), str(ckpt), "predictor")
@@ -279,3 +280,21 @@ def test_online_training_sees_the_same_windows_and_losses_as_the_cache(workdir: 
     evals = [json.loads((workdir / run / "eval.json").read_text()) for run in ("cached-run", "online-run")]
     assert evals[0]["windows"] == evals[1]["windows"] > 0
     assert evals[0]["tf_loss"] == pytest.approx(evals[1]["tf_loss"], rel=1e-4)
+
+
+def test_tensorboard_events_hold_the_logged_figures(workdir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = workdir / "tb"
+    train(load(workdir, "train.tensorboard=true", "train.eval_every=2"), run, steps=4, show_progress=False,
+          echo=lambda _: None)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/tf_loss", "train/rollout_loss", "train/lr", "train/grad_norm", "train/clips_per_s",
+            "eval/tf_loss", "eval/rollout_loss", "eval/horizon_1/predictor_l1",
+            "eval/horizon_1/copy_last_frame_l1"} <= tags
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert [e.step for e in events.Scalars("eval/tf_loss")] == [0, 2, 4]

@@ -80,9 +80,9 @@ def assert_same_batch(a: Batch, b: Batch) -> None:
     assert torch.equal(a.actions, b.actions) and torch.equal(a.states, b.states)
 
 
-def fake_view(episode: str, k: int, length: int) -> ViewRecord:
+def fake_view(episode: str, k: int, length: int, phase: int = 0) -> ViewRecord:
     return ViewRecord(view_id=f"{episode}-{k}", episode_id=episode, episode_path=episode, camera="left_mp4_path",
-                      serial="0", phase=0, stride=4, video_fps=15.0, frame_hw=[48, 64], box=[0, 0, 48, 64],
+                      serial="0", phase=phase, stride=4, video_fps=15.0, frame_hw=[48, 64], box=[0, 0, 48, 64],
                       source={}, part="p", start=0, length=length)
 
 
@@ -108,15 +108,17 @@ def test_index_groups_views_by_episode_and_drops_short_ones(store: FeatureStore,
     assert len(index.episodes) == 3 and index.episodes == sorted({v.episode_id for v in views})
     assert index.num_views == 6 and index.dropped_views == 0
     assert index.num_frames == sum(v.length for v in views)
-    assert index.num_windows == sum(v.length - T + 1 for v in views)
+    assert index.num_windows == sum(v.length - T for v in views)  # the release's range: a frame follows
+    full = WindowIndex(store, split="all", frames_per_clip=T, window_range="full")
+    assert full.num_windows == sum(v.length - T + 1 for v in views)
     for e in index.episodes:
         vs = index.views_of(e)
         assert [v.view_id for v in vs] == sorted(v.view_id for v in vs) and {v.episode_id for v in vs} == {e}
     longest = max(v.length for v in views)
-    long_only = WindowIndex(store, split="all", frames_per_clip=longest)
+    long_only = WindowIndex(store, split="all", frames_per_clip=longest - 1)
     assert long_only.dropped_views == sum(v.length < longest for v in views) > 0
     assert long_only.num_windows == sum(v.length == longest for v in views)
-    assert WindowIndex(store, split="all", frames_per_clip=T, camera="right_mp4_path").episodes == []
+    assert WindowIndex(store, split="all", frames_per_clip=T, cameras=["right_mp4_path"]).episodes == []
     train = WindowIndex(store, split="train", frames_per_clip=T, heldout_fraction=0.5, salt="s")
     held = WindowIndex(store, split="heldout", frames_per_clip=T, heldout_fraction=0.5, salt="s")
     assert sorted(train.episodes + held.episodes) == index.episodes
@@ -137,16 +139,18 @@ def test_sampling_is_a_function_of_seed_rank_and_batch(index: WindowIndex) -> No
 
 
 def test_episodes_are_drawn_uniformly_whatever_their_views_and_lengths() -> None:
-    views = [fake_view("a", 0, 5), *(fake_view("b", k, 200) for k in range(4)), fake_view("c", 0, 10),
-             fake_view("c", 1, 300)]
+    views = [fake_view("a", 0, 6), *(fake_view("b", k, 200) for k in range(4)), fake_view("c", 0, 10),
+             fake_view("c", 1, 300, phase=1)]
     idx = WindowIndex.from_views(views, split="all", frames_per_clip=T)
     drawn = [w for b in range(200) for w in sample_batch(idx, 64, seed=0, rank=0, batch_number=b)]
     episodes = Counter(w.view.episode_id for w in drawn)
     assert all(abs(episodes[e] / len(drawn) - 1 / 3) < 0.02 for e in "abc")
-    in_c = Counter(w.view.view_id for w in drawn if w.view.episode_id == "c")
-    assert abs(in_c["c-0"] / episodes["c"] - 0.5) < 0.03
+    in_c = Counter(w.view.view_id for w in drawn if w.view.episode_id == "c")  # raw starts: 6 + 296 in c
+    assert abs(in_c["c-0"] / episodes["c"] - 6 / 302) < 0.01
+    in_b = Counter(w.view.view_id for w in drawn if w.view.episode_id == "b")  # four crop draws of one grid
+    assert all(abs(in_b[f"b-{k}"] / episodes["b"] - 0.25) < 0.03 for k in range(4))
     starts_a = Counter(w.start for w in drawn if w.view.episode_id == "a")
-    assert set(starts_a) == {0, 1}  # length 5, T 4: both starts, and never past the end
+    assert set(starts_a) == {0, 1}  # length 6, T 4: the release's bound leaves a frame after the window
 
 
 def test_real_store_episodes_drawn_about_equally(index: WindowIndex) -> None:

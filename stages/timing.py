@@ -1,0 +1,102 @@
+"""Video timing made visible: the frame rate each camera's videos report, the stride it gives, and whether
+trajectory.h5's own per-frame timestamps agree.
+
+Why: the stride `ceil(video_fps / fps)` is computed from the rate the MP4 reports (the release's rule,
+kept by default). Users report DROID MP4s whose reported rate differs from the capture rate (vjepa2
+issue #183: 60 fps reported, frames ~15 Hz), which silently makes a "4 fps" clip span four times the
+intended time. Nothing here changes what is extracted: it reads the view records (which keep the
+reported rate, the stride used and, when the trajectory file has timestamps, the capture rate) and
+says what it finds, for `pipeline extract`'s summary and `pipeline status`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.records import ViewRecord
+
+DISAGREEMENT = 0.10  # relative difference between capture rate and the rate the stride used that is flagged
+
+
+@dataclass
+class CameraTiming:
+    """One camera over the episodes whose views are committed: min / median / max of each figure."""
+
+    camera: str
+    episodes: int
+    video_fps: list[float]  # as the videos report it (decord)
+    stride: list[int]  # raw frames between stored frames
+    capture_fps: list[float] | None = None  # from trajectory.h5 timestamps, where episodes have them
+    with_timestamps: int = 0  # episodes whose trajectory.h5 has the camera's timestamps
+    disagreeing: int = 0  # of those, episodes whose capture rate is off the rate the stride was computed from
+    examples: list[str] = field(default_factory=list)  # a few of them, for the warning
+    disagreeing_fps: float | None = None  # the median capture rate of those episodes
+    rate_used: list[float] = field(default_factory=list)  # the rate strides came from (reported or data.video_fps)
+
+    def warning(self, fps: float) -> str | None:
+        """One line when the timestamps disagree with the rate the stride was computed from, else None."""
+        if not self.disagreeing or self.disagreeing_fps is None:
+            return None
+        capture, used, stride = self.disagreeing_fps, self.rate_used[1], self.stride[1]
+        return (f"{self.camera}: trajectory.h5 timestamps say {capture:.2f} Hz but the stride {stride} was computed "
+                f"from {used:g} fps in {self.disagreeing} of {self.with_timestamps} episodes (e.g. "
+                f"{', '.join(self.examples)}): a clip step spans {stride / capture:.2f} s, not {1 / fps:.2f} s. If "
+                f"the videos' reported rate is wrong, set data.video_fps: {round(capture, 2):g} (vjepa2 issue #183).")
+
+
+def camera_timings(views: Iterable[ViewRecord], cameras: list[str], video_fps: float | None) -> list[CameraTiming]:
+    """Per camera, over one view per episode; `video_fps` is the manifest's override (None = reported)."""
+    per: dict[str, dict[str, ViewRecord]] = {c: {} for c in cameras}
+    for v in views:
+        if v.camera in per:
+            per[v.camera].setdefault(v.episode_id, v)
+    return [_timing(c, list(per[c].values()), video_fps) for c in cameras if per[c]]
+
+
+def _timing(camera: str, views: list[ViewRecord], override: float | None) -> CameraTiming:
+    used = np.array([override or v.video_fps for v in views])  # [E]
+    t = CameraTiming(camera, len(views), _spread([v.video_fps for v in views]), _spread([v.stride for v in views]),
+                     rate_used=_spread(used.tolist()))
+    timed = [(v, u) for v, u in zip(views, used, strict=True) if v.capture_fps]
+    if timed:
+        t.capture_fps = _spread([v.capture_fps for v, _ in timed])
+        t.with_timestamps = len(timed)
+        off = [v for v, u in timed if abs(v.capture_fps / u - 1) > DISAGREEMENT]
+        t.disagreeing, t.examples = len(off), [v.episode_id for v in off[:3]]
+        t.disagreeing_fps = float(np.median([v.capture_fps for v in off])) if off else None
+    return t
+
+
+def _spread(values: list[Any]) -> list[Any]:
+    """[min, median, max], in the values' own type (strides stay integers)."""
+    ordered = sorted(values)
+    return [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
+
+
+def format_timings(timings: list[CameraTiming]) -> list[str]:
+    """Lines for a summary: fps and stride per camera (min / median / max over episodes)."""
+    lines = []
+    for t in timings:
+        capture = (f", timestamps {_fmt(t.capture_fps)} Hz in {t.with_timestamps}" if t.capture_fps else
+                   ", no timestamps in trajectory.h5")
+        lines.append(f"timing     {t.camera}: video {_fmt(t.video_fps)} fps, stride {_fmt(t.stride)} "
+                     f"(min/median/max over {t.episodes} episodes){capture}")
+    return lines
+
+
+def timing_warnings(timings: list[CameraTiming], fps: float) -> list[str]:
+    return [w for t in timings if (w := t.warning(fps))]
+
+
+def timings_to_dicts(timings: list[CameraTiming]) -> list[dict[str, Any]]:
+    return [asdict(t) for t in timings]
+
+
+def _fmt(values: list[Any] | None) -> str:
+    if not values:
+        return "-"
+    return "/".join(f"{x:.4g}" for x in values) if len(set(values)) > 1 else f"{values[0]:.4g}"
