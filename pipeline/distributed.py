@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -31,10 +33,22 @@ class DistInfo:
         return self.world_size > 1
 
 
+def local_device(setting: str, key: str) -> torch.device:
+    """A device setting (auto, cpu, cuda, cuda:N) of one process: auto = the GPU if there is one. A GPU asked
+    for where none is visible is a usage error naming the key, not a CUDA traceback later."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"{key}: {setting!r}, but no CUDA GPU is visible here (torch.cuda.is_available() is "
+                         "False); use auto or cpu")
+    return torch.device(setting)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun job if there is one; pick this rank's device (its own GPU, or the CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_device(device, "train.device")  # a GPU asked for where there is none: say so before anything starts
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     dev = torch.device(f"cuda:{local_rank}") if use_cuda and device in ("auto", "cuda") else torch.device(
         device if device != "auto" else "cpu")

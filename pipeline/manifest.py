@@ -46,7 +46,7 @@ class DataSection:
     episodes: str  # text file (one episode folder per line, the release's format) or a glob under root
     # metadata keys of the cameras to store views of; V-JEPA 2-AC uses the left exterior one. With several,
     # training draws one camera per window uniformly (the release's `camera_views`).
-    cameras: list[str] = field(default_factory=lambda: ["left_mp4_path"])
+    cameras: list[str] | None = None  # null: [left_mp4_path], or [camera] when the older `camera` key is set
     camera: str | None = None  # one camera, the older spelling: when set, it means cameras: [camera]
     fps: float = 4.0  # target frame rate; stride = ceil(video_fps / fps) raw frames
     # the video's frame rate for the stride: auto = what decord reports (the release's behaviour), or a
@@ -55,8 +55,14 @@ class DataSection:
     frames_per_clip: int = 16  # T of a training clip (paper 16); shorter episodes are failures
 
     def __post_init__(self) -> None:
-        if self.camera is not None:  # the alias is resolved once, so the rest of the code sees `cameras` only
-            self.cameras, self.camera = [self.camera], None
+        """The alias is resolved once, so the rest of the code sees `cameras` only; both set is a mistake
+        (an older manifest's `camera` would silently override a `--set data.cameras=[...]`)."""
+        if self.camera is not None and self.cameras is not None and self.cameras != [self.camera]:
+            raise ManifestError(f"data.camera {self.camera!r} and data.cameras {self.cameras!r} are both set: "
+                                "keep one (data.cameras: [...] for several cameras)")
+        self.cameras = [self.camera] if self.camera is not None else (
+            self.cameras if self.cameras is not None else ["left_mp4_path"])
+        self.camera = None
 
     def validate(self) -> None:
         _require(self.fps > 0, "data.fps", self.fps, "must be > 0")
@@ -72,6 +78,10 @@ class DataSection:
     def fps_override(self) -> float | None:
         """data.video_fps as a number, or None for auto (use the rate the video reports)."""
         return None if self.video_fps == "auto" else float(self.video_fps)
+
+    def video_rate(self, reported_fps: float) -> float:
+        """The frame rate strides and times come from: data.video_fps, or the rate the video reports."""
+        return self.fps_override() or reported_fps
 
 
 @dataclass

@@ -232,11 +232,18 @@ def run_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _upgrade(config: dict[str, Any]) -> dict[str, Any]:
-    """A saved config in today's spelling: `data.camera: X` (before data.cameras existed) is cameras [X]."""
-    data = config.get("data")
-    if isinstance(data, dict) and "cameras" not in data and isinstance(data.get("camera"), str):
-        return {**config, "data": {**data, "cameras": [data["camera"]], "camera": None}}
-    return config
+    """A config saved by an older version, in today's keys with the values that reproduce what it did:
+    `data.camera: X` is cameras [X]; before data.video_fps the reported rate was used (auto); before
+    train.window_range every window that fits was drawn (full). A resume is then refused only where the
+    run would really change, naming a setting the user can pass (`--set train.window_range=full`)."""
+    data, cfg = config.get("data"), config.get("train")
+    if not isinstance(data, dict) or not isinstance(cfg, dict):
+        return config
+    if "cameras" not in data and isinstance(data.get("camera"), str):
+        data = {**data, "cameras": [data["camera"]], "camera": None}
+    data = {"video_fps": "auto", **data}
+    cfg = {"window_range": "full", **cfg}
+    return {**config, "data": data, "train": cfg}
 
 
 def _same(a: Any, b: Any) -> bool:

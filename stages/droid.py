@@ -38,6 +38,8 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from pipeline.manifest import DataSection
+
 MP4_DIR = Path("recordings") / "MP4"
 H5_NAME = "trajectory.h5"
 METADATA_GLOB = "metadata_*.json"
@@ -389,6 +391,12 @@ def frame_stride(video_fps: float, fps: float) -> int:
     if abs(ratio - nearest) < 1e-6 * max(1.0, ratio):
         return max(1, int(nearest))
     return max(1, math.ceil(ratio))
+
+
+def data_stride(data: DataSection, reported_fps: float) -> int:
+    """The stride a manifest's data section asks for on a video reporting `reported_fps` (data.video_fps,
+    when set, replaces the reported rate): the one rule extraction, planning and training share."""
+    return frame_stride(data.video_rate(reported_fps), data.fps)
 
 
 def frame_grid(num_usable: int, stride: int, phase: int) -> np.ndarray:

@@ -12,6 +12,7 @@ manifest trains on), so on the held-out split `pipeline eval` of a run's checkpo
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 from collections.abc import Iterable
@@ -19,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from pipeline.distributed import local_device
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from pipeline.records import ViewRecord
@@ -43,13 +43,6 @@ from stages.windows import (
 
 log = logging.getLogger(__name__)
 CELL = 38  # characters of a table cell: "0.7784 (0.0124; 0.7677 0.7754 0.7922)"
-
-
-def eval_device(requested: str) -> torch.device:
-    """train.device: auto = the GPU if there is one."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def split_windows(m: Manifest, views: Iterable[ViewRecord], split: str) -> tuple[list[Window], int]:
@@ -148,7 +141,7 @@ def evaluate_checkpoint(m: Manifest, checkpoint: Path, split: str = "heldout", o
         notes.append(f"the run trained on other features (store {pf.data_fingerprint[:16]}; this manifest's store "
                      f"is {store.digest[:16]})")
     windows, split_episodes = split_windows(m, store.committed_views().values(), split)
-    device = eval_device(m.train.device)
+    device = local_device(m.train.device, "train.device")
     model = predictor_from_file(pf, device)
     T = m.data.frames_per_clip
     source, bad = CachedSource(store, T, windows[0].view), BadViews(m.train.on_bad_data, warn=log.warning)
@@ -174,5 +167,7 @@ def _write(report: EvalReport, json_path: Path, png_path: Path) -> None:
         json_path.write_text(json.dumps(report.to_dict(), indent=1))
         plot_horizons(report.result, png_path, split=report.split,
                       title=f"{report.split} rollout, {Path(report.checkpoint).name} ({step})")
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as err:
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise  # the CLI names a full disk itself (exit 1)
         raise UsageError(f"cannot write {err.filename or json_path} ({err.strerror}): pass --out FILE") from None

@@ -14,6 +14,7 @@ and crop size (so the predictor takes its features), and the same kind of weight
 
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ def export_release(m: Manifest, run: Path, to: Path, which: str = "latest") -> E
     try:
         to.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(to, payload)  # temp file + fsync + rename: a killed export leaves no torn file
-    except (PermissionError, NotADirectoryError) as err:
+    except OSError as err:  # read-only mount, permissions, a file where a folder should be
+        if err.errno == errno.ENOSPC:
+            raise  # the CLI names a full disk itself (exit 1)
         raise UsageError(f"--to {to}: cannot write there ({err.strerror})") from None
     return ExportSummary(str(to), str(source), pf.step, encoder_source, _count(encoder), _count(predictor),
                          to.stat().st_size, list(payload), notes)

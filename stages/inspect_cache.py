@@ -69,6 +69,7 @@ class PictureSettings:
     data_root: Path  # raw episodes are at data_root / episode id
     crop: CropSection  # size, mean, std: what the encoder was given
     grid: tuple[int, int]  # token grid h x w of one frame: crop.size / patch
+    video_fps: float | None = None  # data.video_fps when set: the rate frame times come from (else the video's)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def inspect_cache(m: Manifest, view: str | None = None, out: Path | None = None,
     chosen = [find_view(committed, view)] if view is not None else pick_views(committed, count, seed)
     cfg = vit_config(m)
     side = cfg.img_size // cfg.patch_size
-    settings = PictureSettings(Path(m.data.root), m.crop, (side, side))
+    settings = PictureSettings(Path(m.data.root), m.crop, (side, side), m.data.fps_override())
     summary = InspectSummary(store.url, None if view is not None else seed)
     paths = [html / png_name(v) if html is not None else out or Path(png_name(v)) for v in chosen]
     for path in paths:
@@ -192,7 +193,8 @@ def draw_view(store: FeatureStore, view: ViewRecord, settings: PictureSettings, 
     if raw.problem:
         log.warning(f"view {view.view_id} of episode {view.episode_id}: {raw.problem}; drawing the cached data only")
     inputs = None if raw.frames is None else encoder_inputs(raw.frames, view.box, settings.crop)  # [K, S, S, 3]
-    fig = plot_view(view, rows, index, states, actions, raw, inputs, pca)
+    seconds = index / (settings.video_fps or view.video_fps)  # [F] time of each row in the episode
+    fig = plot_view(view, rows, index, seconds, states, actions, raw, inputs, pca)
     save_png(fig, path, FIGURE_DPI)
     return ViewPicture(view.view_id, str(path), raw.problem, view_facts(view, raw.problem))
 
@@ -280,14 +282,13 @@ class _Moments:
 # -- drawing ---------------------------------------------------------------------------------------------
 
 
-def plot_view(view: ViewRecord, rows: np.ndarray, index: np.ndarray, states: np.ndarray, actions: np.ndarray,
-              raw: RawFrames, inputs: np.ndarray | None, pca: np.ndarray) -> plt.Figure:
+def plot_view(view: ViewRecord, rows: np.ndarray, index: np.ndarray, seconds: np.ndarray, states: np.ndarray,
+              actions: np.ndarray, raw: RawFrames, inputs: np.ndarray | None, pca: np.ndarray) -> plt.Figure:
     """The figure: raw frames with the box, encoder inputs, feature PCA, states and actions (module doc)."""
     fig = plt.figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
     fig.suptitle(title(view), fontsize=11)
     grid = fig.add_gridspec(4, len(rows), height_ratios=(1, 1, 1, 1.2), left=0.035, right=0.99, top=0.9,
                             bottom=0.055, hspace=0.35, wspace=0.06)
-    seconds = index / view.video_fps  # [F] time of each row in the episode
     labels = [f"row {r}, frame {index[r]}, {seconds[r]:.1f} s" for r in rows]
     if raw.frames is None:
         _note(fig.add_subplot(grid[0:2, :]), raw.problem)

@@ -38,8 +38,8 @@ from stages.droid import (
     Episode,
     EpisodeError,
     actions_from_states,
+    data_stride,
     frame_grid,
-    frame_stride,
     iter_frames,
     open_episode,
     source_identity,
@@ -229,7 +229,7 @@ def episode_jobs(task: EpisodeTask, data: DataSection, views: ViewsSection, crop
 def _camera_jobs(task: EpisodeTask, folder: Path, camera: str, data: DataSection, views: ViewsSection,
                  crop: CropSection) -> list[ViewJob]:
     ep = open_episode(folder, camera)
-    stride = frame_stride(data.fps_override() or ep.video_fps, data.fps)
+    stride = data_stride(data, ep.video_fps)
     source = source_identity(folder, camera)
     jobs = []
     for v in draw_views(views, crop, camera, task.episode_id, ep.frame_hw, stride):

@@ -20,7 +20,7 @@ from pipeline.manifest import Manifest
 from pipeline.records import FailureRecord, ViewRecord, canonical_json
 from pipeline.store import FeatureStore
 from stages.augment import draw_views
-from stages.droid import Source, episode_id_for, frame_stride, list_episodes, source_identity
+from stages.droid import Source, data_stride, episode_id_for, frame_stride, list_episodes, source_identity
 
 
 @dataclass
@@ -62,7 +62,7 @@ class EpisodePlan:
 
 def planned_view_ids(m: Manifest, episode_id: str, camera: str, frame_hw: list[int], video_fps: float) -> list[str]:
     """The distinct view ids the manifest asks for of one camera, given its frame size and reported frame rate."""
-    stride = frame_stride(m.data.fps_override() or video_fps, m.data.fps)
+    stride = data_stride(m.data, video_fps)
     return [v.view_id for v in draw_views(m.views, m.crop, camera, episode_id, (frame_hw[0], frame_hw[1]), stride)]
 
 
@@ -102,14 +102,7 @@ def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[Vi
     recs = by_episode.get(eid, [])
     current = [r for r in recs if r.source == per_camera[r.camera]]
     stale = len(recs) - len(current)
-    unopened = m.views.per_episode * len(cams)  # planned views before the episode is opened (stride unknown)
-    failure = failures.get(eid)
-    if failure is not None and failure_applies(failure, src, m) and not current:
-        state = "new" if m.extract.retry_failed else "failed"
-        return EpisodePlan(eid, str(folder), state, unopened, 0, stale, src, failure.reason)
-    if not current:
-        return EpisodePlan(eid, str(folder), "stale" if recs else "new", unopened, 0, stale, src)
-    planned, missing = [], 0  # missing: cameras never extracted, their views are drawn once the episode is opened
+    planned, missing = [], 0  # missing: cameras without current views (theirs are drawn when the episode is opened)
     for cam in cams:
         seen = [r for r in current if r.camera == cam]
         if seen:
@@ -118,9 +111,23 @@ def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[Vi
             missing += 1
     have = {r.view_id for r in current}
     done = [v for v in planned if v in have]
-    state = "done" if len(done) == len(planned) and not missing else "partial"
-    count = len(planned) + missing * m.views.per_episode
+    count = len(planned) + missing * _unopened_views(m)
+    if not missing and len(done) == len(planned):
+        return EpisodePlan(eid, str(folder), "done", count, len(done), stale, src, done_views=done)
+    failure = failures.get(eid)
+    if failure is not None and failure_applies(failure, src, m):  # what is missing failed under these files
+        state = "new" if m.extract.retry_failed else "failed"
+        return EpisodePlan(eid, str(folder), state, count, len(done), stale, src, failure.reason, done_views=done)
+    state = "partial" if current else ("stale" if recs else "new")
     return EpisodePlan(eid, str(folder), state, count, len(done), stale, src, done_views=done)
+
+
+def _unopened_views(m: Manifest) -> int:
+    """Views planned for one camera of an episode never opened: a lower bound where the stride is unknown
+    (`views.phase: all` with the reported rate); identical crop draws may still collapse."""
+    if m.views.phase == "all" and m.data.fps_override():
+        return m.views.per_episode * frame_stride(m.data.fps_override(), m.data.fps)
+    return m.views.per_episode
 
 
 def view_settings(m: Manifest) -> dict[str, Any]:

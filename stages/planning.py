@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.distributed import local_device
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest, PlanSection
 from pipeline.part_writer import TORCH_DTYPES
@@ -34,7 +35,7 @@ from pipeline.store import find_view
 from stages.augment import crop_frames, fallback_crop
 from stages.cem import cem
 from stages.checkpoints import resolve_checkpoint, run_changes
-from stages.encoder import LoadedEncoder, build_runtime, pick_device
+from stages.encoder import LoadedEncoder, build_runtime
 from stages.fingerprint import reader_spec
 from stages.models.predictor import ACPredictor, PredictorConfig, layer_norm_features, rollout
 from stages.poses import rollout_states
@@ -204,7 +205,7 @@ def frame_energy(frames: Tensor, goal: Tensor) -> Tensor:
 
 def build_planner(m: Manifest, checkpoint: Path | None) -> tuple[LoadedPredictor, Planner, torch.device]:
     """The predictor of `checkpoint` (default `<train.out>/checkpoints/latest.pt`) in a planner on plan.device."""
-    device = pick_device(m.plan.device)
+    device = local_device(m.plan.device, "plan.device")
     loaded = load_predictor(checkpoint or default_checkpoint(m), m, device)
     return loaded, Planner(loaded.model, m.plan, device, autocast_for(m, device)), device
 

@@ -55,7 +55,7 @@ class StatusReport:
             f"views        planned {self.views_planned}  committed {self.views_committed}  "
             f"pending {self.views_pending}  stale {self.views_stale}  failed {self.views_failed}",
             f"on disk      {human_bytes(self.bytes_on_disk)}{uncommitted}",
-            *(line.replace("timing     ", "timing       ", 1) for line in format_timings(self.timing)),
+            *format_timings(self.timing, width=13),
         ]
         lines += [f"warning      {w}" for w in self.warnings]
         lines += [f"failed       {f['episode']}: {f['reason']}" for f in self.episodes_failed]
@@ -83,7 +83,7 @@ def status_report(m: Manifest) -> StatusReport:
     report.views_planned = sum(p.planned for p in plans)
     report.views_committed = sum(p.committed for p in plans)
     report.views_stale = sum(p.stale for p in plans)
-    report.views_failed = sum(p.planned for p in failed)
+    report.views_failed = sum(p.planned - p.committed for p in failed)
     report.views_pending = sum(p.planned - p.committed for p in plans if p.needs_work)
     report.episodes_failed = [{"episode": p.episode_id, "path": p.path, "reason": p.reason} for p in failed]
     report.bytes_on_disk = store.bytes_on_disk()

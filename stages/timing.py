@@ -34,14 +34,16 @@ class CameraTiming:
     with_timestamps: int = 0  # episodes whose trajectory.h5 has the camera's timestamps
     disagreeing: int = 0  # of those, episodes whose capture rate is off the rate the stride was computed from
     examples: list[str] = field(default_factory=list)  # a few of them, for the warning
-    disagreeing_fps: float | None = None  # the median capture rate of those episodes
+    disagreeing_fps: float | None = None  # of those episodes: the median capture rate,
+    disagreeing_rate: float | None = None  # the median rate their strides came from,
+    disagreeing_stride: int | None = None  # and their median stride
     rate_used: list[float] = field(default_factory=list)  # the rate strides came from (reported or data.video_fps)
 
     def warning(self, fps: float) -> str | None:
         """One line when the timestamps disagree with the rate the stride was computed from, else None."""
         if not self.disagreeing or self.disagreeing_fps is None:
             return None
-        capture, used, stride = self.disagreeing_fps, self.rate_used[1], self.stride[1]
+        capture, used, stride = self.disagreeing_fps, self.disagreeing_rate, self.disagreeing_stride
         return (f"{self.camera}: trajectory.h5 timestamps say {capture:.2f} Hz but the stride {stride} was computed "
                 f"from {used:g} fps in {self.disagreeing} of {self.with_timestamps} episodes (e.g. "
                 f"{', '.join(self.examples)}): a clip step spans {stride / capture:.2f} s, not {1 / fps:.2f} s. If "
@@ -65,9 +67,12 @@ def _timing(camera: str, views: list[ViewRecord], override: float | None) -> Cam
     if timed:
         t.capture_fps = _spread([v.capture_fps for v, _ in timed])
         t.with_timestamps = len(timed)
-        off = [v for v, u in timed if abs(v.capture_fps / u - 1) > DISAGREEMENT]
-        t.disagreeing, t.examples = len(off), [v.episode_id for v in off[:3]]
-        t.disagreeing_fps = float(np.median([v.capture_fps for v in off])) if off else None
+        off = [(v, u) for v, u in timed if abs(v.capture_fps / u - 1) > DISAGREEMENT]
+        t.disagreeing, t.examples = len(off), [v.episode_id for v, _ in off[:3]]
+        if off:
+            t.disagreeing_fps = float(np.median([v.capture_fps for v, _ in off]))
+            t.disagreeing_rate = float(np.median([u for _, u in off]))
+            t.disagreeing_stride = int(np.median([v.stride for v, _ in off]))
     return t
 
 
@@ -77,13 +82,14 @@ def _spread(values: list[Any]) -> list[Any]:
     return [ordered[0], ordered[len(ordered) // 2], ordered[-1]]
 
 
-def format_timings(timings: list[CameraTiming]) -> list[str]:
-    """Lines for a summary: fps and stride per camera (min / median / max over episodes)."""
+def format_timings(timings: list[CameraTiming], width: int = 11) -> list[str]:
+    """Lines for a summary whose labels are `width` wide: fps and stride per camera (min / median / max over
+    episodes)."""
     lines = []
     for t in timings:
         capture = (f", timestamps {_fmt(t.capture_fps)} Hz in {t.with_timestamps}" if t.capture_fps else
                    ", no timestamps in trajectory.h5")
-        lines.append(f"timing     {t.camera}: video {_fmt(t.video_fps)} fps, stride {_fmt(t.stride)} "
+        lines.append(f"{'timing':<{width}}{t.camera}: video {_fmt(t.video_fps)} fps, stride {_fmt(t.stride)} "
                      f"(min/median/max over {t.episodes} episodes){capture}")
     return lines
 

@@ -56,6 +56,7 @@ from stages.windows import (
     WindowSource,
     eval_windows,
     load_windows,
+    manifest_views,
     open_training_store,
     split_index,
 )
@@ -131,8 +132,12 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     data = online_data(m, info) if online else cached_data(m, pcfg)
     train_idx, held_idx = (split_index(m, data.views, split) for split in ("train", "heldout"))
     if not train_idx.episodes:
+        other = len(data.views) - len(manifest_views(data.views, m.data))
         raise ValueError(f"no training windows of {T} frames (data.frames_per_clip) in {data.where}: "
-                         f"{train_idx.dropped_views} views are shorter")
+                         f"{train_idx.dropped_views} views are too short, {other} of {len(data.views)} committed views "
+                         f"are of other cameras or another stride than data.cameras {m.data.cameras} at data.fps "
+                         f"{m.data.fps:g} (data.video_fps {m.data.video_fps}) ask for: run `pipeline extract` with "
+                         "this manifest")
     source, featurize = data.source(train_idx.views_of(train_idx.episodes[0])[0]), data.featurize
 
     # -- model, optimizer, loader, resume --------------------------------------------------------------

@@ -45,7 +45,7 @@ from pipeline.manifest import DataSection, Manifest
 from pipeline.part_writer import STATE_DIM, TORCH_DTYPES
 from pipeline.records import ViewRecord
 from pipeline.store import FORMAT_VERSION, FeatureStore, store_specs
-from stages.droid import frame_stride
+from stages.droid import data_stride
 
 SPLITS = ("train", "heldout", "all")
 CPU = torch.device("cpu")
@@ -73,9 +73,7 @@ def manifest_views(views: Iterable[ViewRecord], data: DataSection) -> list[ViewR
     A store keeps every view it was ever asked for. Views of another stride (made under another
     data.fps or data.video_fps) stay in it for the runs that want them, but would mix clip durations
     into this run's windows, so they are left out here."""
-    override = data.fps_override()
-    return [v for v in views
-            if v.camera in data.cameras and v.stride == frame_stride(override or v.video_fps, data.fps)]
+    return [v for v in views if v.camera in data.cameras and v.stride == data_stride(data, v.video_fps)]
 
 
 # -- the index ---------------------------------------------------------------------------------------
@@ -301,10 +299,23 @@ class BadViews:
             raise ValueError(f"on_bad_data {policy!r} must be raise or skip")
         self.policy, self.warn = policy, warn or (lambda _: None)
         self.found: dict[str, str] = {}  # view_id -> the error
+        self._sound: dict[int, tuple[int, WindowIndex]] = {}  # id(index) -> (views found damaged, index without them)
         self._lock = threading.Lock()
 
     def __contains__(self, view: ViewRecord) -> bool:
         return view.view_id in self.found
+
+    def sound_index(self, index: WindowIndex) -> WindowIndex:
+        """`index` without the views known to be damaged; rebuilt only when another view is found damaged
+        (a scan of every view: cheap once, not once per replaced window at DROID scale)."""
+        with self._lock:
+            known, sound = self._sound.get(id(index), (-1, index))
+            if known != len(self.found):
+                sound = WindowIndex.from_views((v for v in index._all_views() if v.view_id not in self.found),
+                                               split="all", frames_per_clip=index.frames_per_clip,
+                                               window_range=index.window_range)
+                self._sound[id(index)] = (len(self.found), sound)
+            return sound
 
     def met(self, view: ViewRecord, err: DamagedDataError) -> None:
         """Raise (policy raise) or remember the damaged view (policy skip)."""
@@ -321,8 +332,7 @@ def replacement_window(index: WindowIndex, seed: int, rank: int, batch_number: i
                        bad: BadViews) -> Window:
     """A window for slot `slot` of a batch whose drawn window was damaged: the release's rule over the views
     not known to be damaged, from a generator of (seed, rank, batch, slot, attempt) alone."""
-    sound = WindowIndex.from_views((v for v in index._all_views() if v not in bad), split="all",
-                                   frames_per_clip=index.frames_per_clip, window_range=index.window_range)
+    sound = bad.sound_index(index)
     if not sound.episodes:
         raise DamagedDataError("every view of the training split", "all are damaged: run `pipeline verify --repair`")
     rng = np.random.default_rng([seed, rank, batch_number, slot, attempt, 1])
@@ -334,7 +344,7 @@ def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> lis
 
     Evaluation compares checkpoints, so it must see the same windows every time. Each episode offers
     its windows in the order (view 0, start 0), (view 1, start 0), ..., (view 0, start T), ... (non-
-    overlapping starts); episodes take turns in a seeded order, so a small `max_windows` still
+    overlapping starts; one phase per crop draw); episodes take turns in a seeded order, so a small `max_windows` still
     covers as many episodes as it can, without favouring the alphabetically first ones.
     """
     order = [index.episodes[i] for i in np.random.default_rng(seed).permutation(len(index.episodes))]
@@ -348,8 +358,13 @@ def eval_windows(index: WindowIndex, T: int, max_windows: int, seed: int) -> lis
 
 
 def _episode_windows(index: WindowIndex, episode: str, T: int) -> list[Window]:
-    """One episode's non-overlapping windows, interleaved over its views."""
-    views = index.views_of(episode)
+    """One episode's non-overlapping windows, interleaved over its views. Of the views that differ only
+    in phase (`views.phase: all`) only the first phase is used: the others' windows overlap its own,
+    shifted by a raw frame or two, and would fill a small evaluation with near-copies."""
+    first: dict[tuple[str, int, tuple[int, ...]], ViewRecord] = {}
+    for v in sorted(index.views_of(episode), key=lambda v: v.phase):
+        first.setdefault((v.camera, v.stride, tuple(v.box)), v)
+    views = sorted(first.values(), key=lambda v: v.view_id)
     starts = [list(range(0, index.starts(v), T)) for v in views]
     return [Window(v, s[k]) for k in range(max(map(len, starts), default=0))
             for v, s in zip(views, starts, strict=True) if k < len(s)]

@@ -179,3 +179,18 @@ def test_a_store_of_an_older_format_is_named_with_what_to_run(tmp_path: Path) ->
         "format_version": 1, "fingerprint": {"digest": "0123456789abcdef", "spec": {}}}}))
     result = runner.invoke(app, ["train", "-m", str(manifest), "--steps", "1"])
     assert result.exit_code == 2 and "format version 1" in result.output and "pipeline extract" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_a_gpu_asked_for_where_there_is_none_is_a_usage_error(tmp_path: Path) -> None:
+    from pipeline.distributed import local_device
+    from pipeline.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"plan.device: 'cuda', but no CUDA GPU is visible"):
+        local_device("cuda", "plan.device")
+    assert local_device("auto", "train.device").type == "cpu"
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--set", "train.device=cuda:0",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: train.device: 'cuda:0', but no CUDA GPU is visible here (torch.cuda.is_available() is False); "
+        "use auto or cpu"]

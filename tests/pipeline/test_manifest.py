@@ -68,8 +68,11 @@ def test_bad_values_name_key_and_value(override: str, message: str) -> None:
 
 
 def test_cameras_fps_and_fractions() -> None:
-    m = load_manifest(MANIFEST, "demo", ["data.camera=ext1_mp4_path"])  # the older one-camera spelling
+    m = load_manifest(MANIFEST, "demo", ["data.cameras=null", "data.camera=ext1_mp4_path"])  # the older spelling
     assert (m.data.cameras, m.data.camera) == (["ext1_mp4_path"], None)
+    with pytest.raises(ManifestError, match="both set"):  # never a silent winner between the two
+        load_manifest(MANIFEST, "demo", ["data.camera=ext1_mp4_path"])
+    assert load_manifest(MANIFEST, "demo", ["data.camera=wrist_mp4_path"]).data.cameras == ["wrist_mp4_path"]
     m = load_manifest(MANIFEST, "demo", ["data.cameras=[ext1_mp4_path, wrist_mp4_path]", "data.video_fps=15",
                                          "encoder.mlp_ratio=48/11", "views.phase=all"])
     assert m.data.cameras == ["ext1_mp4_path", "wrist_mp4_path"] and m.data.fps_override() == 15.0

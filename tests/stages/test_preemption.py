@@ -140,11 +140,18 @@ def test_batch_jobs_get_plain_log_lines_and_bad_steps_a_usage_error(cached: Path
     assert bad.returncode == 2 and "--steps 0" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_a_config_saved_with_data_camera_is_the_same_run_as_data_cameras() -> None:
+def test_a_config_saved_by_the_previous_version_resumes_with_its_own_settings() -> None:
+    """A config as version 234b233 saved it (data.camera; no data.video_fps, train.window_range, plan, ...)."""
     from stages.checkpoints import run_changes
 
     now = load_manifest(Path(__file__).resolve().parents[2] / "data_manifest.yaml", "demo").to_dict()
-    saved = {**now, "data": {k: v for k, v in now["data"].items() if k != "cameras"} | {"camera": "wrist_mp4_path"}}
-    assert run_changes(saved, now) == []
+    saved = json.loads(json.dumps(now))
+    saved["data"] = {k: v for k, v in saved["data"].items() if k not in ("cameras", "camera", "video_fps")}
+    saved["data"]["camera"] = "wrist_mp4_path"
+    for key in ("window_range", "tensorboard"):
+        del saved["train"][key]
+    del saved["plan"]
+    assert run_changes(saved, now) == ["train.window_range: 'full' -> 'release'"]  # what it did, and can do again
+    assert run_changes(saved, {**now, "train": {**now["train"], "window_range": "full"}}) == []
     saved["data"]["camera"] = "ext1_mp4_path"
-    assert run_changes(saved, now) == ["data.cameras: ['ext1_mp4_path'] -> ['wrist_mp4_path']"]
+    assert "data.cameras: ['ext1_mp4_path'] -> ['wrist_mp4_path']" in run_changes(saved, now)

@@ -3,7 +3,9 @@ release draws them; several cameras are stored and drawn uniformly; video timing
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import h5py
@@ -125,3 +127,36 @@ def test_timestamps_that_disagree_with_the_video_rate_are_flagged(workdir: Path)
     assert "1 of 3 episodes" in again.warnings[0]  # now the one episode whose timestamps say 15 Hz is named
     strides = {v.stride for v in FeatureStore(fixed.cache.path, fingerprint_spec(fixed)).committed_views().values()}
     assert strides == {1, 4}  # the store keeps both grids; each manifest trains on its own
+
+
+def test_a_camera_an_episode_lacks_fails_it_once_and_keeps_its_other_views(workdir: Path) -> None:
+    """Adding a camera extracts only its views; an episode without it is a recorded failure (named), not
+    retried on every run, and its committed views of the other camera stay in use."""
+    base = ["views.per_episode=1", *TRAIN]
+    one = load_manifest(workdir / "manifest.yaml", None, ["data.camera=wrist_mp4_path", *base])
+    assert extract(one, show_progress=False, echo=lambda _: None).views_done == 3
+    first = workdir / "data" / (workdir / "data" / "episodes.txt").read_text().splitlines()[0]
+    both = load_manifest(workdir / "manifest.yaml", None, ["data.cameras=[wrist_mp4_path, ext1_mp4_path]", *base])
+    ext1 = next(p for p in (first / "recordings" / "MP4").glob("*.mp4")
+                if p.stem in json.loads(next(first.glob("metadata_*.json")).read_text())["ext1_mp4_path"])
+    ext1.unlink()
+    s = extract(both, show_progress=False, echo=lambda _: None)
+    assert s.views_done == 2 and len(s.failed) == 1 and "missing" in s.failed[0]["reason"]  # only ext1, 2 episodes
+    again = extract(both, show_progress=False, echo=lambda _: None)
+    assert again.views_done == 0 and again.failed[0].get("recorded") == "earlier run"  # not retried
+    report = status_report(both)
+    assert report.episodes_by_state["failed"] == 1 and report.views_failed == 1
+    summary = train(both, workdir / "run", steps=1, show_progress=False, echo=lambda _: None)
+    assert summary.train_episodes == 3  # the failed episode's wrist view still trains
+
+
+def test_evaluation_windows_do_not_repeat_a_clip_shifted_by_a_frame() -> None:
+    from stages.windows import eval_windows
+
+    index = WindowIndex.from_views(phase_all_views("e", 60, 2), split="all", frames_per_clip=T)
+    windows = eval_windows(index, T, 100, seed=0)
+    raw = [(tuple(w.view.box), w.view.phase + w.start * STRIDE) for w in windows]
+    assert {w.view.phase for w in windows} == {0} and len(set(raw)) == len(raw)
+    for box in {b for b, _ in raw}:  # per crop draw, starts T * stride apart: no two clips overlap
+        starts = sorted(s for b, s in raw if b == box)
+        assert all(b - a >= T * STRIDE for a, b in pairwise(starts))
