@@ -30,12 +30,18 @@ PROFILE = {
 }
 
 
-@pytest.mark.parametrize(
-    "command", [[], ["synth"], ["extract"], ["status"], ["verify"], ["train"], ["gc"], ["demo"], ["bench"]]
-)
+COMMANDS = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)])
 def test_help_on_every_command(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_every_command_is_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert len(COMMANDS) == 12 and [n for n in COMMANDS if f"`pipeline {n}" not in readme] == []
 
 
 def test_synth_extract_status(tmp_path: Path) -> None:
