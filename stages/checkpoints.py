@@ -17,6 +17,7 @@ Files survive what a cluster does to a job:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -31,6 +32,7 @@ from pipeline.distributed import DistInfo
 from pipeline.durable import fsync_dir, replace_durably
 from pipeline.errors import UsageError
 
+log = logging.getLogger("pipeline.checkpoints")
 CHECKPOINT_FORMAT = "vjepa2ac-pipeline-train/2"  # 2: one dict of stateful things (loader, RankRNG)
 KEPT = re.compile(r"step_(\d+)\.pt$")
 # Settings that may change between a run and its resume: they do not change the model being trained.
@@ -176,7 +178,7 @@ def resume_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[dict[s
             break
     for path, err in damaged:
         warn(f"checkpoint {path} is damaged ({err}); "
-             + (f"resuming from {found[1]} (step {found[0]['step']})" if found else "no intact checkpoint is left"))
+             + (f"using {found[1]} (step {found[0]['step']}) instead" if found else "no intact checkpoint is left"))
     if found is None and damaged:
         raise UsageError(f"no intact checkpoint in {folder}: " + "; ".join(f"{p}: {e}" for p, e in damaged)
                          + ". Start a new run in another folder (--out), or remove the damaged files")
@@ -193,7 +195,8 @@ def _try_load(path: Path, damaged: list[tuple[Path, str]]) -> tuple[dict[str, An
 
 def resolve_checkpoint(target: Path, which: str = "latest") -> Path:
     """The checkpoint file a command names: a .pt path as it is, or in a run folder (or its checkpoints/
-    folder) `latest.pt`, a kept `step_N` or a path; a missing one is a UsageError listing what is there."""
+    folder) its newest intact checkpoint (latest.pt, or the kept one resume would fall back to, named in a
+    warning), a kept `step_N` or a path; a missing one is a UsageError listing what is there."""
     if target.is_file():
         if which != "latest":
             raise UsageError(f"--checkpoint {which}: {target} is a file; --checkpoint picks one in a run folder")
@@ -201,6 +204,10 @@ def resolve_checkpoint(target: Path, which: str = "latest") -> Path:
     if not target.is_dir():
         raise UsageError(f"{target}: no such checkpoint file or run folder")
     folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
+    if which == "latest" and has_checkpoint(folder):  # a run's newest intact one, as resume picks it
+        found = resume_checkpoint(folder, warn=log.warning)
+        if found is not None:
+            return found[1]
     if which == "latest":
         path = folder / "latest.pt"
     elif m := re.fullmatch(r"step_?(\d+)(\.pt)?", which):

@@ -186,3 +186,22 @@ def test_export_writes_the_encoder_of_the_manifests_checkpoint(run: Path, tmp_pa
     assert all(torch.equal(blob["encoder"][f"module.{k}"], v) for k, v in weights.items())
     with pytest.raises(UsageError, match=r"encoder\.checkpoint: .*-> None"):  # a random-init manifest: not the run's
         export_release(m, tmp_path / "run.pt", tmp_path / "refused.pt")
+
+
+def test_a_damaged_latest_falls_back_to_the_newest_intact_checkpoint(run: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """As resume does: a run folder whose latest.pt is truncated is evaluated from its kept step_N.pt, said in a
+    warning; naming the damaged file itself stays an error naming it."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run / "run", copy)
+    latest = copy / "checkpoints" / "latest.pt"
+    latest.unlink()  # a hard link of step_N: write a torn copy of its own
+    latest.write_bytes((copy / "checkpoints" / f"step_{STEPS:07d}.pt").read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        report = evaluate_checkpoint(load(run), copy, out=tmp_path / "e.json")
+    assert report.step == STEPS and Path(report.checkpoint).name == f"step_{STEPS:07d}.pt"
+    assert any("latest.pt is damaged" in r.getMessage() for r in caplog.records)
+    with pytest.raises((UsageError, CheckpointError), match=r"latest\.pt"):
+        evaluate_checkpoint(load(run), latest, out=tmp_path / "f.json")
