@@ -25,18 +25,17 @@ from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from pipeline.records import ViewRecord
 from stages.checkpoints import resolve_checkpoint
-from stages.evaluate import evaluate
+from stages.evaluate import evaluate_windows
 from stages.fingerprint import reader_spec
 from stages.plots import plot_horizons
 from stages.predictor_file import check_architecture, predictor_from_file, read_predictor_file
-from stages.train import EVAL_BATCH, autocast_for
+from stages.train import autocast_for
 from stages.windows import (
     SPLITS,
     BadViews,
     CachedSource,
     Window,
     eval_windows,
-    load_windows,
     open_training_store,
     split_index,
 )
@@ -145,11 +144,8 @@ def evaluate_checkpoint(m: Manifest, checkpoint: Path, split: str = "heldout", o
     model = predictor_from_file(pf, device)
     T = m.data.frames_per_clip
     source, bad = CachedSource(store, T, windows[0].view), BadViews(m.train.on_bad_data, warn=log.warning)
-    chunks = (load_windows(source, windows[i : i + EVAL_BATCH], device, bad)
-              for i in range(0, len(windows), EVAL_BATCH))
-    horizons = min(m.train.eval_horizons, T - 1)  # a T-frame window holds T - 1 future frames
-    result = evaluate(model, (b for b in chunks if b is not None), m.train.auto_steps, horizons,
-                      autocast_for(m, device), pf.step)
+    result = evaluate_windows(model, source, windows, device, bad, T, m.train.auto_steps, m.train.eval_horizons,
+                              autocast_for(m, device), pf.step)
     report = EvalReport(str(path), pf.kind, pf.step, split, split_episodes,
                         len({w.view.episode_id for w in windows}), T, pf.config_from, pf.config.to_dict(),
                         store.digest, notes + [f"skipped damaged view {v}" for v in sorted(bad.found)], result)

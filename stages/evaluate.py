@@ -7,16 +7,32 @@ the ground-truth actions (and states, as in training); every later frame is the 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from stages.models.predictor import ACPredictor, ac_loss, layer_norm_features, rollout
-from stages.windows import Batch
+from stages.windows import BadViews, Batch, Window, WindowSource, load_windows
+
+EVAL_BATCH = 16  # windows per evaluation forward
 
 QUANTILES = (0.1, 0.5, 0.9)  # the spread over windows: one bad window and a typical one read differently
+
+
+def evaluate_windows(model: ACPredictor, source: WindowSource, windows: list[Window], device: torch.device,
+                     bad: BadViews, frames_per_clip: int, auto_steps: int, eval_horizons: int,
+                     autocast: AbstractContextManager, step: int | None,
+                     featurize: Callable[[Batch], Batch] = lambda batch: batch) -> dict[str, Any]:
+    """`evaluate` on fixed windows read from `source` EVAL_BATCH at a time (damaged views as `bad` says;
+    `featurize` turns an online batch's pixels into features): the one path of training's evaluation and
+    `pipeline eval`, so a checkpoint evaluated later gives the numbers its run logged."""
+    chunks = (load_windows(source, windows[i : i + EVAL_BATCH], device, bad)
+              for i in range(0, len(windows), EVAL_BATCH))
+    batches = (featurize(b) for b in chunks if b is not None)
+    horizons = min(eval_horizons, frames_per_clip - 1)  # a T-frame window holds T - 1 future frames
+    return evaluate(model, batches, auto_steps, horizons, autocast, step)
 
 
 @torch.no_grad()

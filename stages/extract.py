@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
+from pipeline.records import ViewRecord
 from pipeline.report import human_bytes
 from pipeline.signals import raise_on_signals
 from pipeline.store import FeatureStore
@@ -32,8 +33,7 @@ from stages.encoder import load_encoder
 from stages.fingerprint import fingerprint_spec, vit_config
 from stages.part import PartResult, PartSettings, run_part
 from stages.plan import EpisodePlan, PartTask, make_parts, plan_episodes, view_settings
-from stages.timing import CameraTiming, camera_timings, format_timings, timing_warnings
-from stages.windows import manifest_views
+from stages.timing import CameraTiming, format_timings, manifest_timing
 
 EVENT_TOPIC = "pipeline-extract-progress"
 
@@ -99,13 +99,14 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     _check_device(m, scheduler)
     spec = fingerprint_spec(m)
     store = FeatureStore(m.cache.path, spec).create()
-    plans = plan_episodes(m, store)
+    views = store.committed_views()
+    plans = plan_episodes(m, store, views)
     parts = make_parts(plans, m.extract.episodes_per_part, view_settings(m))
     summary = _summary_from_plan(store, plans)
     if not parts:
         echo(f"Nothing to do: all {summary.views_skipped} planned views of {len(plans)} episodes are committed "
              f"in {store.url}; no encoding.")
-        return _with_timing(summary, store, m)
+        return _with_timing(summary, views, m)
     todo = sum(len(p.episodes) for p in parts)
     echo(f"Extracting {todo} episodes in {len(parts)} parts into {store.url} "
          f"({summary.views_skipped} views already committed, {len(summary.failed)} failed before)")
@@ -123,15 +124,13 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - t0
-    return _with_timing(summary, store, m)
+    return _with_timing(summary, store.committed_views(), m)  # read again: this run committed more
 
 
-def _with_timing(summary: ExtractSummary, store: FeatureStore, m: Manifest) -> ExtractSummary:
+def _with_timing(summary: ExtractSummary, views: dict[str, ViewRecord], m: Manifest) -> ExtractSummary:
     """The video fps and stride found per camera over the committed views, and a warning where the
     trajectory files' timestamps disagree with the rate the strides came from."""
-    summary.timing = camera_timings(manifest_views(store.committed_views().values(), m.data),
-                                    m.data.cameras, m.data.fps_override())
-    summary.warnings = timing_warnings(summary.timing, m.data.fps)
+    summary.timing, summary.warnings = manifest_timing(views.values(), m.data)
     return summary
 
 

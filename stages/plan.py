@@ -82,11 +82,13 @@ def failure_applies(failure: FailureRecord, source: Source, m: Manifest) -> bool
     return failure.source == source and failure.settings == episode_settings(m)
 
 
-def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
-    """Classify every episode of the manifest against the store."""
+def plan_episodes(m: Manifest, store: FeatureStore, views: dict[str, ViewRecord] | None = None
+                  ) -> list[EpisodePlan]:
+    """Classify every episode of the manifest against the store (`views`: its committed views, when the
+    caller has read them already; reading every commit record is the expensive part at scale)."""
     root = Path(m.data.root)
     by_episode: dict[str, list[ViewRecord]] = defaultdict(list)
-    for rec in store.committed_views().values():
+    for rec in (store.committed_views() if views is None else views).values():
         if rec.camera in m.data.cameras:
             by_episode[rec.episode_id].append(rec)
     failures = store.failures()
@@ -97,8 +99,8 @@ def plan_episodes(m: Manifest, store: FeatureStore) -> list[EpisodePlan]:
 def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[ViewRecord]],
               failures: dict[str, FailureRecord]) -> EpisodePlan:
     cams = m.data.cameras
-    src = source_identity(folder, *cams)
-    per_camera = {cams[0]: src} if len(cams) == 1 else {c: source_identity(folder, c) for c in cams}
+    per_camera = {c: source_identity(folder, c) for c in cams}  # a view's files: its own camera's
+    src = {name: ident for one in per_camera.values() for name, ident in one.items()}  # the episode's: all of them
     recs = by_episode.get(eid, [])
     current = [r for r in recs if r.source == per_camera[r.camera]]
     stale = len(recs) - len(current)

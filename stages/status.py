@@ -12,8 +12,7 @@ from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
 from stages.fingerprint import reader_spec
 from stages.plan import plan_episodes
-from stages.timing import CameraTiming, camera_timings, format_timings, timing_warnings
-from stages.windows import manifest_views
+from stages.timing import CameraTiming, format_timings, manifest_timing
 
 EPISODE_STATES = ("done", "partial", "stale", "new", "failed")
 
@@ -75,7 +74,8 @@ def status_report(m: Manifest) -> StatusReport:
     report = StatusReport(m.profile, store.digest, store.url, store.exists())
     if report.store_exists:
         store.check()
-    plans = plan_episodes(m, store)
+    views = store.committed_views()  # read once: planning and the timing figures both use them
+    plans = plan_episodes(m, store, views)
     states = Counter(p.state for p in plans)
     failed = [p for p in plans if p.state == "failed"]
     report.episodes = len(plans)
@@ -91,8 +91,6 @@ def status_report(m: Manifest) -> StatusReport:
         live = {(c.part, c.attempt) for c in store.commits()}
         report.unreferenced_attempts = len(set(store.attempts()) - live)
         report.quarantined = store.quarantined()
-        report.timing = camera_timings(manifest_views(store.committed_views().values(), m.data),
-                                    m.data.cameras, m.data.fps_override())
-        report.warnings = timing_warnings(report.timing, m.data.fps)
+        report.timing, report.warnings = manifest_timing(views.values(), m.data)
     report.bad_records = dict(store.bad_records)
     return report

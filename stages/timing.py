@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.manifest import DataSection
 from pipeline.records import ViewRecord
+from stages.windows import manifest_views
 
 DISAGREEMENT = 0.10  # relative difference between capture rate and the rate the stride used that is flagged
 
@@ -48,6 +50,13 @@ class CameraTiming:
                 f"from {used:g} fps in {self.disagreeing} of {self.with_timestamps} episodes (e.g. "
                 f"{', '.join(self.examples)}): a clip step spans {stride / capture:.2f} s, not {1 / fps:.2f} s. If "
                 f"the videos' reported rate is wrong, set data.video_fps: {round(capture, 2):g} (vjepa2 issue #183).")
+
+
+def manifest_timing(views: Iterable[ViewRecord], data: DataSection) -> tuple[list[CameraTiming], list[str]]:
+    """Per camera of the manifest, over the views it trains on (its cameras and stride), the timing figures
+    and the warnings they raise: what `pipeline extract`'s summary and `pipeline status` print."""
+    timings = camera_timings(manifest_views(views, data), data.cameras, data.fps_override())
+    return timings, timing_warnings(timings, data.fps)
 
 
 def camera_timings(views: Iterable[ViewRecord], cameras: list[str], video_fps: float | None) -> list[CameraTiming]:

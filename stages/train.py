@@ -41,7 +41,7 @@ from stages.checkpoints import (
     run_changes,
     write_checkpoints,
 )
-from stages.evaluate import evaluate, format_eval
+from stages.evaluate import evaluate_windows, format_eval
 from stages.fingerprint import fingerprint_spec, predictor_config, reader_spec
 from stages.models.predictor import ACPredictor, PredictorConfig, ac_loss, build_predictor
 from stages.optim import build_optimizer, set_schedule
@@ -55,13 +55,10 @@ from stages.windows import (
     WindowLoader,
     WindowSource,
     eval_windows,
-    load_windows,
     manifest_views,
     open_training_store,
     split_index,
 )
-
-EVAL_BATCH = 16  # windows per evaluation forward
 
 
 @dataclass
@@ -387,12 +384,8 @@ def _evaluate_and_plot(m: Manifest, model: ACPredictor, source: WindowSource, fe
     """Rank 0 evaluates on the held-out windows and redraws the plots; the others wait."""
     result: dict[str, Any] = {}
     if info.is_main and held:
-        T = m.data.frames_per_clip
-        chunks = (load_windows(source, held[i : i + EVAL_BATCH], info.device, bad)
-                  for i in range(0, len(held), EVAL_BATCH))
-        batches = (featurize(b) for b in chunks if b is not None)
-        horizons = min(m.train.eval_horizons, T - 1)  # a T-frame window holds T - 1 future frames
-        result = evaluate(model, batches, m.train.auto_steps, horizons, autocast, step)
+        result = evaluate_windows(model, source, held, info.device, bad, m.data.frames_per_clip, m.train.auto_steps,
+                                  m.train.eval_horizons, autocast, step, featurize)
         append_jsonl(run_dir / "eval.jsonl", result)
         (run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         tqdm.write(format_eval(result))
