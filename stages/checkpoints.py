@@ -193,21 +193,23 @@ def _try_load(path: Path, damaged: list[tuple[Path, str]]) -> tuple[dict[str, An
         return None
 
 
-def resolve_checkpoint(target: Path, which: str = "latest") -> Path:
+def resolve_checkpoint(target: Path, which: str = "latest") -> tuple[Path, dict[str, Any] | None]:
     """The checkpoint file a command names: a .pt path as it is, or in a run folder (or its checkpoints/
     folder) its newest intact checkpoint (latest.pt, or the kept one resume would fall back to, named in a
-    warning), a kept `step_N` or a path; a missing one is a UsageError listing what is there."""
+    warning), a kept `step_N` or a path; a missing one is a UsageError listing what is there. Returns the
+    path and, where choosing it meant loading it (a run's newest intact one), the loaded dict, so that the
+    caller does not read the file a second time."""
     if target.is_file():
         if which != "latest":
             raise UsageError(f"--checkpoint {which}: {target} is a file; --checkpoint picks one in a run folder")
-        return target
+        return target, None
     if not target.is_dir():
         raise UsageError(f"{target}: no such checkpoint file or run folder")
     folder = target / "checkpoints" if (target / "checkpoints").is_dir() else target
     if which == "latest" and has_checkpoint(folder):  # a run's newest intact one, as resume picks it
         found = resume_checkpoint(folder, warn=log.warning)
         if found is not None:
-            return found[1]
+            return found[1], found[0]
     if which == "latest":
         path = folder / "latest.pt"
     elif m := re.fullmatch(r"step_?(\d+)(\.pt)?", which):
@@ -218,7 +220,7 @@ def resolve_checkpoint(target: Path, which: str = "latest") -> Path:
         there = [p.name for _, p in sorted(kept_checkpoints(folder))]
         there += ["latest.pt"] if (folder / "latest.pt").exists() else []
         raise UsageError(f"no checkpoint {path} (in {folder}: {', '.join(there) or 'none'})")
-    return path
+    return path, None
 
 
 # -- is it the same run? ----------------------------------------------------------------------------

@@ -131,9 +131,9 @@ def evaluate_checkpoint(m: Manifest, checkpoint: Path, split: str = "heldout", o
                         write: bool = True) -> EvalReport:
     """Evaluate the predictor of `checkpoint` (a file, or a run folder's latest) on `split` of the manifest's
     feature store; write the JSON and the plot (unless `write` is False)."""
-    path = resolve_checkpoint(checkpoint)
+    path, loaded = resolve_checkpoint(checkpoint)
     json_path, png_path = output_paths(path, out)
-    pf = read_predictor_file(path, m)
+    pf = read_predictor_file(path, m, loaded)
     notes = check_architecture(pf, m)
     store = open_training_store(m.cache.path, reader_spec(m), pf.config.tokens_per_frame, pf.config.embed_dim)
     if pf.data_fingerprint not in (None, store.digest):

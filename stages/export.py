@@ -64,12 +64,12 @@ class ExportSummary:
 
 def export_release(m: Manifest, run: Path, to: Path, which: str = "latest") -> ExportSummary:
     """Write `run`'s checkpoint (`which`: latest, step_N or a path) with the manifest's encoder to `to`."""
-    source = resolve_checkpoint(run, which)
+    source, loaded = resolve_checkpoint(run, which)
     if to.is_dir():
         raise UsageError(f"--to {to} is a folder: name the .pt file to write")
     if to.exists() and to.resolve() == source.resolve():
         raise UsageError(f"--to {to} is the checkpoint being exported: write to another file")
-    pf = read_predictor_file(source, m)
+    pf = read_predictor_file(source, m, loaded)
     if pf.kind != "run":
         raise UsageError(f"{source} is in the release's format already: export takes checkpoints of `pipeline train`")
     notes = check_architecture(pf, m) + _encoder_changes(pf.run_config or {}, m)

@@ -69,7 +69,8 @@ def load_predictor(path: Path, m: Manifest, device: torch.device) -> LoadedPredi
     if not path.exists():
         raise UsageError(f"--checkpoint {path}: no such file or run folder (train a predictor with `pipeline "
                          "train` first, or pass a released vjepa2-ac-vitg.pt)")
-    pf = read_predictor_file(resolve_checkpoint(path), m)
+    resolved, loaded = resolve_checkpoint(path)
+    pf = read_predictor_file(resolved, m, loaded)
     check_architecture(pf, m)  # stops when the manifest's features do not fit the predictor
     if pf.run_config is not None:
         changed = [c for c in run_changes(pf.run_config, m.to_dict()) if c.startswith(("encoder.", "crop."))]

@@ -17,6 +17,7 @@ manifest's encoder and crop, or the command stops naming both.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ class PredictorFile:
     data_fingerprint: str | None  # the features a run trained on (ours only)
 
 
-def read_predictor_file(path: Path, m: Manifest) -> PredictorFile:
-    """Read the predictor of a checkpoint of either format; anything else is a CheckpointError naming it."""
-    blob = read_checkpoint(path)
+def read_predictor_file(path: Path, m: Manifest, blob: Mapping[str, Any] | None = None) -> PredictorFile:
+    """Read the predictor of a checkpoint of either format (`blob`: the file's dict, when it is loaded
+    already); anything else is a CheckpointError naming it."""
+    blob = read_checkpoint(path) if blob is None else blob
     ours = blob.get("format") == CHECKPOINT_FORMAT
     if not ours and "predictor" not in blob:
         entries = ", ".join(sorted(map(str, blob))[:8]) or "none"
