@@ -10,14 +10,17 @@ lost chunk, a deleted shard -- is an error, never a plausible number.
 
 from __future__ import annotations
 
-import google_crc32c
+import os
+
 import numpy as np
 import torch
 import zarr
 import zarr.codecs
 
+from pipeline.checksums import crc32c, row_crcs
 from pipeline.errors import StoreError
 from pipeline.manifest import CacheSection
+from pipeline.shard_writer import ShardedRowWriter
 
 STATE_DIM = 7  # xyz + 3 Euler angles + gripper
 STORAGE_DTYPES = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
@@ -26,16 +29,6 @@ FP16_MAX = 65504.0
 BF16_NAN_BITS = 0x7FC0  # fill value of bfloat16 features stored as uint16: a missing chunk reads as NaN
 FILL_VALUES = {"uint16": BF16_NAN_BITS, "float16": float("nan"), "float32": float("nan")}
 SMALL_ARRAYS = {"states": "float32", "actions": "float32", "frame_index": "int32"}  # per frame, one chunk
-
-
-def crc32c(array: np.ndarray) -> int:
-    """crc32c of an array's bytes in memory order (little-endian on every machine we run on)."""
-    return int(google_crc32c.value(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
-
-
-def row_crcs(rows: np.ndarray) -> list[int]:
-    """crc32c of each row of [F, ...] (one feature frame per row): ~10 GB/s with the hardware instruction."""
-    return [crc32c(r) for r in rows]
 
 
 def encode_features(x: torch.Tensor, logical_dtype: str) -> np.ndarray:
@@ -64,7 +57,7 @@ class PartWriter:
     never arrive (an episode that failed half-way) are written as fill (NaN) and not listed in the commit.
     """
 
-    def __init__(self, url: str, frames: int, tokens: int, dim: int, cache: CacheSection):
+    def __init__(self, url: str, frames: int, tokens: int, dim: int, cache: CacheSection, local: str | None = None):
         self.url, self.frames = url, frames
         self.logical_dtype = cache.dtype
         self.shard = cache.shard_frames
@@ -76,9 +69,12 @@ class PartWriter:
             shards=(self.shard, tokens, dim), compressors=[*codecs, zarr.codecs.Crc32cCodec()],
             fill_value=FILL_VALUES[storage], attributes={"logical_dtype": cache.dtype})
         self.feature_crc = np.zeros(frames, np.int64)  # crc32c of each stored row
+        self.skipped = np.zeros(frames, bool)  # rows written as fill (a failed view)
         self.small: dict[str, np.ndarray] = {}
         self._buffers: dict[int, np.ndarray] = {}
         self._filled: dict[int, int] = {}
+        # `local`: the attempt's folder on a local disk, where uncompressed shards are written straight to files
+        self._direct = ShardedRowWriter.for_array(os.path.join(local, "features"), self.features) if local else None
         self.bytes_written = 0
 
     def write(self, offset: int, features: torch.Tensor) -> None:
@@ -90,6 +86,7 @@ class PartWriter:
     def skip(self, offset: int, count: int) -> None:
         """Rows that will never arrive (a failed view): fill them so that their shards still complete."""
         fill = np.full((count, *self.features.shape[1:]), self.features.fill_value, self.features.dtype)
+        self.skipped[offset : offset + count] = True
         self._put(offset, fill)
 
     def _put(self, offset: int, feats: np.ndarray) -> None:
@@ -113,7 +110,11 @@ class PartWriter:
         buf = self._buffers.pop(idx)
         self._filled.pop(idx)
         lo = idx * self.shard
-        self.features[lo : lo + len(buf)] = buf
+        if self._direct is not None:
+            fill = np.full(self.features.shape[1:], self.features.fill_value, self.features.dtype)
+            self._direct.write(idx, buf, self.skipped[lo : lo + len(buf)], fill)
+        else:
+            self.features[lo : lo + len(buf)] = buf
         self.bytes_written += buf.nbytes
 
     def finish(self, states: np.ndarray, actions: np.ndarray, frame_index: np.ndarray) -> None:

@@ -30,6 +30,9 @@ def raise_on_signals() -> Iterator[None]:
         return
 
     def handler(signum: int, _frame: FrameType | None) -> None:
+        if _held is not None:
+            _held.append(signum)  # acted on at the end of `signals_deferred`
+            return
         raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
@@ -38,6 +41,31 @@ def raise_on_signals() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_held: list[int] | None = None  # inside `signals_deferred`: the stop signals that arrived, to act on at its end
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Within `raise_on_signals`, a stop signal that arrives in this block raises at its end, not inside it.
+
+    For starting threads: CPython cannot survive an exception raised inside `Thread.start` -- the
+    interrupted start and the new thread's bootstrap both remove it from threading's table, and the
+    second prints a KeyError traceback. (Blocking the signal in the main thread is not enough: the
+    kernel hands it to any native thread -- torch's, decord's -- and Python still runs the handler.)
+    """
+    global _held
+    if threading.current_thread() is not threading.main_thread() or _held is not None:
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Interrupted(held[0])
 
 
 class StopRequest:

@@ -52,10 +52,11 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.core.buffer.cpu import NDBuffer
 
+from pipeline.checksums import crc32c, row_crcs
 from pipeline.durable import replace_durably
 from pipeline.errors import DamagedDataError, StoreError, UsageError
 from pipeline.manifest import CacheSection
-from pipeline.part_writer import TORCH_DTYPES, PartWriter, crc32c
+from pipeline.part_writer import TORCH_DTYPES, PartWriter
 from pipeline.records import (
     COMMIT_VERSION,
     CommitRecord,
@@ -262,16 +263,17 @@ class FeatureStore:
         fast = self._fast_reader(view, arr)
         try:
             if fast is not None:  # local, uncompressed: straight from the shard files (GIL released)
-                fast.read(rows.start, rows.stop, target)
+                got = fast.read(rows.start, rows.stop, target).tolist()  # its rows' crc32c, from the same pass
             else:
                 arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target))
+                got = row_crcs(target)
         except DamagedDataError as err:
             raise DamagedDataError(f"{err.where} {context(view)}", err.what) from err
         except Exception as err:  # a checksum, an index or a file that is not what was written
             raise DamagedDataError(self.where(view, "features", rows), _short(err)) from err
         want = view.digests["features"][start : start + length]
-        for i, row in enumerate(target):
-            if crc32c(row) != want[i]:
+        for i in range(length):
+            if got[i] != want[i]:
                 raise DamagedDataError(self.where(view, "features", slice(rows.start + i, rows.start + i + 1)),
                                        f"row {start + i} of the view is not what was committed (crc32c)")
         return out
@@ -306,7 +308,9 @@ class FeatureStore:
     # -- writing -------------------------------------------------------------------------------
     def part_writer(self, part_id: str, attempt: str, frames: int, tokens: int, dim: int,
                     cache: CacheSection) -> PartWriter:
-        return PartWriter(f"{self.url}/parts/{part_id}/{attempt}", frames, tokens, dim, cache)
+        where = f"parts/{part_id}/{attempt}"
+        return PartWriter(f"{self.url}/{where}", frames, tokens, dim, cache,
+                          local=f"{self.root}/{where}" if self.is_local else None)
 
     def commit(self, record: CommitRecord) -> None:
         """Write an attempt's commit record; until this file exists the attempt is not data."""

@@ -23,6 +23,7 @@ from pipeline.manifest import Manifest
 from pipeline.part_writer import TORCH_DTYPES
 from pipeline.records import ViewRecord
 from stages.augment import CropBox, crop_frames, preprocess
+from stages.buffer_pool import Allocator
 from stages.droid import (
     Episode,
     EpisodeError,
@@ -73,9 +74,9 @@ class OnlineSource:
         self.data, self.crop, self.T = data, m.crop, m.data.frames_per_clip
         self.decode_threads = m.extract.decode_threads
 
-    def empty(self, batch: int, pin: bool) -> _Buffers:
+    def empty(self, batch: int, alloc: Allocator) -> _Buffers:
         S = self.crop.size
-        return _Buffers.empty(batch, self.T, (3, S, S), torch.float32, pin, pixels=True)
+        return _Buffers.empty(batch, self.T, (3, S, S), torch.float32, alloc, pixels=True)
 
     def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
         """Decode, crop and preprocess one window into row i (a reader thread)."""

@@ -32,6 +32,7 @@ import torch
 from pipeline.manifest import CacheSection, CropSection, DataSection, Manifest, ViewsSection
 from pipeline.part_writer import PartWriter
 from pipeline.records import CommitRecord, FailureRecord, ViewRecord, new_attempt_id
+from pipeline.signals import signals_deferred
 from pipeline.store import FeatureStore
 from stages.augment import draw_views
 from stages.droid import (
@@ -363,12 +364,12 @@ def _encode_all(jobs: list[ViewJob], encoder: LoadedEncoder, writer: PartWriter,
     write_q: queue.Queue = queue.Queue(maxsize=QUEUE_DEPTH)
     write_errors: list[BaseException] = []
     wthread = threading.Thread(target=_write_loop, args=(writer, write_q, write_errors), daemon=True, name="write")
-    for r in readers:
-        r.start()
-    wthread.start()
     failed: set[str] = set()
     pending: list[Frames] = []
     try:
+        with signals_deferred():  # a stop signal inside Thread.start would corrupt threading's table
+            for t in (*readers, wthread):
+                t.start()
         for message in _messages(decoded, len(readers)):
             if write_errors:
                 break  # the part cannot be committed: stop encoding, report the write error below
@@ -388,9 +389,9 @@ def _encode_all(jobs: list[ViewJob], encoder: LoadedEncoder, writer: PartWriter,
     finally:
         stop.set()
         write_q.put(End())
-        wthread.join()
-        for r in readers:
-            r.join()
+        for t in (wthread, *readers):
+            if t.ident is not None:  # started
+                t.join()
     if write_errors:
         raise write_errors[0]
     return failed

@@ -45,6 +45,7 @@ from pipeline.manifest import DataSection, Manifest
 from pipeline.part_writer import STATE_DIM, TORCH_DTYPES
 from pipeline.records import ViewRecord
 from pipeline.store import FORMAT_VERSION, FeatureStore, store_specs
+from stages.buffer_pool import Allocator, BufferPool, pinned, plain
 from stages.droid import data_stride
 
 SPLITS = ("train", "heldout", "all")
@@ -438,10 +439,10 @@ class _Buffers:
     pixels: bool = False  # what `data` holds
 
     @classmethod
-    def empty(cls, B: int, T: int, shape: tuple[int, ...], dtype: torch.dtype, pin: bool, pixels: bool) -> _Buffers:
-        return cls(torch.empty((B, T, *shape), dtype=dtype, pin_memory=pin),
-                   torch.empty((B, T - 1, STATE_DIM), dtype=torch.float32, pin_memory=pin),
-                   torch.empty((B, T, STATE_DIM), dtype=torch.float32, pin_memory=pin), pixels)
+    def empty(cls, B: int, T: int, shape: tuple[int, ...], dtype: torch.dtype, alloc: Allocator,
+              pixels: bool) -> _Buffers:
+        return cls(alloc((B, T, *shape), dtype), alloc((B, T - 1, STATE_DIM), torch.float32),
+                   alloc((B, T, STATE_DIM), torch.float32), pixels)
 
     def put_rows(self, i: int, actions: np.ndarray, states: np.ndarray) -> None:
         self.actions[i].copy_(torch.from_numpy(actions))
@@ -462,7 +463,7 @@ class _Buffers:
 class WindowSource(Protocol):
     """Where a window's rows come from: the feature store (`CachedSource`), or the videos (`OnlineSource`)."""
 
-    def empty(self, batch: int, pin: bool) -> _Buffers: ...
+    def empty(self, batch: int, alloc: Allocator) -> _Buffers: ...
 
     def fill(self, buffers: _Buffers, i: int, window: Window) -> None: ...
 
@@ -474,8 +475,8 @@ class CachedSource:
         self.store, self.T = store, frames_per_clip
         self.tokens, self.dim, self.dtype = feature_layout(store, view)
 
-    def empty(self, batch: int, pin: bool) -> _Buffers:
-        return _Buffers.empty(batch, self.T, (self.tokens, self.dim), self.dtype, pin, pixels=False)
+    def empty(self, batch: int, alloc: Allocator) -> _Buffers:
+        return _Buffers.empty(batch, self.T, (self.tokens, self.dim), self.dtype, alloc, pixels=False)
 
     def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
         """Read one window into row i (runs on a reader thread; rows are disjoint)."""
@@ -497,7 +498,7 @@ def load_windows(source: WindowSource, windows: list[Window], device: torch.devi
     if not windows:
         raise ValueError("load_windows needs at least one window")
     bad = bad or BadViews()
-    buffers = source.empty(len(windows), pin=False)
+    buffers = source.empty(len(windows), plain)
     kept: list[Window] = []
     for w in windows:
         if w.view in bad:
@@ -549,6 +550,7 @@ class WindowLoader:
         self.bad = bad or BadViews()
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self._alloc: Allocator = pinned if self.pin_memory else BufferPool(keep=prefetch + 3)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader")
         self._pending: deque[_Pending] = deque()
         self._next = start_batch  # the next batch __next__ returns; reads start with the first call
@@ -582,7 +584,7 @@ class WindowLoader:
         b = self._pending[-1].batch_number + 1 if self._pending else self._next
         for number in range(b, upto):
             windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
-            buffers = self.source.empty(self.batch_size, self.pin_memory)
+            buffers = self.source.empty(self.batch_size, self._alloc)
             reads = [self._pool.submit(self._read, buffers, windows, i, number) for i in range(len(windows))]
             self._pending.append(_Pending(number, windows, buffers, reads))
 

@@ -233,3 +233,33 @@ def test_object_store_layout_through_fsspec() -> None:
     out = torch.empty(4, 3, 8, dtype=torch.bfloat16)
     assert torch.equal(again.read_features(rec, 3, 4, out=out), feats[3:7].to(torch.bfloat16))
     assert again.bytes_on_disk() > feats.numel() * 2 and len(again.attempts()) == 1
+
+
+def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path) -> None:
+    """A flipped byte anywhere in the rows a window delivers, in a whole chunk's crc32c or in a shard's index
+    is an error; a flip in bytes the window does not deliver (the other rows of a chunk at its edge, that
+    chunk's crc32c) leaves the window exact -- `verify` is what reads those."""
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    feats = torch.randn(8, 2, 4)  # rows of 16 bytes; chunks of 2 rows (+4 crc bytes); shards of 4 rows
+    write_attempt(store, "p", feats, [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    row, chunk = 16, 2 * 16 + 4
+    window = range(1, 5)  # rows 1..4: the edge of chunk 0, whole chunk 1, the edge of chunk 2 (shard 1)
+    for shard in (0, 1):
+        path = _shard_file(store, rec, "features", shard)
+        clean = path.read_bytes()
+        for at in range(len(clean)):
+            r = shard * 4 + at // chunk * 2 + (at % chunk) // row  # the row this byte belongs to
+            in_chunk_crc, in_index = at % chunk >= 2 * row, at >= 2 * chunk
+            chunk_rows = {shard * 4 + at // chunk * 2, shard * 4 + at // chunk * 2 + 1}
+            delivered = in_index or (in_chunk_crc and chunk_rows <= set(window)) or (not in_chunk_crc and r in window)
+            damaged = bytearray(clean)
+            damaged[at] ^= 0x04
+            path.write_bytes(bytes(damaged))
+            fresh = FeatureStore(str(tmp_path), {"x": 1})
+            if delivered:
+                with pytest.raises(DamagedDataError, match="features"):
+                    fresh.read_features(rec, 1, 4)
+            else:
+                assert torch.equal(fresh.read_features(rec, 1, 4), feats[1:5].to(torch.bfloat16)), at
+        path.write_bytes(clean)

@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.manifest import load_manifest
 from pipeline.store import FeatureStore, StoreError, ViewRecord
+from stages.buffer_pool import BufferPool
 from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
 from stages.windows import (
@@ -194,6 +195,42 @@ def test_loader_output_is_the_store_bit_for_bit(store: FeatureStore, index: Wind
     with WindowLoader(store, index, batch_size=6, frames_per_clip=T, seed=3, threads=1, prefetch=0) as serial:
         for batch in batches:  # thread count and prefetch depth change nothing
             assert_same_batch(batch, next(serial))
+
+
+def test_the_loader_reuses_batch_memory_only_once_nothing_holds_it(store: FeatureStore, index: WindowIndex) -> None:
+    """Batches are read into kept buffers (fresh pages cost more than the read): a batch, a slice of one
+    or a numpy array over one that the caller keeps is never overwritten, and dropped ones are reused."""
+    with WindowLoader(store, index, batch_size=4, frames_per_clip=T, seed=7, threads=2, prefetch=1) as loader:
+        held = [next(loader) for _ in range(10)]  # more than the pool keeps (prefetch + 3)
+        slices = [b.features[1:3] for b in held]
+        arrays = [b.states.numpy() for b in held]
+        for _ in range(20):  # dropped at once: these reuse memory
+            next(loader)
+        pool = loader._alloc
+        assert isinstance(pool, BufferPool) and pool.allocated <= 3 * (10 + 3)  # 3 tensors a batch; 93 if never reused
+        steady = pool.allocated
+        for _ in range(20):
+            next(loader)
+        assert pool.allocated == steady  # nothing new in the steady state
+    with WindowLoader(store, index, batch_size=4, frames_per_clip=T, seed=7, threads=1, prefetch=0) as fresh:
+        for b, part, states in zip(held, slices, arrays, strict=True):
+            again = next(fresh)
+            assert_same_batch(b, again)
+            assert same_bits(part, again.features[1:3]) and np.array_equal(states, again.states.numpy())
+
+
+def test_buffer_pool_counts_every_kind_of_reference() -> None:
+    pool = BufferPool(keep=2)
+    a = pool((3, 4), torch.float32)
+    ptr = a.data_ptr()
+    view, array = a[1:], a.numpy()
+    del a
+    assert pool((3, 4), torch.float32).data_ptr() != ptr  # a view still holds it
+    del view
+    assert pool((3, 4), torch.float32).data_ptr() != ptr  # a numpy array still holds it
+    del array
+    assert pool((3, 4), torch.float32).data_ptr() == ptr  # free: reused
+    assert pool((3, 5), torch.float32).shape == (3, 5) and pool((3, 4), torch.int64).dtype == torch.int64
 
 
 def test_read_window_refuses_a_window_outside_its_view(store: FeatureStore, index: WindowIndex) -> None:
