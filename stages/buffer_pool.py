@@ -20,9 +20,9 @@ import torch
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # None: an unknown torch, so nothing is pooled
 
 
-def _unshared(base: torch.Tensor) -> bool:
-    """True when only `base` refers to its storage (the count includes the temporary storage object)."""
-    return _use_count is not None and _use_count(base.untyped_storage()._cdata) <= 2
+def _users(base: torch.Tensor) -> int:
+    """How many tensors share `base`'s storage (plus the temporary storage object this call makes)."""
+    return _use_count(base.untyped_storage()._cdata) if _use_count is not None else 0
 
 
 Allocator = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # (shape, dtype) -> uninitialised tensor
@@ -42,14 +42,15 @@ class BufferPool:
 
     def __init__(self, keep: int):
         self.keep = keep
-        self._kept: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._kept: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[torch.Tensor, int]]] = {}  # (tensor, users
+        # when only the pool holds it)
         self.allocated = 0  # fresh tensors made (for tests and benchmarks)
 
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor: a free kept one if there is one, else a new one (kept if there is room)."""
         kept = self._kept.setdefault((tuple(shape), dtype), [])
-        for base in kept:
-            if _unshared(base):
+        for base, alone in kept:
+            if _users(base) <= alone:
                 return base.view(base.shape)  # a new tensor over the kept storage
         self.allocated += 1
         fresh = torch.empty(shape, dtype=dtype)
@@ -57,5 +58,5 @@ class BufferPool:
             return fresh
         if len(kept) >= self.keep:  # all held by callers: forget the oldest (its holder keeps it alive)
             kept.pop(0)
-        kept.append(fresh)
+        kept.append((fresh, _users(fresh)))
         return fresh.view(fresh.shape)
