@@ -243,8 +243,12 @@ def bench(
                                               "released config needs (default: an H100's dense peak).")] = 989.0,
     gpu: Annotated[bool, typer.Option("--gpu", help="The GPU measurements instead (ViT-g extraction, released "
                                       "predictor step time and MFU, pinned loader, NCCL); needs CUDA.")] = False,
+    budget: Annotated[float | None, typer.Option(help="With --gpu: seconds after which optional measurements "
+                                                 "(compiled steps, the largest-batch search, extraction end to "
+                                                 "end) are skipped, for a short GPU lease.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here (with --gpu: after "
+                                             "every section, so a run cut short keeps what it measured).")] = None,
 ) -> None:
     """Measure extraction, the store, and training cached vs online (the throughput claim), with ratios."""
     m = _load(manifest, profile, set_)
@@ -256,7 +260,8 @@ def bench(
         if gpu:
             from stages.bench_gpu import run_gpu_bench
 
-            report = run_gpu_bench(m, log)
+            save = (lambda figures: out.write_text(json.dumps(figures, indent=1))) if out else None
+            report = run_gpu_bench(m, log, budget_seconds=budget, save=save)
         else:
             report = run_bench(m, episodes, repeats=repeats, steps=steps, gpu_tflops=gpu_tflops, echo=log)
     typer.echo(json.dumps(report.to_dict(), indent=1) if json_out else report.format())

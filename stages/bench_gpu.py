@@ -70,44 +70,109 @@ class GpuBenchSizes:
 
 
 def format_gpu(f: dict[str, Any]) -> str:
-    """The GPU bench as a few lines: extraction, each predictor configuration, loader, DDP."""
-    e = f["extraction"]
-    lines = [f"{f['device_name']}: peak {f['peak_tflops']:.0f} bf16 TFLOP/s assumed for MFU",
-             f"extraction ViT ({e['encoder']}) bf16 batch {e['batch']}: encoder alone {e['encoder_fps']:.0f} "
-             f"frames/s ({e['encoder_mfu']:.0%} MFU); one decoder {e['decoder_fps']:.1f} frames/s -> "
-             f"{e['decoders_needed']:.1f} decoders per GPU; extract end to end {e['end_to_end_fps']:.0f} frames/s "
-             f"with {e['decode_workers']} decode workers ({e['end_to_end_fps'] / e['encoder_fps']:.0%} of the "
-             f"encoder alone)"]
-    for c in f["predictor"]:
-        fit = "" if c.get("fits", True) else "  (out of memory)"
-        lines.append(f"predictor {c['attention']:5s} ckpt {c['activation_checkpointing']!s:5s} compile "
-                     f"{c['compile']!s:5s} batch {c['batch']:4d}: {c.get('step_seconds', float('nan')):.3f} "
-                     f"s/step, {c.get('clips_per_s', float('nan')):.1f} clips/s, MFU "
-                     f"{c.get('mfu', float('nan')):.1%}, peak memory {c.get('peak_GiB', float('nan')):.1f} GiB"
-                     + fit)
-    ld, d = f["loader"], f["ddp"]
-    lines.append(f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)")
-    lines.append(f"DDP over {d['backend']} (1 rank): {d['ddp_step_seconds']:.3f} s/step vs "
-                 f"{d['plain_step_seconds']:.3f} without DDP ({d['ddp_vs_plain']:.2f}x)")
+    """The GPU bench as a few lines: extraction, each predictor configuration, loader, DDP (a section that
+    failed or ran out of time says so)."""
+    lines = [f"{f['device_name']}: peak {f['peak_tflops']:.0f} bf16 TFLOP/s assumed for MFU"]
+    for name in SECTIONS:
+        section = f.get(name, {"skipped": "not reached"})
+        if isinstance(section, dict) and ("error" in section or "skipped" in section):
+            lines.append(f"{name}: " + (f"failed: {section['error']}" if "error" in section
+                                        else f"skipped ({section['skipped']})"))
+        else:
+            lines += _FORMATS[name](section)
     return "\n".join(lines)
 
 
+def _format_extraction(e: dict[str, Any]) -> list[str]:
+    line = (f"extraction ViT ({e['encoder']}) bf16 batch {e['batch']}: encoder alone {e['encoder_fps']:.0f} "
+            f"frames/s ({e['encoder_mfu']:.0%} MFU); one decoder {e['decoder_fps']:.1f} frames/s -> "
+            f"{e['decoders_needed']:.1f} decoders per GPU")
+    if "end_to_end_fps" in e:
+        line += (f"; extract end to end {e['end_to_end_fps']:.0f} frames/s with {e['decode_workers']} decode "
+                 f"workers ({e['end_to_end_fps'] / e['encoder_fps']:.0%} of the encoder alone)")
+    return [line]
+
+
+def _format_predictor(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in rows:
+        fit = "" if c.get("fits", True) else "  (out of memory)"
+        lines.append(f"predictor {c['attention']:5s} ckpt {c['activation_checkpointing']!s:5s} compile "
+                     f"{c['compile']!s:5s} batch {c['batch']:4d}{' (largest)' if c.get('largest') else ''}: "
+                     f"{c.get('step_seconds', float('nan')):.3f} s/step, {c.get('clips_per_s', float('nan')):.1f} "
+                     f"clips/s, MFU {c.get('mfu', float('nan')):.1%}, peak memory "
+                     f"{c.get('peak_GiB', float('nan')):.1f} GiB" + fit + (f" [{c['error']}]" if "error" in c else ""))
+    return lines
+
+
+def _format_loader(ld: dict[str, Any]) -> list[str]:
+    return [f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)"]
+
+
+def _format_ddp(d: dict[str, Any]) -> list[str]:
+    return [f"DDP over {d['backend']} (1 rank): {d['ddp_step_seconds']:.3f} s/step vs "
+            f"{d['plain_step_seconds']:.3f} without DDP ({d['ddp_vs_plain']:.2f}x)"]
+
+
+SECTIONS = ("extraction", "predictor", "loader", "ddp")  # in the order they run: the most wanted first
+_FORMATS: dict[str, Callable[[Any], list[str]]] = {
+    "extraction": _format_extraction, "predictor": _format_predictor, "loader": _format_loader,
+    "ddp": _format_ddp}
+
+
+class Deadline:
+    """The time left of the bench's budget: optional measurements (compiled steps, the largest-batch
+    search, extraction end to end) are skipped once it has passed, so one short GPU lease gives figures."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    @property
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
 def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None = None,
-                  sizes: GpuBenchSizes = GpuBenchSizes(), peak_tflops: float = H100_BF16_TFLOPS) -> BenchReport:
-    """All GPU figures; refuses without a GPU unless a device is given (the CPU test)."""
+                  sizes: GpuBenchSizes = GpuBenchSizes(), peak_tflops: float = H100_BF16_TFLOPS,
+                  budget_seconds: float | None = None,
+                  save: Callable[[dict[str, Any]], None] | None = None) -> BenchReport:
+    """All GPU figures; refuses without a GPU unless a device is given (the CPU test).
+
+    Made for one short lease: each section runs on its own (one that fails is recorded with its error and
+    the others still run), optional measurements stop once `budget_seconds` have passed, and `save`
+    gets the figures after every section, so a run cut short still leaves what it measured.
+    """
     if device is None:
         if not torch.cuda.is_available():
             raise UsageError("`pipeline bench --gpu` needs a CUDA GPU (torch.cuda.is_available() is False); the "
                              "README lists the figures it gives as pending")
         device = torch.device("cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    echo(f"GPU bench on {name}")
-    figures = {"device_name": name, "peak_tflops": peak_tflops,
-               "extraction": _extraction(m, device, sizes, peak_tflops, echo),
-               "predictor": _predictor(m, device, sizes, peak_tflops, echo),
-               "loader": _loader(m, device, sizes, echo),
-               "ddp": _ddp(m, device, sizes, echo)}
+    echo(f"GPU bench on {name}" + (f", budget {budget_seconds:.0f} s" if budget_seconds else ""))
+    deadline = Deadline(budget_seconds)
+    runs: dict[str, Callable[[], Any]] = {
+        "extraction": lambda: _extraction(m, device, sizes, peak_tflops, echo, deadline),
+        "predictor": lambda: _predictor(m, device, sizes, peak_tflops, echo, deadline),
+        "loader": lambda: _loader(m, device, sizes, echo),
+        "ddp": lambda: _ddp(m, device, sizes, echo)}
+    figures: dict[str, Any] = {"device_name": name, "peak_tflops": peak_tflops,
+                               "torch": torch.__version__, "budget_seconds": budget_seconds}
+    for section in SECTIONS:
+        figures[section] = _section(section, runs[section], echo)
+        if save is not None:
+            save(figures)
     return BenchReport(figures, format_gpu)
+
+
+def _section(name: str, run: Callable[[], Any], echo: Echo) -> Any:
+    """One section's figures, or its error (recorded, not raised: the other sections still run)."""
+    try:
+        return run()
+    except Exception as err:  # a GPU bench reports what broke and goes on
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        echo(f"{name}: failed: {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def _sized(m: Manifest, sizes: GpuBenchSizes, device: torch.device) -> Manifest:
@@ -134,7 +199,8 @@ def _sync(device: torch.device) -> None:
 # -- extraction ---------------------------------------------------------------------------------------
 
 
-def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> dict[str, Any]:
+def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo,
+                deadline: Deadline) -> dict[str, Any]:
     sm = _sized(m, sizes, device)
     encoder = build_runtime(sm, device)
     pixels = torch.randn(sizes.extract_batch, 3, sizes.crop, sizes.crop, device=device)  # [B, 3, S, S]
@@ -151,14 +217,16 @@ def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: f
     echo(f"extraction: encoder {enc_fps:.0f} frames/s, one decoder {dec_fps:.1f} frames/s; extracting with "
          f"{workers} decode workers ...")
     del encoder
+    figures = {"encoder": f"{sm.encoder.preset or 'manifest'} at {sizes.crop} px", "batch": sizes.extract_batch,
+               "encoder_fps": enc_fps, "encoder_mfu": enc_fps * flops / (peak * 1e12),
+               "decoder_fps": dec_fps, "decoders_needed": enc_fps / dec_fps, "decode_workers": workers}
+    if deadline.passed:
+        return {**figures, "end_to_end": "skipped (time budget)"}
     with tempfile.TemporaryDirectory() as tmp:
         e2e = dataclasses.replace(sm, cache=dataclasses.replace(sm.cache, path=f"{tmp}/cache"),
                                   extract=dataclasses.replace(sm.extract, scheduler="inline", decode_workers=workers))
         s = extract(e2e, show_progress=False, echo=lambda _: None)
-    return {"encoder": f"{sm.encoder.preset or 'manifest'} at {sizes.crop} px", "batch": sizes.extract_batch,
-            "encoder_fps": enc_fps, "encoder_mfu": enc_fps * flops / (peak * 1e12),
-            "decoder_fps": dec_fps, "decoders_needed": enc_fps / dec_fps, "decode_workers": workers,
-            "end_to_end_fps": s.frames_per_second, "frames": s.frames}
+    return {**figures, "end_to_end_fps": s.frames_per_second, "frames": s.frames}
 
 
 def _decoder_fps(m: Manifest) -> float:
@@ -207,39 +275,50 @@ def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: 
             "peak_GiB": peak_bytes / 2**30, "fits": True}
 
 
-def _predictor(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> list[dict]:
+def _predictor(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo,
+               deadline: Deadline) -> list[dict]:
+    """Step figures at batch 8 for each attention x activation checkpointing, eager first; then the largest
+    batch of each eager configuration; then compiled (each step of this order only while time is left)."""
     base = _sized(m, sizes, device)
     attentions = ("dense", "flex") if device.type == "cuda" else ("dense",)  # no FlexAttention backward on CPU
-    compiles = (False, True) if device.type == "cuda" else (False,)
+    configs = [(a, ckpt) for a in attentions for ckpt in (False, True)]
+    plans = [(a, ckpt, False, False) for a, ckpt in configs] + [(a, ckpt, False, True) for a, ckpt in configs]
+    if device.type == "cuda":
+        plans += [(a, ckpt, True, False) for a, ckpt in configs]
     results = []
-    for attention in attentions:
-        for ckpt in (False, True):
-            for comp in compiles:
-                sm = dataclasses.replace(base, train=dataclasses.replace(
-                    base.train, attention=attention, activation_checkpointing=ckpt, compile=comp))
-                row = {"attention": attention, "activation_checkpointing": ckpt, "compile": comp,
-                       "batch": sizes.batch}
-                row.update(_try(sm, device, sizes.batch, sizes.steps, peak))
-                echo(f"predictor {row}")
-                results.append(row)
-                if not comp:
-                    results.append(_largest_batch(sm, device, sizes, peak, echo))
+    for attention, ckpt, comp, largest in plans:
+        if results and deadline.passed:
+            echo(f"predictor: time budget spent; {len(plans) - len(results)} configurations not measured")
+            break
+        sm = dataclasses.replace(base, train=dataclasses.replace(
+            base.train, attention=attention, activation_checkpointing=ckpt, compile=comp))
+        if largest:
+            results.append(_largest_batch(sm, device, sizes, peak, echo, deadline))
+            continue
+        row = {"attention": attention, "activation_checkpointing": ckpt, "compile": comp, "batch": sizes.batch}
+        row.update(_try(sm, device, sizes.batch, sizes.steps, peak))
+        echo(f"predictor {row}")
+        results.append(row)
     return results
 
 
 def _try(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
+    """Step figures, {"fits": False} when out of memory, or the error of a configuration that broke."""
     try:
         return _step_figures(sm, device, B, steps, peak)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"fits": False}
+    except Exception as err:  # e.g. a compile failure: recorded, the next configuration runs
+        return {"fits": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
 
 
-def _largest_batch(sm: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo) -> dict:
-    """Double the batch from the measured one until it no longer fits (or max_batch)."""
+def _largest_batch(sm: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo,
+                   deadline: Deadline) -> dict:
+    """Double the batch from the measured one until it no longer fits (or max_batch, or the time is up)."""
     best: dict[str, Any] = {}
     B = sizes.batch * 2
-    while sizes.max_batch >= B:
+    while sizes.max_batch >= B and not deadline.passed:
         got = _try(sm, device, B, max(2, sizes.steps // 2), peak)
         if not got["fits"]:
             break
