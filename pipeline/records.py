@@ -104,7 +104,7 @@ class CommitRecord:
     def to_json(self, fingerprint: str) -> dict[str, Any]:
         out = {"format_version": COMMIT_VERSION, "fingerprint": fingerprint, "part": self.part,
                "attempt": self.attempt, "frames": self.frames, "committed_at": self.committed_at,
-               "views": [v.to_json() for v in self.views]}
+               "optional_view_keys": sorted(_OPTIONAL_VIEW_TYPES), "views": [v.to_json() for v in self.views]}
         if self.repaired_from:
             out["repaired_from"] = self.repaired_from
         return out
@@ -136,8 +136,9 @@ def _parse_view(v: Any, commit: dict[str, Any], i: int) -> ViewRecord:
         if key in v and (not isinstance(v[key], kind) or isinstance(v[key], bool)):
             raise RecordError(f"views[{i}].{key} is {v[key]!r}, not a number or null")
     unknown = set(v) - set(_VIEW_TYPES) - set(_OPTIONAL_VIEW_TYPES)
-    if unknown:
-        raise RecordError(f"views[{i}] has unknown keys {sorted(unknown)}")
+    if unknown - _ignorable(commit):
+        raise RecordError(f"views[{i}] has unknown keys {sorted(unknown - _ignorable(commit))}")
+    v = {k: x for k, x in v.items() if k not in unknown}  # a newer writer's extras, declared safe to ignore
     if v["part"] != commit["part"] or v["attempt"] != commit["attempt"]:
         raise RecordError(f"views[{i}] names part/attempt {v['part']}/{v['attempt']}, not the record's")
     if v["start"] < 0 or v["length"] < 1 or v["start"] + v["length"] > commit["frames"]:
@@ -145,6 +146,16 @@ def _parse_view(v: Any, commit: dict[str, Any], i: int) -> ViewRecord:
     if len(v["digests"].get("features", [])) != v["length"]:
         raise RecordError(f"views[{i}] has no features digest per row")
     return ViewRecord(**v, committed_at=float(commit["committed_at"]))
+
+
+def _ignorable(commit: dict[str, Any]) -> set[str]:
+    """View keys the writer declared that a reader which does not know them may ignore (`optional_view_keys`):
+    a later version can add information to the records without making this one redo their views, while
+    a key it did not declare -- one that may change what a view means -- still makes the record unreadable."""
+    keys = commit.get("optional_view_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise RecordError(f"optional_view_keys is {keys!r}, not a list of names")
+    return set(keys)
 
 
 @dataclass

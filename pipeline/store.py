@@ -177,10 +177,11 @@ class FeatureStore:
                 v.commit = rec.name
         return sorted(records, key=lambda r: (r.committed_at, r.name))
 
-    def committed_views(self) -> dict[str, ViewRecord]:
-        """view_id -> the one record readers use: the newest commit, then the greatest record name."""
+    def committed_views(self, commits: list[CommitRecord] | None = None) -> dict[str, ViewRecord]:
+        """view_id -> the one record readers use: the newest commit, then the greatest record name (of
+        `commits`, as `commits()` returned them, where the caller has read them already)."""
         views: dict[str, ViewRecord] = {}
-        for record in self.commits():  # sorted by the rule, so the last one seen wins
+        for record in self.commits() if commits is None else commits:  # sorted by the rule: the last one wins
             for v in record.views:
                 views[v.view_id] = v
         return views

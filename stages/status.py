@@ -74,7 +74,8 @@ def status_report(m: Manifest) -> StatusReport:
     report = StatusReport(m.profile, store.digest, store.url, store.exists())
     if report.store_exists:
         store.check()
-    views = store.committed_views()  # read once: planning and the timing figures both use them
+    commits = store.commits() if report.store_exists else []  # read once: planning, timing and attempts use them
+    views = store.committed_views(commits)
     plans = plan_episodes(m, store, views)
     states = Counter(p.state for p in plans)
     failed = [p for p in plans if p.state == "failed"]
@@ -88,7 +89,7 @@ def status_report(m: Manifest) -> StatusReport:
     report.episodes_failed = [{"episode": p.episode_id, "path": p.path, "reason": p.reason} for p in failed]
     report.bytes_on_disk = store.bytes_on_disk()
     if report.store_exists:
-        live = {(c.part, c.attempt) for c in store.commits()}
+        live = {(c.part, c.attempt) for c in commits}
         report.unreferenced_attempts = len(set(store.attempts()) - live)
         report.quarantined = store.quarantined()
         report.timing, report.warnings = manifest_timing(views.values(), m.data)

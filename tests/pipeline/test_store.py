@@ -137,6 +137,26 @@ def test_a_record_that_does_not_parse_is_named_and_skipped(tmp_path: Path, conte
     assert any(str(bad) in r.getMessage() for r in caplog.records)
 
 
+def test_a_newer_writers_declared_extras_are_ignored_and_others_refused(tmp_path: Path) -> None:
+    """Mixed versions on one store: view keys a writer declares in `optional_view_keys` are ignored by a
+    reader that does not know them (the views stay in use); an undeclared unknown key makes the record
+    unreadable, named, so its views are redone rather than misread."""
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    record = write_attempt(store, "p", torch.randn(4, 2, 4), [view("v", 0, 4)])
+    path = Path(store.root, "commits", f"{record.name}.json")
+    raw = json.loads(path.read_text())
+    assert raw["optional_view_keys"] == ["capture_fps"]  # what this version declares
+    raw["views"][0]["lens_model"] = "fisheye"  # a later version's extra information
+    raw["optional_view_keys"].append("lens_model")
+    path.write_text(json.dumps(raw))
+    fresh = FeatureStore(str(tmp_path), {"x": 1})
+    assert list(fresh.committed_views()) == ["v"] and not fresh.bad_records
+    raw["optional_view_keys"].remove("lens_model")
+    path.write_text(json.dumps(raw))
+    fresh = FeatureStore(str(tmp_path), {"x": 1})
+    assert fresh.committed_views() == {} and "unknown keys ['lens_model']" in fresh.bad_records[str(path)]
+
+
 def _shard_file(store: FeatureStore, rec: ViewRecord, name: str, shard: int = 0) -> Path:
     suffix = f"c/{shard}/0/0" if name == "features" else ("c/0/0" if name != "frame_index" else "c/0")
     return Path(store.root, rec.location, name, suffix)
