@@ -34,13 +34,14 @@ class ShardedRowReader(ShardLayout):
         self._index: dict[int, np.ndarray] = {}  # shard -> [per_shard, 2] (offset, nbytes); immutable files
         self._lock = threading.Lock()
 
-    def read(self, a: int, b: int, out: np.ndarray) -> np.ndarray:
+    def read(self, a: int, b: int, out: np.ndarray, whole_chunks: bool = False) -> np.ndarray:
         """Rows a..b-1 into `out` (a C-contiguous array of exactly (b - a) rows' bytes); the crc32c of each
         row read, [b - a] uint32, which the caller must compare with the commit record's.
 
         Each row goes through crc32c once, right after it is read. A whole chunk is also checked against
         its crc32c in the shard, which follows from its rows' (`Concat`: no second pass). Of a chunk at a
-        window edge only the window's rows are read; they are checked by their row digests alone.
+        window edge only the window's rows are read (they are checked by their row digests), unless
+        `whole_chunks` (verify: every chunk a view touches is checked, as a plain zarr reader would read it).
         """
         flat = out.reshape(-1).view(np.uint8)  # [(b - a) * row_bytes]
         if flat.nbytes != (b - a) * self.row_bytes:
@@ -50,7 +51,13 @@ class ShardedRowReader(ShardLayout):
             first = c * self.chunk_rows
             lo, hi = max(a, first), min(b, first + self.chunk_rows)
             rows = flat[(lo - a) * self.row_bytes : (hi - a) * self.row_bytes]
-            crcs[lo - a : hi - a] = self._read_rows(c, lo - first, hi - first, rows)
+            if whole_chunks and hi - lo < self.chunk_rows:  # read and check it all, keep the window's rows
+                chunk = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
+                chunk_crcs = self._read_rows(c, 0, self.chunk_rows, chunk)
+                rows[:] = chunk[(lo - first) * self.row_bytes : (hi - first) * self.row_bytes]
+                crcs[lo - a : hi - a] = chunk_crcs[lo - first : hi - first]
+            else:
+                crcs[lo - a : hi - a] = self._read_rows(c, lo - first, hi - first, rows)
         return crcs
 
     def _read_rows(self, c: int, lo: int, hi: int, target: np.ndarray) -> list[int]:

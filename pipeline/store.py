@@ -240,12 +240,15 @@ class FeatureStore:
                 raise DamagedDataError(self.where(view, name), f"array cannot be opened ({_short(err)})") from err
         return self._arrays[key]
 
-    def read_features(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_features(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None = None,
+                      whole_chunks: bool = False) -> torch.Tensor:
         """Rows start..start+length of a view's features, exactly as committed: [length, tokens, D].
 
         With `out` (a contiguous CPU tensor of the stored dtype) zarr decodes straight into it: no
         temporary array, which is ~40% of the read time of a ViT-g window (11.5 MB). Every row's crc32c
-        is compared with the commit record's (~10 GB/s): damage raises DamagedDataError, never returns.
+        is compared with the commit record's: damage raises DamagedDataError, never returns. The chunks
+        around the rows are checked whole where zarr reads them and, on the direct path, with
+        `whole_chunks` (verify); training's reads check the chunks they read whole, and the rows.
         """
         if start < 0 or start + length > view.length:
             raise StoreError(f"window {start}+{length} outside view {view.view_id} of {view.length} frames")
@@ -264,7 +267,7 @@ class FeatureStore:
         fast = self._fast_reader(view, arr)
         try:
             if fast is not None:  # local, uncompressed: straight from the shard files (GIL released)
-                got = fast.read(rows.start, rows.stop, target).tolist()  # its rows' crc32c, from the same pass
+                got = fast.read(rows.start, rows.stop, target, whole_chunks).tolist()  # rows' crc32c, same pass
             else:
                 arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target))
                 got = row_crcs(target)

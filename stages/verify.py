@@ -179,11 +179,12 @@ def _check_view(store: FeatureStore, c: CommitRecord, v: ViewRecord, summary: Ve
 
 
 def _check_features(store: FeatureStore, v: ViewRecord) -> int:
-    """Read the view's features in blocks (crc32c per chunk and per row), and look for NaN/inf."""
+    """Read the view's features in blocks (crc32c of every chunk they touch and of every row), and look for
+    NaN/inf."""
     nbytes = 0
     for start in range(0, v.length, READ_ROWS):
         n = min(READ_ROWS, v.length - start)
-        rows = store.read_features(v, start, n)  # [n, tokens, D]
+        rows = store.read_features(v, start, n, whole_chunks=True)  # [n, tokens, D]; every chunk it touches
         ok = finite_rows(rows)  # [n]
         if not ok.all():
             row = start + int(torch.argmin(ok.int()))

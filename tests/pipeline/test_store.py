@@ -255,10 +255,12 @@ def test_object_store_layout_through_fsspec() -> None:
     assert again.bytes_on_disk() > feats.numel() * 2 and len(again.attempts()) == 1
 
 
-def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("whole_chunks", [False, True])
+def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path, whole_chunks: bool) -> None:
     """A flipped byte anywhere in the rows a window delivers, in a whole chunk's crc32c or in a shard's index
     is an error; a flip in bytes the window does not deliver (the other rows of a chunk at its edge, that
-    chunk's crc32c) leaves the window exact -- `verify` is what reads those."""
+    chunk's crc32c) leaves the window exact. With `whole_chunks` (verify) a flip anywhere in a chunk the
+    window touches is an error too, as it would be for a plain zarr reader."""
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
     feats = torch.randn(8, 2, 4)  # rows of 16 bytes; chunks of 2 rows (+4 crc bytes); shards of 4 rows
     write_attempt(store, "p", feats, [view("v", 0, 8)])
@@ -273,13 +275,15 @@ def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path) -> None
             in_chunk_crc, in_index = at % chunk >= 2 * row, at >= 2 * chunk
             chunk_rows = {shard * 4 + at // chunk * 2, shard * 4 + at // chunk * 2 + 1}
             delivered = in_index or (in_chunk_crc and chunk_rows <= set(window)) or (not in_chunk_crc and r in window)
+            delivered = delivered or (whole_chunks and bool(chunk_rows & set(window)))
             damaged = bytearray(clean)
             damaged[at] ^= 0x04
             path.write_bytes(bytes(damaged))
             fresh = FeatureStore(str(tmp_path), {"x": 1})
             if delivered:
                 with pytest.raises(DamagedDataError, match="features"):
-                    fresh.read_features(rec, 1, 4)
+                    fresh.read_features(rec, 1, 4, whole_chunks=whole_chunks)
             else:
-                assert torch.equal(fresh.read_features(rec, 1, 4), feats[1:5].to(torch.bfloat16)), at
+                assert torch.equal(fresh.read_features(rec, 1, 4, whole_chunks=whole_chunks),
+                                   feats[1:5].to(torch.bfloat16)), at
         path.write_bytes(clean)

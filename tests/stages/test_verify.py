@@ -64,7 +64,24 @@ def drop_inner_chunk(shard: Path, chunk: int) -> None:
     shard.write_bytes(bytes(raw))
 
 
+def flip_edge_chunk_checksum(attempt: Path) -> str:
+    """Flip a checksum byte of an inner chunk that two views share (a view boundary inside it): neither
+    view's training reads check it, but a plain zarr reader would fail on it, so verify must."""
+    commit = next(json.loads(p.read_text()) for p in (attempt.parent.parent.parent / "commits").glob("*.json")
+                  if json.loads(p.read_text())["attempt"] == attempt.name)
+    edges = sorted(v["start"] for v in commit["views"] if v["start"] % 2)  # chunks of 2 rows, shards of 8
+    assert edges, "the tiny dataset should have a view starting inside a chunk"
+    chunk = edges[0] // 2
+    shard = attempt / f"features/c/{chunk // 4}/0/0"
+    raw = shard.read_bytes()
+    index = np.frombuffer(raw[-(16 * 4 + 4) : -4], np.uint64).reshape(4, 2)
+    offset, nbytes = (int(x) for x in index[chunk % 4])
+    flip(shard, offset + nbytes - 4)
+    return f"features/c/{chunk // 4}/0/0"
+
+
 DAMAGE: dict[str, Callable[[Path], str]] = {
+    "shared chunk checksum": flip_edge_chunk_checksum,
     "features byte": lambda a: (flip(a / "features/c/0/0/0"), "features")[1],
     "states byte": lambda a: (flip(a / "states/c/0/0"), "states")[1],
     "actions byte": lambda a: (flip(a / "actions/c/0/0"), "actions")[1],
