@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stages.models.release_weights import load_strict, read_state_dict
-from stages.models.rope import apply_rope_3d, apply_rope_time, grid_positions
+from stages.models.rope import Rotation, grid_positions
 from stages.models.vit import Block, Mask, init_release_weights
 
 
@@ -123,17 +123,16 @@ def block_causal_block_mask(num_t: int, tokens_per_step: int, device: torch.devi
     return create_block_mask(may_attend, None, None, n, n, device=device)
 
 
-def _rotate_kinds(x: Tensor, lay: _Layout, n_cond: int) -> Tensor:
+def _rotate_kinds(x: Tensor, lay: _Layout, n_cond: int, cond: Rotation, frame: Rotation) -> Tensor:
     """RoPE per token kind on q or k [B, heads, N, hd], re-assembled per step in [a, s, frame] order.
 
     Action/state tokens turn by their integer time only (in x's dtype), frame tokens by float32
-    (time, row, column) like the release. A Linear acts on each token alone, so one qkv over the
-    whole sequence equals the release's per-kind qkv.
+    (time, row, column) like the release (`cond` and `frame`: this forward's tables). A Linear acts on
+    each token alone, so one qkv over the whole sequence equals the release's per-kind qkv.
     """
     x = x.unflatten(2, (lay.num_t, n_cond + lay.hw))  # [B, heads, T, K + hw, hd]
-    cond = apply_rope_time(x[:, :, :, :n_cond], lay.cond_t)  # [B, heads, T, K, hd]
-    frame = apply_rope_3d(x[:, :, :, n_cond:], lay.frame_t, lay.frame_r, lay.frame_c)  # [B, heads, T, hw, hd]
-    return torch.cat((cond, frame), dim=3).flatten(2, 3)  # [B, heads, N, hd]
+    turned = (cond(x[:, :, :, :n_cond]), frame(x[:, :, :, n_cond:]))  # [B, heads, T, K, hd], [.., T, hw, hd]
+    return torch.cat(turned, dim=3).flatten(2, 3)  # [B, heads, N, hd]
 
 
 class ACPredictor(nn.Module):
@@ -175,7 +174,8 @@ class ACPredictor(nn.Module):
             cond.append(self.extrinsics_encoder(extrinsics))  # [B, T, P]
         cond_tokens = torch.stack(cond, dim=2)  # [B, T, K, P]
         x = torch.cat((cond_tokens, x), dim=2).flatten(1, 2)  # [B, T*(K+hw), P]
-        rotate = functools.partial(_rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens)
+        rotate = functools.partial(_rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens,  # tables built once
+                                   cond=Rotation([lay.cond_t]), frame=Rotation([lay.frame_t, lay.frame_r, lay.frame_c]))
         for block in self.predictor_blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, rotate, lay.mask, use_reentrant=False)  # [B, T*(K+hw), P]

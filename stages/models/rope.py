@@ -49,22 +49,48 @@ def _partner(x: Tensor) -> Tensor:
     return torch.stack((-odd, even), dim=-1).flatten(-2)  # [..., d]
 
 
+def axis_table(d: int, pos: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin [..., N, d] of one axis at positions ``pos`` [N] (or broadcastable), for tensors like
+    ``like``: frequencies in its dtype, laid out [f, f], exactly as the release computes them."""
+    if d % 2:
+        raise ValueError(f"RoPE needs an even number of dims per axis, got {d}")
+    omega = _omega(d // 2, like)  # [d/2]
+    freq = pos.to(like.device).unsqueeze(-1) * omega  # [..., N, d/2]
+    cos, sin = freq.cos(), freq.sin()  # [..., N, d/2] each
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # [..., N, d] each, layout [f, f]
+
+
 def rotate_axis(x: Tensor, pos: Tensor) -> Tensor:
     """Rotate ``x`` [..., N, d] by positions ``pos`` [N] (or any shape broadcastable to [..., N]).
 
     Returns a tensor of the dtype of ``x``. Where the release would hand attention a promoted
     (float32) tensor, casting back here gives the same numbers as autocast's cast before attention.
     """
-    d = x.shape[-1]
-    if d % 2:
-        raise ValueError(f"RoPE needs an even number of dims per axis, got {d}")
-    omega = _omega(d // 2, x)  # [d/2]
-    freq = pos.to(x.device).unsqueeze(-1) * omega  # [..., N, d/2]
-    cos, sin = freq.cos(), freq.sin()  # [..., N, d/2] each
-    cos = torch.cat((cos, cos), dim=-1)  # [..., N, d]  layout [f, f]
-    sin = torch.cat((sin, sin), dim=-1)  # [..., N, d]  layout [f, f]
-    out = x * cos + _partner(x) * sin  # [..., N, d]
-    return out.to(x.dtype)
+    return apply_table(x, *axis_table(x.shape[-1], pos, x))
+
+
+def head_table(head_dim: int, axes: list[Tensor], like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin [..., N, head_dim] of a whole head: the first d dims follow ``axes[0]``, the next d
+    ``axes[1]``, ...; the dims after them pass through (cos 1, sin 0).
+
+    Why: a model applies the same rotation in every layer, to q and to k; built once per forward, the
+    table turns each application into one multiply-add over the head, where the per-axis form recomputed
+    the frequencies and concatenated four pieces every time. Element by element the arithmetic is the
+    release's (pass-through dims: x * 1 + y * 0 = x).
+    """
+    d = rope_axis_dim(head_dim)
+    tables = [axis_table(d, pos, like) for pos in axes]
+    shape = torch.broadcast_shapes(*(cos.shape[:-1] for cos, _ in tables))
+    rest = head_dim - d * len(axes)
+    one = torch.ones((*shape, rest), dtype=tables[0][0].dtype, device=like.device)  # [..., N, rest]
+    cos = torch.cat([c.expand(*shape, d) for c, _ in tables] + [one], dim=-1)  # [..., N, head_dim]
+    sin = torch.cat([s.expand(*shape, d) for _, s in tables] + [torch.zeros_like(one)], dim=-1)  # [..., N, hd]
+    return cos, sin
+
+
+def apply_table(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + partner(x) * sin`` in the dtype the release computes it in, cast back to ``x``'s."""
+    return (x * cos + _partner(x) * sin).to(x.dtype)  # [..., N, d]
 
 
 def apply_rope_3d(x: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
@@ -72,14 +98,7 @@ def apply_rope_3d(x: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
 
     The first d dims follow time, the next d row, the next d column; the rest pass through.
     """
-    d = rope_axis_dim(x.shape[-1])
-    parts = [
-        rotate_axis(x[..., :d], t),  # [B, heads, N, d]
-        rotate_axis(x[..., d : 2 * d], r),  # [B, heads, N, d]
-        rotate_axis(x[..., 2 * d : 3 * d], c),  # [B, heads, N, d]
-        x[..., 3 * d :],  # [B, heads, N, head_dim - 3d]
-    ]
-    return torch.cat(parts, dim=-1)  # [B, heads, N, head_dim]
+    return apply_table(x, *head_table(x.shape[-1], [t, r, c], x))
 
 
 def apply_rope_time(x: Tensor, t: Tensor) -> Tensor:
@@ -87,9 +106,23 @@ def apply_rope_time(x: Tensor, t: Tensor) -> Tensor:
 
     This is what the AC predictor does to its action and state tokens.
     """
-    d = rope_axis_dim(x.shape[-1])
-    rotated = rotate_axis(x[..., :d], t)  # [B, heads, N, d]
-    return torch.cat((rotated, x[..., d:]), dim=-1)  # [B, heads, N, head_dim]
+    return apply_table(x, *head_table(x.shape[-1], [t], x))
+
+
+class Rotation:
+    """The RoPE of one forward pass: its table is built on first use, for the dtype of what it rotates
+    (q and k under autocast), and reused by every layer after that."""
+
+    def __init__(self, axes: list[Tensor]):
+        self.axes = axes  # positions per axis, e.g. [time, row, column], each [N] or broadcastable
+        self._tables: dict[tuple[torch.dtype, int], tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x`` [..., N, head_dim] rotated (see `head_table`)."""
+        key = (x.dtype, x.shape[-1])
+        if key not in self._tables:
+            self._tables[key] = head_table(x.shape[-1], self.axes, x)
+        return apply_table(x, *self._tables[key])
 
 
 def grid_positions(

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from stages.models.release_weights import load_strict, read_state_dict
-from stages.models.rope import apply_rope_3d, grid_positions
+from stages.models.rope import Rotation, grid_positions
 
 INIT_STD = 0.02  # std of the truncated normal init of Linear/Conv weights (release)
 INIT_CUTOFF = 2.0  # absolute truncation bound of that normal (release: +-2, i.e. ~no truncation)
@@ -201,8 +201,9 @@ class VisionTransformer(nn.Module):
         num_t, h, w = self._grid(x)
         t, r, c = grid_positions(num_t, h, w, device=x.device)  # 3 x [N]
         x = self.patch_embed(x)  # [B, N, D]
+        rotate = Rotation([t, r, c])  # one table for every layer's q and k
         for block in self.blocks:
-            x = block(x, lambda q: apply_rope_3d(q, t, r, c))  # [B, N, D]
+            x = block(x, rotate)  # [B, N, D]
         return self.norm(x)  # [B, N, D]
 
     def _grid(self, x: Tensor) -> tuple[int, int, int]:

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from stages.models.release_weights import CheckpointError, load_strict, read_state_dict
-from stages.models.rope import apply_rope_3d, apply_rope_time, grid_positions, rope_axis_dim, rotate_axis
+from stages.models.rope import (
+    Rotation,
+    apply_rope_3d,
+    apply_rope_time,
+    grid_positions,
+    rope_axis_dim,
+    rotate_axis,
+)
 from stages.models.vit import (
     VIT_PRESETS,
     VisionTransformer,
@@ -115,6 +122,22 @@ def test_rope_keeps_dtype_and_zero_position_is_identity() -> None:
     out = apply_rope_3d(x, zero, zero, zero)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_table_per_forward_rotates_exactly_as_each_axis_on_its_own(dtype: torch.dtype) -> None:
+    """The whole-head table (built once, reused by every layer) gives the per-axis form's bits: float32
+    rescaled positions (the predictor's frames), integer ones (the encoder, the predictor's actions)."""
+    x = (3 * torch.randn(2, 4, 3, 16, 64)).to(dtype)  # [B, heads, T, hw, hd]
+    d = rope_axis_dim(64)
+    for t, r, c in [(torch.arange(3.0)[:, None], torch.rand(16) * 16, torch.rand(16) * 16),
+                    (torch.arange(3)[:, None], torch.randint(0, 4, (16,)), torch.randint(0, 4, (16,)))]:
+        axes = [rotate_axis(x[..., :d], t), rotate_axis(x[..., d : 2 * d], r), rotate_axis(x[..., 2 * d : 3 * d], c)]
+        reference = torch.cat([*axes, x[..., 3 * d :]], dim=-1)
+        rotation = Rotation([t, r, c])
+        for _ in range(2):  # the second call reuses the table
+            assert torch.equal(rotation(x).view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               reference.view(torch.int16 if dtype != torch.float32 else torch.int32))
 
 
 def test_grid_positions_order() -> None:
