@@ -59,7 +59,10 @@ def bench_training(m: Manifest, repeats: int, steps: int, gpu_tflops: float,
 
     def run(kind: str) -> tuple[float, float]:
         """Seconds per step and the data-wait share over `steps` steps of one kind ("decode_only": the
-        online loader alone, no training)."""
+        online loader alone, no training). The loaders' reads in flight finish first: the previous kind's
+        prefetching (decoding, for the online loader) would otherwise run on the cores this kind is timed on."""
+        for loader in loaders.values():
+            loader.settle()
         wait, t0 = 0.0, time.perf_counter()
         for k in range(steps):
             if kind == "decode_only":

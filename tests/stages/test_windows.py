@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -217,6 +221,23 @@ def test_the_loader_reuses_batch_memory_only_once_nothing_holds_it(store: Featur
             again = next(fresh)
             assert_same_batch(b, again)
             assert same_bits(part, again.features[1:3]) and np.array_equal(states, again.states.numpy())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_reader_threads_yield_to_the_training_step(store: FeatureStore, index: WindowIndex) -> None:
+    """Reads are prefetched; on a machine with no spare core they must not take one from the step."""
+    seen: list[int] = []
+
+    class Spy(CachedSource):
+        def fill(self, buffers: Any, i: int, window: Window) -> None:
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            super().fill(buffers, i, window)
+
+    first = index.views_of(index.episodes[0])[0]
+    with WindowLoader(Spy(store, T, first), index, batch_size=2, frames_per_clip=T, seed=0, threads=2) as loader:
+        next(loader)
+    base = os.getpriority(os.PRIO_PROCESS, threading.main_thread().native_id)
+    assert seen and set(seen) == {min(base + 10, 19)}
 
 
 def test_buffer_pool_counts_every_kind_of_reference() -> None:
