@@ -111,8 +111,7 @@ class PartWriter:
         self._filled.pop(idx)
         lo = idx * self.shard
         if self._direct is not None:
-            fill = np.full(self.features.shape[1:], self.features.fill_value, self.features.dtype)
-            self._direct.write(idx, buf, self.skipped[lo : lo + len(buf)], fill)
+            self._direct.write(idx, buf, self.skipped[lo : lo + len(buf)])
         else:
             self.features[lo : lo + len(buf)] = buf
         self.bytes_written += buf.nbytes

@@ -121,12 +121,13 @@ def parse_commit(name: str, raw: Any, fingerprint: str) -> CommitRecord:
     for key, kind in (("part", str), ("attempt", str), ("frames", int), ("committed_at", (int, float)),
                       ("views", list)):
         _require_field(raw, key, kind)
-    views = [_parse_view(v, raw, i) for i, v in enumerate(raw["views"])]
+    ignorable = _ignorable(raw)
+    views = [_parse_view(v, raw, i, ignorable) for i, v in enumerate(raw["views"])]
     return CommitRecord(name, raw["part"], raw["attempt"], raw["frames"], float(raw["committed_at"]), views,
                         raw.get("repaired_from"))
 
 
-def _parse_view(v: Any, commit: dict[str, Any], i: int) -> ViewRecord:
+def _parse_view(v: Any, commit: dict[str, Any], i: int, ignorable: set[str]) -> ViewRecord:
     if not isinstance(v, dict):
         raise RecordError(f"views[{i}] is a {type(v).__name__}, not an object")
     for key, kind in _VIEW_TYPES.items():
@@ -136,8 +137,8 @@ def _parse_view(v: Any, commit: dict[str, Any], i: int) -> ViewRecord:
         if key in v and (not isinstance(v[key], kind) or isinstance(v[key], bool)):
             raise RecordError(f"views[{i}].{key} is {v[key]!r}, not a number or null")
     unknown = set(v) - set(_VIEW_TYPES) - set(_OPTIONAL_VIEW_TYPES)
-    if unknown - _ignorable(commit):
-        raise RecordError(f"views[{i}] has unknown keys {sorted(unknown - _ignorable(commit))}")
+    if unknown - ignorable:
+        raise RecordError(f"views[{i}] has unknown keys {sorted(unknown - ignorable)}")
     v = {k: x for k, x in v.items() if k not in unknown}  # a newer writer's extras, declared safe to ignore
     if v["part"] != commit["part"] or v["attempt"] != commit["attempt"]:
         raise RecordError(f"views[{i}] names part/attempt {v['part']}/{v['attempt']}, not the record's")

@@ -62,9 +62,8 @@ class ShardedRowReader(ShardLayout):
 
     def _read_rows(self, c: int, lo: int, hi: int, target: np.ndarray) -> list[int]:
         """Rows lo..hi-1 of inner chunk c into `target`; their crc32c (and the chunk's checked, if whole)."""
-        shard, j = divmod(c, self.per_shard)
-        path = self.shard_file(shard)
-        offset, nbytes = self._chunk_range(shard, j, path, c)
+        path, offset, nbytes = self.chunk_location(c)
+        j = c % self.per_shard
         if nbytes != self.chunk_rows * self.row_bytes + 4:
             raise DamagedDataError(path, f"inner chunk {j} is {nbytes} bytes, the layout says "
                                          f"{self.chunk_rows * self.row_bytes + 4}")
@@ -76,7 +75,10 @@ class ShardedRowReader(ShardLayout):
             raise DamagedDataError(path, f"inner chunk {j} does not match its crc32c")
         return rows
 
-    def _chunk_range(self, shard: int, j: int, path: str, c: int) -> tuple[int, int]:
+    def chunk_location(self, c: int) -> tuple[str, int, int]:
+        """(shard file, offset, bytes) of inner chunk c, from its shard's index (read once, checked)."""
+        shard, j = divmod(c, self.per_shard)
+        path = self.shard_file(shard)
         index = self._index.get(shard)
         if index is None:
             index = self._read_index(path)
@@ -86,7 +88,7 @@ class ShardedRowReader(ShardLayout):
         if offset == MISSING:
             raise DamagedDataError(path, f"inner chunk {j} (rows {c * self.chunk_rows}.."
                                          f"{(c + 1) * self.chunk_rows - 1}) is missing from the shard")
-        return int(offset), int(nbytes)
+        return path, int(offset), int(nbytes)
 
     def _read_index(self, path: str) -> np.ndarray:
         size = 16 * self.per_shard + 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import zarr
 
 from pipeline.checksums import crc32c
 from pipeline.shard_layout import MISSING, ShardLayout
@@ -24,10 +25,14 @@ IOV_MAX = 1024  # buffers per writev call (Linux's limit)
 class ShardedRowWriter(ShardLayout):
     """Writes shard files of one local, uncompressed, time-sharded array, each exactly once."""
 
-    def write(self, shard: int, rows: np.ndarray, skipped: np.ndarray, fill: np.ndarray) -> int:
+    def __init__(self, folder: str, arr: zarr.Array):
+        super().__init__(folder, arr)
+        self.fill = np.full(arr.shape[1:], arr.fill_value, arr.dtype)  # one row: pads the last chunk
+
+    def write(self, shard: int, rows: np.ndarray, skipped: np.ndarray) -> int:
         """Shard `shard` from its rows (all of them, or up to the array's end) in the storage dtype; rows
-        marked in `skipped` hold the fill value. `fill` is one row of the fill value (it pads the last
-        chunk past the array's end). Returns the bytes written (0: nothing but fill, so no file)."""
+        marked in `skipped` hold the fill value. Returns the bytes written (0: nothing but fill, so no
+        file)."""
         flat = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)  # [n * row_bytes]
         n, chunk_bytes = len(rows), self.chunk_rows * self.row_bytes
         index = np.full((self.per_shard, 2), MISSING, np.uint64)
@@ -39,7 +44,8 @@ class ShardedRowWriter(ShardLayout):
                 continue  # zarr does not write a chunk of fill values
             data = flat[lo * self.row_bytes : hi * self.row_bytes]
             if hi - lo < self.chunk_rows:  # past the array's end: padded with the fill value, as zarr does
-                pad = np.broadcast_to(fill.reshape(-1).view(np.uint8), (self.chunk_rows - (hi - lo), self.row_bytes))
+                pad = np.broadcast_to(self.fill.reshape(-1).view(np.uint8),
+                                      (self.chunk_rows - (hi - lo), self.row_bytes))  # [missing rows, row bytes]
                 data = np.concatenate([data, pad.reshape(-1)])
             parts += [data, crc32c(data).to_bytes(4, "little")]
             index[j] = (offset, chunk_bytes + 4)
@@ -54,10 +60,10 @@ class ShardedRowWriter(ShardLayout):
     def _write_new(path: str, parts: list[np.ndarray | bytes]) -> int:
         """Create `path` (never overwrite: an attempt's files are written once) from `parts` in order."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        total = sum(len(memoryview(p).cast("B")) for p in parts)
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            views = [memoryview(p).cast("B") for p in parts]
             while views:
                 done = os.writev(fd, views[:IOV_MAX])
                 while views and done >= len(views[0]):

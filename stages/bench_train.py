@@ -21,6 +21,7 @@ import torch
 from pipeline.distributed import DistInfo
 from pipeline.manifest import CacheSection, Manifest
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
+from pipeline.shard_reader import ShardedRowReader
 from pipeline.store import FeatureStore
 from stages.fingerprint import predictor_config, vit_config
 from stages.flops import released, step_model
@@ -207,21 +208,21 @@ def _zarr_reads(store: FeatureStore, windows: list[Any], T: int) -> float:
 
 
 def _chunk_ranges(store: FeatureStore, windows: list[Any], T: int) -> list[tuple[str, int, int]]:
-    """(shard file, offset, bytes) of the windows' rows in their inner chunks (from each shard's index):
-    exactly the bytes the loader delivers."""
-    arr = store.array(windows[0].view, "features")
-    shard, chunk = arr.shards[0], arr.chunks[0]
-    per_shard, row_bytes = shard // chunk, FEATURE_BYTES_VITG
+    """(shard file, offset, bytes) of the windows' rows in their inner chunks (the direct reader's index
+    lookup): exactly the bytes the loader delivers."""
+    readers: dict[str, ShardedRowReader | None] = {}
     ranges: list[tuple[str, int, int]] = []
     for w in windows:
-        a, b = w.view.start + w.start, w.view.start + w.start + T
+        if w.view.location not in readers:  # one per attempt: each shard's index is read once
+            readers[w.view.location] = ShardedRowReader.for_array(f"{store.root}/{w.view.location}/features",
+                                                                  store.array(w.view, "features"))
+        reader = readers[w.view.location]
+        assert reader is not None, "bench stores are local and uncompressed"
+        a, b, chunk = w.view.start + w.start, w.view.start + w.start + T, reader.chunk_rows
         for c in range(a // chunk, (b - 1) // chunk + 1):
-            path = f"{store.root}/{w.view.location}/features/{arr.metadata.encode_chunk_key((c // per_shard, 0, 0))}"
-            with open(path, "rb") as f:
-                f.seek(-(16 * per_shard + 4), os.SEEK_END)
-                index = np.frombuffer(f.read(16 * per_shard), np.uint64).reshape(per_shard, 2)
+            path, offset, _ = reader.chunk_location(c)
             lo, hi = max(a, c * chunk), min(b, (c + 1) * chunk)
-            ranges.append((path, int(index[c % per_shard][0]) + (lo - c * chunk) * row_bytes, (hi - lo) * row_bytes))
+            ranges.append((path, offset + (lo - c * chunk) * reader.row_bytes, (hi - lo) * reader.row_bytes))
     return ranges
 
 

@@ -615,7 +615,8 @@ class WindowLoader:
         times one kind of work without this loader's background reads on the same cores."""
         for p in self._pending:
             for f in p.reads:
-                f.exception()
+                if not f.cancelled():
+                    f.exception()
 
     # -- resuming ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -634,10 +635,7 @@ class WindowLoader:
         for p in self._pending:
             for f in p.reads:
                 f.cancel()
-        for p in self._pending:  # reads already running finish into buffers nobody will look at
-            for f in p.reads:
-                if not f.cancelled():
-                    f.exception()
+        self.settle()  # reads already running finish into buffers nobody will look at
         self._pending.clear()
 
     # -- shutting down -----------------------------------------------------------------------------

@@ -93,22 +93,6 @@ def apply_table(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + _partner(x) * sin).to(x.dtype)  # [..., N, d]
 
 
-def apply_rope_3d(x: Tensor, t: Tensor, r: Tensor, c: Tensor) -> Tensor:
-    """Rotate the heads of ``x`` [B, heads, N, head_dim] by time ``t``, row ``r``, column ``c`` ([N] each).
-
-    The first d dims follow time, the next d row, the next d column; the rest pass through.
-    """
-    return apply_table(x, *head_table(x.shape[-1], [t, r, c], x))
-
-
-def apply_rope_time(x: Tensor, t: Tensor) -> Tensor:
-    """Rotate only the time dims (the first d) of ``x`` [B, heads, N, head_dim]; the rest pass through.
-
-    This is what the AC predictor does to its action and state tokens.
-    """
-    return apply_table(x, *head_table(x.shape[-1], [t], x))
-
-
 class Rotation:
     """The RoPE of one forward pass: its table is built on first use, for the dtype of what it rotates
     (q and k under autocast), and reused by every layer after that."""

@@ -12,8 +12,6 @@ import torch
 from stages.models.release_weights import CheckpointError, load_strict, read_state_dict
 from stages.models.rope import (
     Rotation,
-    apply_rope_3d,
-    apply_rope_time,
     grid_positions,
     rope_axis_dim,
     rotate_axis,
@@ -95,11 +93,11 @@ def test_rotate_axis_matches_hand_reference() -> None:
     torch.testing.assert_close(out[0, 0], torch.tensor(expected, dtype=torch.float64))
 
 
-def test_apply_rope_3d_axes_and_untouched_dims() -> None:
+def test_rope_3d_axes_and_untouched_dims() -> None:
     # head_dim 8 -> d = 2: dims 0-1 time, 2-3 row, 4-5 column, 6-7 untouched; omega = 1.
     x = torch.arange(1.0, 9.0, dtype=torch.float64).reshape(1, 1, 1, 8)
     t, r, c = (torch.tensor([v], dtype=torch.float64) for v in (0.5, 1.0, 2.5))
-    out = apply_rope_3d(x, t, r, c)[0, 0, 0]
+    out = Rotation([t, r, c])(x)[0, 0, 0]
     for start, angle in ((0, 0.5), (2, 1.0), (4, 2.5)):
         a, b = x[0, 0, 0, start].item(), x[0, 0, 0, start + 1].item()
         assert out[start].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle))
@@ -107,19 +105,19 @@ def test_apply_rope_3d_axes_and_untouched_dims() -> None:
     assert torch.equal(out[6:], x[0, 0, 0, 6:])
 
 
-def test_apply_rope_time_only_rotates_time_dims() -> None:
+def test_rope_time_only_rotates_time_dims() -> None:
     x = torch.randn(2, 3, 5, 64)
     t = torch.arange(5)
-    out = apply_rope_time(x, t)
+    out = Rotation([t])(x)
     zero = torch.zeros(5, dtype=torch.long)
-    torch.testing.assert_close(out, apply_rope_3d(x, t, zero, zero))
+    torch.testing.assert_close(out, Rotation([t, zero, zero])(x))
     assert torch.equal(out[..., 20:], x[..., 20:])
 
 
 def test_rope_keeps_dtype_and_zero_position_is_identity() -> None:
     x = torch.randn(1, 2, 4, 64, dtype=torch.bfloat16)
     zero = torch.zeros(4)
-    out = apply_rope_3d(x, zero, zero, zero)
+    out = Rotation([zero, zero, zero])(x)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, x)
 
