@@ -9,8 +9,8 @@ read of ViT-g windows from the page cache, `pipeline bench`).
 
 from __future__ import annotations
 
-import crc32c as _crc32c
 import numpy as np
+from fastcrc import crc32 as _crc32
 
 POLY = 0x82F63B78  # crc32c (Castagnoli), reflected
 
@@ -18,15 +18,15 @@ POLY = 0x82F63B78  # crc32c (Castagnoli), reflected
 def crc32c(array: np.ndarray) -> int:
     """crc32c of an array's bytes in memory order (little-endian on every machine we run on).
 
-    The `crc32c` package, not `google_crc32c` (which zarr uses): it releases the GIL for buffers over
-    32 KiB, so loader threads check rows in parallel (measured on 2 cores: 22 -> 49 GB/s with two
-    threads, where google_crc32c stays at 21).
+    `fastcrc` (Rust, carry-less multiply folding; MIT): it releases the GIL, so loader threads check rows
+    in parallel, and it is twice as fast as the `crc32c` package's three-way hardware crc32c instruction
+    (measured on a 720 KiB row in cache: 50-56 vs 24-28 GB/s per core; 103 vs 46 GB/s on 2 threads).
     """
-    return int(_crc32c.crc32c(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
+    return int(_crc32.iscsi(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))
 
 
 def row_crcs(rows: np.ndarray) -> list[int]:
-    """crc32c of each row of [F, ...] (one feature frame per row): ~15-22 GB/s with the hardware instruction."""
+    """crc32c of each row of [F, ...] (one feature frame per row)."""
     return [crc32c(r) for r in rows]
 
 

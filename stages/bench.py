@@ -278,7 +278,8 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"{ld['loader_threads']} threads vs preadv of the same bytes into a batch buffer on as many threads "
              f"{ld['raw_MBps']:.0f} MB/s: loader_vs_raw {ld['loader_vs_raw']:.2f} "
              f"({ld['loader_vs_raw_spread']['min']:.2f}..{ld['loader_vs_raw_spread']['max']:.2f}; target >= 0.8); "
-             f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; reads into a "
+             f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; memcpy out of "
+             f"maps already populated {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}); reads into a "
              f"cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s",
              f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "
              f"saving {be['saving_seconds_per_step']:.3f} s per step: paid back after {be['steps']:.0f} steps"]

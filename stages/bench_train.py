@@ -9,6 +9,7 @@ repeats with their spread (min..max), so a slow moment of the machine shows inst
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -160,12 +161,14 @@ def write_views(store: FeatureStore, feats: torch.Tensor, cache: CacheSection,
 
 
 def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, batch: int = 8,
-                 T: int = 16, rounds: int = 5) -> dict[str, Any]:
+                 T: int = 16, rounds: int = 9) -> dict[str, Any]:
     """The window loader at ViT-g sizes (batches of `batch` x `T` frames of 256 x 1408 bf16, random values,
     in a real store of `frames` rows, after a warm-up to the steady state) against plain reads of exactly
     the same bytes: `preadv` of the windows' rows in their shard files into a batch-sized buffer, on as
     many threads as the loader has (no checks, no batching) -- the least any loader must do to put the
-    bytes in memory. `rounds` interleaved repeats of both, medians. Also reported: the same reads into a
+    bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped once
+    (`raw_mmap`: the least with a map, which the loader uses; it maps each shard once per window).
+    `rounds` interleaved repeats of all three, medians. Also reported: the same reads into a
     small reused buffer (`raw_discard`: the page cache's copy rate into a cache-hot destination, which no
     loader can use), and plain single-thread zarr reads of the same windows."""
     cache = dataclasses.replace(m.cache, compressor="none", dtype="bfloat16")
@@ -176,7 +179,7 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
     ranges = _chunk_ranges(store, windows, T)
     mb = len(windows) * T * FEATURE_BYTES_VITG / 1e6
-    rates: dict[str, list[float]] = {"loader": [], "raw": []}
+    rates: dict[str, list[float]] = {"loader": [], "raw": [], "raw_mmap": []}
     with WindowLoader(CachedSource(store, T, views[0]), index, batch, T, 0, threads=threads,
                       prefetch=prefetch) as loader:
         for _ in range(prefetch + 3):  # warm-up: until its buffers are allocated (the steady state of training)
@@ -188,11 +191,15 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
                 next(loader)
             rates["loader"].append(mb / (time.perf_counter() - t0))
             rates["raw"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads))
+            rates["raw_mmap"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads, mapped=True))
     ratios = [a / b for a, b in zip(rates["loader"], rates["raw"], strict=True)]
+    mapped = [a / b for a, b in zip(rates["loader"], rates["raw_mmap"], strict=True)]
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
     return {"loader_MBps": loader_mbps, "raw_MBps": float(np.median(rates["raw"])),
+            "raw_mmap_MBps": float(np.median(rates["raw_mmap"])),
             "raw_discard_MBps": mb / _discard_reads(ranges), "plain_zarr_MBps": zarr_mbps,
             "loader_vs_raw": float(np.median(ratios)), "loader_vs_raw_spread": spread(ratios),
+            "loader_vs_raw_mmap": float(np.median(mapped)), "loader_vs_raw_mmap_spread": spread(mapped),
             "loader_vs_plain_zarr": loader_mbps / zarr_mbps, "loader_threads": threads, "rounds": rounds,
             "windows": len(windows), "window_MB": T * FEATURE_BYTES_VITG / 1e6}
 
@@ -226,30 +233,43 @@ def _chunk_ranges(store: FeatureStore, windows: list[Any], T: int) -> list[tuple
     return ranges
 
 
-def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: int) -> float:
-    """Seconds to `preadv` the ranges into consecutive places of a batch-sized buffer, on `threads` threads.
+def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: int, mapped: bool = False,
+               buffer: np.ndarray | None = None) -> float:
+    """Seconds to copy the ranges into consecutive places of a batch-sized buffer, on `threads` threads:
+    `preadv`, or (mapped) memcpy out of a read-only map of each file, mapped once for all its ranges.
     The buffer comes from torch's allocator, as the loader's do: shard chunks sit at offsets that are not
     64-byte aligned (4 crc32c bytes follow each), and the copy's speed depends on how source and
-    destination align (up to 1.8x apart on this machine between a numpy and a torch buffer)."""
-    buffer = torch.ones(batch_bytes + max(size for _, _, size in ranges), dtype=torch.uint8).numpy()  # touched
-
-    def read(part: list[tuple[int, tuple[str, int, int]]]) -> None:
-        for at, (path, offset, size) in part:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.preadv(fd, [buffer[at : at + size]], offset)
-            finally:
-                os.close(fd)
-
+    destination align (up to 1.8x apart on this machine between a numpy and a torch buffer). `buffer`: one
+    to read into instead (tests), of at least batch_bytes + the largest range."""
+    if buffer is None:
+        buffer = torch.ones(batch_bytes + max(size for _, _, size in ranges), dtype=torch.uint8).numpy()  # touched
     places, at = [], 0
     for r in ranges:
         at = 0 if at + r[2] > batch_bytes else at
         places.append((at, r))
         at += r[2]
-    with ThreadPoolExecutor(threads) as pool:
-        t0 = time.perf_counter()
-        list(pool.map(read, [places[k::threads] for k in range(threads)]))
-        return time.perf_counter() - t0
+    fds = {path: os.open(path, os.O_RDONLY) for path, _, _ in ranges}
+    maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped else {}
+    sources = {path: np.frombuffer(m, np.uint8) for path, m in maps.items()}
+
+    def read(part: list[tuple[int, tuple[str, int, int]]]) -> None:
+        for at, (path, offset, size) in part:
+            if mapped:
+                np.copyto(buffer[at : at + size], sources[path][offset : offset + size])
+            else:
+                os.preadv(fds[path], [buffer[at : at + size]], offset)
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            t0 = time.perf_counter()
+            list(pool.map(read, [places[k::threads] for k in range(threads)]))
+            return time.perf_counter() - t0
+    finally:
+        sources.clear()  # the maps' only views, before they close
+        for m in maps.values():
+            m.close()
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _discard_reads(ranges: list[tuple[str, int, int]]) -> float:

@@ -191,6 +191,23 @@ def test_a_deleted_shard_never_reads_as_data(tmp_path: Path) -> None:
         FeatureStore(str(tmp_path), {"x": 1}).read_features(rec, 4, 4)
 
 
+@pytest.mark.parametrize("whole_chunks", [False, True])
+def test_a_shard_file_cut_short_is_named(tmp_path: Path, whole_chunks: bool) -> None:
+    """A shard whose index points past its end (a chunk lost, the index kept): rows before the loss still
+    read; a read that reaches it names the file and says it is cut short."""
+    store = FeatureStore(str(tmp_path), {"x": 1}).create()
+    feats = torch.randn(8, 2, 64)  # rows of 256 bytes; chunks of 2 rows (+4 crc bytes); shards of 4 rows
+    write_attempt(store, "p", feats, [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    path = _shard_file(store, rec, "features", 0)
+    raw, chunk = path.read_bytes(), 2 * 256 + 4
+    path.write_bytes(raw[:chunk] + raw[2 * chunk :])  # chunk 0, then the index (which still lists chunk 1)
+    fresh = FeatureStore(str(tmp_path), {"x": 1})
+    assert torch.equal(fresh.read_features(rec, 0, 2, whole_chunks=whole_chunks), feats[:2].to(torch.bfloat16))
+    with pytest.raises(DamagedDataError, match=r"features/c/0/0/0 .*the file is cut short"):
+        fresh.read_features(rec, 1, 2, whole_chunks=whole_chunks)
+
+
 def test_through_zarr_a_deleted_shard_fails_the_row_check() -> None:
     """Where the direct reader does not apply (object stores, compressed arrays), zarr returns the NaN fill
     for a deleted shard: the per-row crc32c of the commit record catches it."""

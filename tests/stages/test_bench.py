@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.manifest import load_manifest
+import numpy as np
+import pytest
+import torch
+
+from pipeline.manifest import CacheSection, load_manifest
+from pipeline.store import FeatureStore
 from stages.bench import run_bench
+from stages.bench_train import _chunk_ranges, _raw_reads, write_views
+from stages.windows import WindowIndex, sample_batch
 
 TRAIN = ["predictor.embed_dim=32", "predictor.depth=1", "predictor.num_heads=1", "train.global_batch_size=2",
          "train.loader_threads=1", "train.device=cpu"]
@@ -32,8 +39,26 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     assert 0.40 < fm["released_16_frames"]["encoder_share"] < 0.41  # ViT-g vs the 24 x 1024 predictor
     assert fm["predicted_speedup_with_decode"] > fm["predicted_speedup_without_decode"] > 1
     ld = f["loader"]
-    assert all(ld[k] > 0 for k in ("loader_MBps", "raw_MBps", "raw_discard_MBps", "plain_zarr_MBps", "loader_vs_raw"))
+    assert all(ld[k] > 0 for k in ("loader_MBps", "raw_MBps", "raw_mmap_MBps", "raw_discard_MBps", "plain_zarr_MBps",
+                                   "loader_vs_raw", "loader_vs_raw_mmap"))
     assert ld["loader_vs_raw_spread"]["min"] <= ld["loader_vs_raw"] <= ld["loader_vs_raw_spread"]["max"]
     assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
     text = report.format()
     assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+def test_the_raw_baseline_reads_exactly_the_bytes_the_loader_delivers(tmp_path: Path, mapped: bool) -> None:
+    """loader_vs_raw compares like with like: the baseline's ranges, copied in order, are the windows' rows
+    as the checked read returns them (edge chunks in part, no crc bytes, across shard boundaries)."""
+    cache = CacheSection(path="unused", dtype="bfloat16", chunk_frames=2, shard_frames=4)
+    store = FeatureStore(str(tmp_path / "store"), {"bench": "raw"}).create()
+    views, _ = write_views(store, torch.randn(24, 3, 8), cache, views=2)
+    index = WindowIndex.from_views(views, split="all", frames_per_clip=5, window_range="full")
+    windows = [w for b in range(3) for w in sample_batch(index, 2, 0, 0, b)]
+    ranges = _chunk_ranges(store, windows, 5)
+    total = sum(size for _, _, size in ranges)
+    buffer = np.zeros(2 * total, np.uint8)
+    _raw_reads(ranges, total, threads=2, mapped=mapped, buffer=buffer)
+    expect = torch.cat([store.read_features(w.view, w.start, 5) for w in windows])  # [windows * 5, 3, 8]
+    assert np.array_equal(buffer[:total], expect.view(torch.uint8).reshape(-1).numpy())
