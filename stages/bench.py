@@ -17,6 +17,7 @@ Measured on the same frames (view 0 of the first episodes of the manifest):
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -103,6 +104,7 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
         checksums = _checksum_cost(m, big, tmp)
         trained = {}
         if repeats:
+            os.sync()  # the store figures' writes go to disk now, not as writeback during the timed steps
             trained = bench_training(e2e_m, repeats, steps, gpu_tflops, echo)
             trained["loader"] = bench_loader(e2e_m, tmp, frames=max(64, vitg_frames))
             trained["break_even"] = _break_even(summary.seconds, summary.frames, trained)

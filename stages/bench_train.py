@@ -174,6 +174,7 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     cache = dataclasses.replace(m.cache, compressor="none", dtype="bfloat16")
     store = FeatureStore(f"{tmp}/loader-store", {"bench": "loader"}).create()
     views, _ = write_views(store, torch.randn(frames, 256, 1408), cache, views=4)
+    os.sync()  # written back now, not while the reads are timed
     threads, prefetch = m.train.loader_threads, m.train.prefetch_batches
     index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")  # short views
     windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
