@@ -177,6 +177,7 @@ def _checksum_cost(m: Manifest, feats: torch.Tensor, tmp: str, repeats: int = 3,
         store = FeatureStore(f"{tmp}/checked-{r}", {"bench": "checked"}).create()
         (view,), seconds = write_views(store, feats, cache)
         times["write"].append(seconds)
+        os.sync()  # as write_views does before its timing
         t0 = time.perf_counter()
         stored = encode_features(feats, cache.dtype)  # [F, tokens, D], as the store's writer converts too
         plain = zarr.open_group(store=f"{tmp}/plain-{r}", mode="w").create_array(

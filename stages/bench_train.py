@@ -147,6 +147,7 @@ def write_views(store: FeatureStore, feats: torch.Tensor, cache: CacheSection,
     """All frames as `views` equal views of one committed attempt (bench stores); the committed records
     and the write seconds."""
     n, attempt = len(feats), new_attempt_id()
+    os.sync()  # timed into the page cache with no writeback of earlier data underway (noisy on a small VM)
     t0 = time.perf_counter()
     writer = store.part_writer("bench", attempt, n, feats.shape[1], feats.shape[2], cache)
     writer.write(0, feats)
