@@ -310,9 +310,9 @@ def train_step(loss_fn: torch.nn.Module, model: ACPredictor, optimizer: torch.op
         weight = (hi - lo) / B  # the mean over the batch, assembled from the micro-batches' means
         last = hi == B
         sync = loss_fn.no_sync() if isinstance(loss_fn, DistributedDataParallel) and not last else nullcontext()
-        with sync, autocast:
-            tf, roll = loss_fn(batch.features[lo:hi].float(), batch.actions[lo:hi], batch.states[lo:hi])
-        with sync:
+        with sync:  # one context, entered once: forward and backward both inside (no all-reduce but the last)
+            with autocast:
+                tf, roll = loss_fn(batch.features[lo:hi].float(), batch.actions[lo:hi], batch.states[lo:hi])
             scaler.scale((tf + roll) * weight).backward()
         tf_sum, roll_sum = tf_sum + tf.detach() * weight, roll_sum + roll.detach() * weight
     scaler.unscale_(optimizer)  # no-op without fp16: the norm is of the true gradients

@@ -118,10 +118,12 @@ def test_store_of_another_fingerprint_is_refused(workdir: Path) -> None:
 
 
 def test_two_process_ddp_stays_in_sync(workdir: Path) -> None:
+    """Two ranks over gloo, each accumulating two micro-batches per step (DDP's no_sync on the first)."""
     run = workdir / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "pipeline.cli", "train", "-m", str(workdir / "manifest.yaml"), "--out", str(run), "--steps", "4"]
+           "-m", "pipeline.cli", "train", "-m", str(workdir / "manifest.yaml"), "--out", str(run), "--steps", "4",
+           "--set", "train.micro_batch_size=2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
