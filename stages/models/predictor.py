@@ -35,7 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stages.models.release_weights import load_strict, read_state_dict
-from stages.models.rope import Rotation, grid_positions
+from stages.models.rope import Rotation, autocast_dtype, grid_positions
 from stages.models.vit import Block, Mask, init_release_weights
 
 
@@ -174,8 +174,11 @@ class ACPredictor(nn.Module):
             cond.append(self.extrinsics_encoder(extrinsics))  # [B, T, P]
         cond_tokens = torch.stack(cond, dim=2)  # [B, T, K, P]
         x = torch.cat((cond_tokens, x), dim=2).flatten(1, 2)  # [B, T*(K+hw), P]
-        rotate = functools.partial(_rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens,  # tables built once
-                                   cond=Rotation([lay.cond_t]), frame=Rotation([lay.frame_t, lay.frame_r, lay.frame_c]))
+        qk, head_dim = autocast_dtype(x), self.cfg.predictor_embed_dim // self.cfg.num_heads  # q and k's
+        rotate = functools.partial(  # tables built once, before the (checkpointed, compiled) blocks use them
+            _rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens,
+            cond=Rotation([lay.cond_t]).build(qk, head_dim, x.device),
+            frame=Rotation([lay.frame_t, lay.frame_r, lay.frame_c]).build(qk, head_dim, x.device))
         for block in self.predictor_blocks:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, rotate, lay.mask, use_reentrant=False)  # [B, T*(K+hw), P]

@@ -94,19 +94,34 @@ def apply_table(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Rotation:
-    """The RoPE of one forward pass: its table is built on first use, for the dtype of what it rotates
-    (q and k under autocast), and reused by every layer after that."""
+    """The RoPE of one forward pass: its table is built once per (dtype, head_dim) of what it rotates (q
+    and k under autocast), and reused by every layer after that.
+
+    `build` makes the table ahead of the layers: under torch.compile, filling the cache inside an
+    activation-checkpointed block (a higher-order op) is a graph break; built before them, each layer
+    only looks it up. A table not built ahead is built on first use.
+    """
 
     def __init__(self, axes: list[Tensor]):
         self.axes = axes  # positions per axis, e.g. [time, row, column], each [N] or broadcastable
         self._tables: dict[tuple[torch.dtype, int], tuple[Tensor, Tensor]] = {}
 
+    def build(self, dtype: torch.dtype, head_dim: int, device: torch.device) -> Rotation:
+        """The table for tensors of `dtype` and `head_dim`, made now (in the caller's autocast state)."""
+        if (dtype, head_dim) not in self._tables:
+            like = torch.empty(0, dtype=dtype, device=device)
+            self._tables[(dtype, head_dim)] = head_table(head_dim, self.axes, like)
+        return self
+
     def __call__(self, x: Tensor) -> Tensor:
         """``x`` [..., N, head_dim] rotated (see `head_table`)."""
-        key = (x.dtype, x.shape[-1])
-        if key not in self._tables:
-            self._tables[key] = head_table(x.shape[-1], self.axes, x)
-        return apply_table(x, *self._tables[key])
+        return apply_table(x, *self.build(x.dtype, x.shape[-1], x.device)._tables[(x.dtype, x.shape[-1])])
+
+
+def autocast_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a Linear applied to ``x`` returns here: autocast's when it is on for x's device."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def grid_positions(

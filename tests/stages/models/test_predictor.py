@@ -365,3 +365,20 @@ def test_flex_attention_loss_and_gradients_on_cuda(golden: dict, golden_loss: di
     for name, g in grads["dense"].items():
         if g is not None:
             torch.testing.assert_close(grads["flex"][name], g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_training_loss_compiles_as_one_graph(checkpointing: bool) -> None:
+    """`train.compile` gets the whole loss (teacher forcing + rollout, every block, RoPE) as one graph, with
+    activation checkpointing too: a graph break there leaves the model's forward uncompiled."""
+    import torch._dynamo as dynamo
+
+    from stages.train import _LossModule
+
+    cfg = PredictorConfig(img_size=32, patch_size=16, embed_dim=32, predictor_embed_dim=48, depth=2, num_heads=2)
+    model = ACPredictor(cfg).train()
+    model.activation_checkpointing = checkpointing
+    z, a, s = torch.randn(2, 4, 4, 32), torch.randn(2, 3, 7), torch.randn(2, 4, 7)  # [B, T, hw, D], actions, states
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = dynamo.explain(_LossModule(model, 2))(z, a, s)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
