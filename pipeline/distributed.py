@@ -55,7 +55,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":  # device_id: NCCL connects now, so a broken fabric fails here, not mid-step
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
         _CPU_GROUP.append(dist.new_group(backend="gloo"))  # small host-side agreements, no GPU sync
     return DistInfo(rank, world, local_rank, dev)
 

@@ -16,6 +16,7 @@ it working where no GPU is.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import socket
@@ -23,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
 from stages.bench import BenchReport, decode_views
 from stages.droid import list_episodes
-from stages.encoder import build_runtime
+from stages.encoder import build_runtime, release_encoders
 from stages.extract import extract
 from stages.fingerprint import predictor_config
 from stages.flops import H100_BF16_TFLOPS, encoder_flops_per_frame, predictor_train_flops_per_clip
@@ -150,17 +152,23 @@ def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None =
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     echo(f"GPU bench on {name}" + (f", budget {budget_seconds:.0f} s" if budget_seconds else ""))
     deadline = Deadline(budget_seconds)
-    runs: dict[str, Callable[[], Any]] = {
-        "extraction": lambda: _extraction(m, device, sizes, peak_tflops, echo, deadline),
-        "predictor": lambda: _predictor(m, device, sizes, peak_tflops, echo, deadline),
-        "loader": lambda: _loader(m, device, sizes, echo),
-        "ddp": lambda: _ddp(m, device, sizes, echo)}
     figures: dict[str, Any] = {"device_name": name, "peak_tflops": peak_tflops,
                                "torch": torch.__version__, "budget_seconds": budget_seconds}
-    for section in SECTIONS:
-        figures[section] = _section(section, runs[section], echo)
+
+    def publish(section: str, value: Any) -> None:
+        """The figures so far, saved (after every section, and after every predictor configuration)."""
+        figures[section] = value
         if save is not None:
             save(figures)
+
+    runs: dict[str, Callable[[], Any]] = {
+        "extraction": lambda: _extraction(m, device, sizes, peak_tflops, echo, deadline),
+        "predictor": lambda: _predictor(m, device, sizes, peak_tflops, echo, deadline,
+                                        lambda rows: publish("predictor", rows)),
+        "loader": lambda: _loader(m, device, sizes, echo),
+        "ddp": lambda: _ddp(m, device, sizes, echo)}
+    for section in SECTIONS:
+        publish(section, _section(section, runs[section], echo))
     return BenchReport(figures, format_gpu)
 
 
@@ -169,10 +177,10 @@ def _section(name: str, run: Callable[[], Any], echo: Echo) -> Any:
     try:
         return run()
     except Exception as err:  # a GPU bench reports what broke and goes on
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
         echo(f"{name}: failed: {type(err).__name__}: {err}")
-        return {"error": f"{type(err).__name__}: {err}"}
+        failed = {"error": f"{type(err).__name__}: {err}"}
+    _free(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # outside `except` (see _try)
+    return failed
 
 
 def _sized(m: Manifest, sizes: GpuBenchSizes, device: torch.device) -> Manifest:
@@ -226,6 +234,8 @@ def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: f
         e2e = dataclasses.replace(sm, cache=dataclasses.replace(sm.cache, path=f"{tmp}/cache"),
                                   extract=dataclasses.replace(sm.extract, scheduler="inline", decode_workers=workers))
         s = extract(e2e, show_progress=False, echo=lambda _: None)
+    release_encoders()  # extract keeps its ViT-g loaded (~4 GiB): not while the predictor is measured
+    _free(device)
     return {**figures, "end_to_end_fps": s.frames_per_second, "frames": s.frames}
 
 
@@ -248,14 +258,18 @@ def _batch(pcfg: PredictorConfig, B: int, T: int, device: torch.device) -> Batch
 
 def _seconds_per_step(sm: Manifest, device: torch.device, B: int, steps: int, ddp: bool = False) -> float:
     """Seconds per training step of the manifest's predictor on a cached-size batch already on the device,
-    over `steps` steps after one warm-up; `ddp` wraps the loss in DistributedDataParallel (one rank)."""
+    over `steps` steps after the warm-up; `ddp` wraps the loss in DistributedDataParallel (one rank).
+
+    Warm-up: one step, three compiled (the first call fills the model's layout cache, which the compiled
+    graph's guards see, so the second compiles again: both before the clock starts)."""
     pcfg = predictor_config(sm)
     model, optimizer, scaler, loss_fn = build_training(sm, pcfg, device)
     if ddp:
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[device.index or 0] if device.type == "cuda" else None)
     autocast, batch = autocast_for(sm, device), _batch(pcfg, B, sm.data.frames_per_clip, device)
-    for k in range(steps + 1):
-        if k == 1:
+    warmup = 3 if sm.train.compile else 1
+    for k in range(steps + warmup):
+        if k == warmup:
             _sync(device)
             t0 = time.perf_counter()
         set_schedule(optimizer, k + 1, sm.train)
@@ -265,20 +279,26 @@ def _seconds_per_step(sm: Manifest, device: torch.device, B: int, steps: int, dd
 
 
 def _step_figures(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) -> dict[str, Any]:
-    """Seconds per step, clips/s, MFU and peak memory of `steps` steps at batch B (after one warm-up)."""
+    """Seconds per step, clips/s, MFU and peak memory of `steps` steps at batch B (after the warm-up).
+
+    MFU counts the model's FLOPs: the attention the block-causal mask lets through ((T+1)/2T of a dense
+    one), whichever kernel computes it (dense-mask SDPA also computes the masked part; it is not credited).
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     secs = _seconds_per_step(sm, device, B, steps)
-    flops = predictor_train_flops_per_clip(predictor_config(sm), sm.data.frames_per_clip, sm.train.auto_steps) * B
+    flops = predictor_train_flops_per_clip(predictor_config(sm), sm.data.frames_per_clip, sm.train.auto_steps,
+                                           causal=True) * B
     peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     return {"step_seconds": secs, "clips_per_s": B / secs, "mfu": flops / secs / (peak * 1e12),
             "peak_GiB": peak_bytes / 2**30, "fits": True}
 
 
 def _predictor(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo,
-               deadline: Deadline) -> list[dict]:
+               deadline: Deadline, progress: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Step figures at batch 8 for each attention x activation checkpointing, eager first; then the largest
-    batch of each eager configuration; then compiled (each step of this order only while time is left)."""
+    batch of each eager configuration; then compiled (each step of this order only while time is left).
+    `progress` gets the rows so far after each one (a run cut short keeps them)."""
     base = _sized(m, sizes, device)
     attentions = ("dense", "flex") if device.type == "cuda" else ("dense",)  # no FlexAttention backward on CPU
     configs = [(a, ckpt) for a in attentions for ckpt in (False, True)]
@@ -294,11 +314,12 @@ def _predictor(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: fl
             base.train, attention=attention, activation_checkpointing=ckpt, compile=comp))
         if largest:
             results.append(_largest_batch(sm, device, sizes, peak, echo, deadline))
-            continue
-        row = {"attention": attention, "activation_checkpointing": ckpt, "compile": comp, "batch": sizes.batch}
-        row.update(_try(sm, device, sizes.batch, sizes.steps, peak))
-        echo(f"predictor {row}")
-        results.append(row)
+        else:
+            row = {"attention": attention, "activation_checkpointing": ckpt, "compile": comp, "batch": sizes.batch}
+            row.update(_try(sm, device, sizes.batch, sizes.steps, peak))
+            echo(f"predictor {row}")
+            results.append(row)
+        progress(results)
     return results
 
 
@@ -307,10 +328,18 @@ def _try(sm: Manifest, device: torch.device, B: int, steps: int, peak: float) ->
     try:
         return _step_figures(sm, device, B, steps, peak)
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"fits": False}
+        failed = {"fits": False}
     except Exception as err:  # e.g. a compile failure: recorded, the next configuration runs
-        return {"fits": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+        failed = {"fits": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    _free(device)  # here, not in `except`: there the traceback still holds the model and its activations
+    return failed
+
+
+def _free(device: torch.device) -> None:
+    """Give the memory of what is gone back to the device (between configurations)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _largest_batch(sm: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: float, echo: Echo,
@@ -352,9 +381,11 @@ def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo)
         first = index.views_of(index.episodes[0])[0]
         threads = max(2, min(8, os.cpu_count() or 1))
         batches = max(4, sizes.steps)
-        with WindowLoader(CachedSource(store, T, first), index, B, T, 0, threads=threads, prefetch=4,
+        prefetch = 4
+        with WindowLoader(CachedSource(store, T, first), index, B, T, 0, threads=threads, prefetch=prefetch,
                           device=device) as loader:
-            next(loader)
+            for _ in range(prefetch + 2):  # every pinned buffer allocated (cudaHostAlloc) before the clock
+                next(loader)
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(batches):
@@ -377,7 +408,8 @@ def _ddp(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    dist.init_process_group(backend, rank=0, world_size=1)
+    dist.init_process_group(backend, rank=0, world_size=1, timeout=timedelta(seconds=120),
+                            device_id=device if device.type == "cuda" else None)
     try:
         times = {wrapped: _seconds_per_step(sm, device, sizes.batch, sizes.steps, ddp=wrapped)
                  for wrapped in (False, True)}

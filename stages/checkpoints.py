@@ -67,8 +67,8 @@ class RankRNG:
 
     def state_dict(self) -> dict[str, Any]:
         mine = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            mine["cuda"] = torch.cuda.get_rng_state_all()
+        if self.info.device.type == "cuda":  # this rank's GPU only: the _all form touches every visible GPU
+            mine["cuda"] = torch.cuda.get_rng_state(self.info.device)
         ranks: list[Any] = [mine]
         if self.info.enabled:
             ranks = [None] * self.info.world_size
@@ -80,8 +80,11 @@ class RankRNG:
         torch.set_rng_state(mine["torch"])
         np.random.set_state(mine["numpy"])
         random.setstate(mine["python"])
-        if "cuda" in mine and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda"])
+        if "cuda" in mine and self.info.device.type == "cuda":
+            if isinstance(mine["cuda"], list):  # checkpoints before this version: every GPU's state
+                torch.cuda.set_rng_state(mine["cuda"][self.info.device.index or 0], self.info.device)
+            else:
+                torch.cuda.set_rng_state(mine["cuda"], self.info.device)
 
 
 def checkpoint_payload(states: dict[str, Stateful], step: int, extra: dict[str, Any]) -> dict[str, Any]:

@@ -86,6 +86,11 @@ def load_encoder(m: Manifest, key: str) -> LoadedEncoder:
     return _LOADED[key]
 
 
+def release_encoders() -> None:
+    """Drop the process's loaded encoder (ViT-g holds ~4 GiB of GPU memory while it is kept)."""
+    _LOADED.clear()
+
+
 def _set_threads(m: Manifest) -> None:
     """dask workers start with OMP_NUM_THREADS=1; on a CPU encoder give each worker its share of cores."""
     if m.extract.threads > 0:

@@ -6,7 +6,8 @@ Counted are the matrix multiplies (2 FLOPs per multiply-add), which are nearly a
   patch embedding + per block qkv, attention scores and values (N^2), projection, MLP;
 - predictor forward per clip: the teacher-forcing pass over T-1 steps plus the rollout's extra passes
   (step n of `auto_steps` re-runs the predictor on n+1 steps), each step being the frame's tokens plus
-  the action and state tokens; attention counted dense (N^2), as the release's SDPA computes it;
+  the action and state tokens; attention counted dense (N^2), as the release's SDPA computes it (for MFU,
+  `causal` counts only what the block-causal mask lets through, (T+1)/2T of it: the model's FLOPs);
 - training = 3x forward (the backward pass costs about twice the forward).
 
 An online step costs T encoder forwards plus the predictor's training; a cached step the predictor's
@@ -26,10 +27,11 @@ RELEASED_ENCODER = ViTConfig()  # ViT-g/16 at 256 px
 RELEASED_PREDICTOR = PredictorConfig()  # 24 x 1024 on ViT-g features
 
 
-def _block(tokens: int, dim: int, hidden: int) -> float:
-    """Forward FLOPs of one pre-norm transformer block over `tokens` tokens."""
+def _block(tokens: int, dim: int, hidden: int, attended: float = 1.0) -> float:
+    """Forward FLOPs of one pre-norm transformer block over `tokens` tokens (`attended`: the fraction of
+    query-key pairs a mask lets through)."""
     linear = 2 * tokens * dim * (3 * dim + dim + 2 * hidden)  # qkv, proj, fc1 + fc2
-    attention = 2 * 2 * tokens * tokens * dim  # scores and weighted values over all heads
+    attention = 2 * 2 * tokens * tokens * dim * attended  # scores and weighted values over all heads
     return float(linear + attention)
 
 
@@ -40,18 +42,21 @@ def encoder_flops_per_frame(cfg: ViTConfig) -> float:
     return patch + cfg.depth * _block(tokens, cfg.embed_dim, cfg.mlp_hidden_dim)
 
 
-def predictor_forward_flops(cfg: PredictorConfig, steps: int) -> float:
-    """The predictor over `steps` time steps (frames + action + state tokens each), forward."""
+def predictor_forward_flops(cfg: PredictorConfig, steps: int, causal: bool = False) -> float:
+    """The predictor over `steps` time steps (frames + action + state tokens each), forward; attention
+    dense, or (causal) only the pairs the block-causal mask allows: step t sees steps 0..t."""
     hw, P = cfg.tokens_per_frame, cfg.predictor_embed_dim
     tokens = steps * (hw + cfg.cond_tokens)
     io = 2 * steps * hw * cfg.embed_dim * P * 2  # predictor_embed in, predictor_proj out
-    return io + cfg.depth * _block(tokens, P, cfg.mlp_hidden_dim)
+    attended = (steps + 1) / (2 * steps) if causal else 1.0
+    return io + cfg.depth * _block(tokens, P, cfg.mlp_hidden_dim, attended)
 
 
-def predictor_train_flops_per_clip(cfg: PredictorConfig, frames: int, auto_steps: int = 2) -> float:
+def predictor_train_flops_per_clip(cfg: PredictorConfig, frames: int, auto_steps: int = 2,
+                                   causal: bool = False) -> float:
     """Teacher forcing over frames-1 steps plus the rollout's passes, forward and backward."""
-    forward = predictor_forward_flops(cfg, frames - 1)
-    forward += sum(predictor_forward_flops(cfg, n + 1) for n in range(1, auto_steps))
+    forward = predictor_forward_flops(cfg, frames - 1, causal)
+    forward += sum(predictor_forward_flops(cfg, n + 1, causal) for n in range(1, auto_steps))
     return TRAIN_FACTOR * forward
 
 

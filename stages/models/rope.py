@@ -9,7 +9,9 @@ trained with one particular, slightly unusual RoPE, so both models must share ex
   and column, in that order from the start of the head; the last ``head_dim - 3d`` dims are left
   alone (``rope_axis_dim``);
 - per axis, ``omega_i = 1 / 10000 ** (i / (d/2))`` is computed in the dtype of the rotated tensor
-  (bf16 under autocast, like the release), ``f = pos * omega``;
+  (bf16 under autocast, like the release), ``f = pos * omega``; as in the release, the power runs under
+  the caller's autocast, and CUDA's autocast computes ``pow`` in float32 where the CPU's keeps bf16, so
+  the tables are float32 on a GPU and bf16 on the CPU under bf16 autocast (the release does the same);
 - ``cos``/``sin`` of ``f`` are laid out ``[f, f]`` (half repeated, NOT interleaved: a quirk of the
   release that the checkpoints depend on), while the partner vector pairs neighbours:
   ``y[2j] = -x[2j+1]``, ``y[2j+1] = x[2j]``; the result is ``x * cos + y * sin``.

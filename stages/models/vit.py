@@ -97,11 +97,24 @@ Mask = Tensor | BlockMask  # a dense boolean [N, N] mask (True = may attend) or 
 _FLEX: dict[str, Callable[..., Tensor]] = {}  # device type -> flex_attention (compiled on CUDA, once)
 
 
+FLEX_SHAPES = 64  # compiled FlexAttention variants kept per process (one per batch, length, grad or not)
+
+
 def flex(device: torch.device) -> Callable[..., Tensor]:
     """FlexAttention for a device: compiled on CUDA (the fused kernel: no [N, N] scores or mask in memory);
-    the eager reference elsewhere (forward only on the CPU: torch has no CPU backward for it)."""
+    the eager reference elsewhere (forward only on the CPU: torch has no CPU backward for it).
+
+    Each shape compiles its own kernel (dynamic=False). Dynamo's default of 8 variants per function is
+    too few (evaluation's horizons and last batch, training, rollout lengths, a batch-size search): past
+    it, flex_attention silently falls back to the unfused form, which materialises [B, H, N, N] scores
+    (~1 GB per clip and layer at the released size). So the limit is raised, process-wide, to FLEX_SHAPES.
+    """
     if device.type not in _FLEX:
-        _FLEX[device.type] = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+        if device.type == "cuda":
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_SHAPES)
+            _FLEX[device.type] = torch.compile(flex_attention, dynamic=False)
+        else:
+            _FLEX[device.type] = flex_attention
     return _FLEX[device.type]
 
 

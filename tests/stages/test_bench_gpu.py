@@ -15,11 +15,14 @@ from stages.bench_gpu import GpuBenchSizes, run_gpu_bench
 
 def test_gpu_bench_code_runs_at_tiny_sizes_on_the_cpu(workdir: Path) -> None:
     m = load_manifest(workdir / "manifest.yaml", None, ["train.loader_threads=1"])
-    saved: list[list[str]] = []
+    saved: list[tuple[str, int]] = []  # the last section saved, and the predictor rows it had then
     report = run_gpu_bench(m, echo=lambda _: None, device=torch.device("cpu"), sizes=GpuBenchSizes.tiny(),
-                           save=lambda figures: saved.append(list(figures)))
+                           save=lambda figures: saved.append((list(figures)[-1], len(figures.get("predictor", [])))))
     f = report.to_dict()
-    assert [keys[-1] for keys in saved] == ["extraction", "predictor", "loader", "ddp"]  # saved after each section
+    sections = [name for k, (name, _) in enumerate(saved) if k == 0 or saved[k - 1][0] != name]
+    assert sections == ["extraction", "predictor", "loader", "ddp"]  # saved after each section ...
+    rows = [n for name, n in saved if name == "predictor"]
+    assert rows[:-1] == list(range(1, len(f["predictor"]) + 1))  # ... and after every predictor configuration
     e = f["extraction"]
     assert e["encoder_fps"] > 0 and e["decoder_fps"] > 0 and e["end_to_end_fps"] > 0 and e["decode_workers"] >= 1
     steps = [c for c in f["predictor"] if "largest" not in c]
