@@ -8,6 +8,10 @@ single pass that gives each row's (which the caller compares with the commit rec
 while reading, so several loader threads really read in parallel. Anything else -- a compressed array, an
 object store, another layout -- goes through zarr (`ShardedRowReader.for_array` returns None).
 
+Why `preadv` and not a memory map (measured, README "Performance"): a fresh map per read pays its page
+faults, which cost what memcpy saves over the kernel's copy, and a disk error under a map is SIGBUS,
+which ends the process, where `preadv` raises an error that names the file and lets the run go on.
+
 Damage is never read as data: a chunk the index marks missing, a file that is gone or short, an index or
 a chunk whose crc32c does not match -- each raises `DamagedDataError` naming the shard file.
 """

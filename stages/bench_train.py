@@ -167,8 +167,8 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     in a real store of `frames` rows, after a warm-up to the steady state) against plain reads of exactly
     the same bytes: `preadv` of the windows' rows in their shard files into a batch-sized buffer, on as
     many threads as the loader has (no checks, no batching) -- the least any loader must do to put the
-    bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped once
-    (`raw_mmap`: the least with a map, which the loader uses; it maps each shard once per window).
+    bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped and
+    populated once (`raw_mmap`: the least with a map; the loader does not map, see `shard_reader`).
     `rounds` interleaved repeats of all three, medians. Also reported: the same reads into a
     small reused buffer (`raw_discard`: the page cache's copy rate into a cache-hot destination, which no
     loader can use), and plain single-thread zarr reads of the same windows."""
@@ -245,11 +245,7 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
     to read into instead (tests), of at least batch_bytes + the largest range."""
     if buffer is None:
         buffer = torch.ones(batch_bytes + max(size for _, _, size in ranges), dtype=torch.uint8).numpy()  # touched
-    places, at = [], 0
-    for r in ranges:
-        at = 0 if at + r[2] > batch_bytes else at
-        places.append((at, r))
-        at += r[2]
+    places = _places(ranges, batch_bytes)
     fds = {path: os.open(path, os.O_RDONLY) for path, _, _ in ranges}
     maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped else {}
     sources = {path: np.frombuffer(m, np.uint8) for path, m in maps.items()}
@@ -272,6 +268,16 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
             m.close()
         for fd in fds.values():
             os.close(fd)
+
+
+def _places(ranges: list[tuple[str, int, int]], batch_bytes: int) -> list[tuple[int, tuple[str, int, int]]]:
+    """Where each range goes in the buffer: one after another, back to the start when a batch is full."""
+    places, at = [], 0
+    for r in ranges:
+        at = 0 if at + r[2] > batch_bytes else at
+        places.append((at, r))
+        at += r[2]
+    return places
 
 
 def _discard_reads(ranges: list[tuple[str, int, int]]) -> float:
