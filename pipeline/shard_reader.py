@@ -18,8 +18,10 @@ a chunk whose crc32c does not match -- each raises `DamagedDataError` naming the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import zarr
@@ -51,21 +53,25 @@ class ShardedRowReader(ShardLayout):
         if flat.nbytes != (b - a) * self.row_bytes:
             raise ValueError(f"buffer of {flat.nbytes} bytes for rows {a}..{b} of {self.row_bytes} bytes")
         crcs = np.empty(b - a, np.uint32)
-        for c in range(a // self.chunk_rows, (b - 1) // self.chunk_rows + 1):
-            first = c * self.chunk_rows
-            lo, hi = max(a, first), min(b, first + self.chunk_rows)
-            rows = flat[(lo - a) * self.row_bytes : (hi - a) * self.row_bytes]
-            if whole_chunks and hi - lo < self.chunk_rows:  # read and check it all, keep the window's rows
-                chunk = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
-                chunk_crcs = self._read_rows(c, 0, self.chunk_rows, chunk)
-                rows[:] = chunk[(lo - first) * self.row_bytes : (hi - first) * self.row_bytes]
-                crcs[lo - a : hi - a] = chunk_crcs[lo - first : hi - first]
-            else:
-                crcs[lo - a : hi - a] = self._read_rows(c, lo - first, hi - first, rows)
+        rb, c0, c1 = self.row_bytes, a // self.chunk_rows, (b - 1) // self.chunk_rows
+        for shard in range(c0 // self.per_shard, c1 // self.per_shard + 1):
+            with _opened(self.shard_file(shard)) as fd:  # once per shard and call, not per chunk
+                for c in range(max(c0, shard * self.per_shard), min(c1 + 1, (shard + 1) * self.per_shard)):
+                    first = c * self.chunk_rows
+                    lo, hi = max(a, first), min(b, first + self.chunk_rows)
+                    rows = flat[(lo - a) * rb : (hi - a) * rb]
+                    if whole_chunks and hi - lo < self.chunk_rows:  # read and check it all, keep the window's
+                        chunk = np.empty(self.chunk_rows * rb, np.uint8)
+                        chunk_crcs = self._read_rows(fd, c, 0, self.chunk_rows, chunk)
+                        rows[:] = chunk[(lo - first) * rb : (hi - first) * rb]
+                        crcs[lo - a : hi - a] = chunk_crcs[lo - first : hi - first]
+                    else:
+                        crcs[lo - a : hi - a] = self._read_rows(fd, c, lo - first, hi - first, rows)
         return crcs
 
-    def _read_rows(self, c: int, lo: int, hi: int, target: np.ndarray) -> list[int]:
-        """Rows lo..hi-1 of inner chunk c into `target`; their crc32c (and the chunk's checked, if whole)."""
+    def _read_rows(self, fd: int, c: int, lo: int, hi: int, target: np.ndarray) -> list[int]:
+        """Rows lo..hi-1 of inner chunk c (its shard file open as `fd`) into `target`; their crc32c (and the
+        chunk's checked, if whole)."""
         path, offset, nbytes = self.chunk_location(c)
         j = c % self.per_shard
         if nbytes != self.chunk_rows * self.row_bytes + 4:
@@ -73,7 +79,7 @@ class ShardedRowReader(ShardLayout):
                                          f"{self.chunk_rows * self.row_bytes + 4}")
         whole = (lo, hi) == (0, self.chunk_rows)
         crc = np.empty(4 if whole else 0, np.uint8)
-        self._pread(path, [target, crc], offset + lo * self.row_bytes, target.nbytes + crc.nbytes)
+        _pread(fd, path, [target, crc], offset + lo * self.row_bytes, target.nbytes + crc.nbytes)
         rows = [crc32c(target[r * self.row_bytes : (r + 1) * self.row_bytes]) for r in range(hi - lo)]
         if whole and self._concat.fold(rows) != int(crc.view("<u4")[0]):
             raise DamagedDataError(path, f"inner chunk {j} does not match its crc32c")
@@ -97,29 +103,29 @@ class ShardedRowReader(ShardLayout):
     def _read_index(self, path: str) -> np.ndarray:
         size = 16 * self.per_shard + 4
         raw = np.empty(size, np.uint8)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise DamagedDataError(path, "shard file is missing") from None
-        try:
+        with _opened(path) as fd:
             end = os.fstat(fd).st_size
             if end < size or os.preadv(fd, [raw], end - size) != size:
                 raise DamagedDataError(path, f"shard file of {end} bytes is too short for its index")
-        finally:
-            os.close(fd)
         if crc32c(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
             raise DamagedDataError(path, "shard index does not match its crc32c")
         return raw[:-4].view("<u8").reshape(self.per_shard, 2)
 
-    @staticmethod
-    def _pread(path: str, buffers: list[np.ndarray], offset: int, nbytes: int) -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise DamagedDataError(path, "shard file is missing") from None
-        try:
-            got = os.preadv(fd, buffers, offset)
-        finally:
-            os.close(fd)
-        if got != nbytes:
-            raise DamagedDataError(path, f"read {got} of {nbytes} bytes at offset {offset}: the file is cut short")
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[int]:
+    """A shard file open for reading; a missing one is damage, named."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise DamagedDataError(path, "shard file is missing") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, path: str, buffers: list[np.ndarray], offset: int, nbytes: int) -> None:
+    got = os.preadv(fd, buffers, offset)
+    if got != nbytes:
+        raise DamagedDataError(path, f"read {got} of {nbytes} bytes at offset {offset}: the file is cut short")
