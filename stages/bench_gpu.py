@@ -28,16 +28,15 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
-from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
 from pipeline.store import FeatureStore
 from stages.bench import BenchReport, decode_views
+from stages.bench_train import write_views
 from stages.droid import list_episodes
 from stages.encoder import build_runtime, release_encoders
 from stages.extract import extract
@@ -369,15 +368,8 @@ def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo)
     T, B, n = sizes.frames, sizes.batch, sizes.loader_frames
     with tempfile.TemporaryDirectory() as tmp:
         store = FeatureStore(tmp, {"bench": "loader"}).create()
-        attempt = new_attempt_id()
-        writer = store.part_writer("bench", attempt, n, pcfg.tokens_per_frame, pcfg.embed_dim, sm.cache)
-        writer.write(0, torch.randn(n, pcfg.tokens_per_frame, pcfg.embed_dim))
-        writer.finish(np.zeros((n, 7)), np.zeros((n, 7)), np.arange(n))
-        per = n // 4
-        views = [ViewRecord(f"v{k}", f"e{k}", "e", sm.data.cameras[0], "s", 0, 1, 15.0, [1, 1], [0, 0, 1, 1], {},
-                            "bench", attempt, k * per, per, writer.digests(k * per, per)) for k in range(4)]
-        store.commit(CommitRecord(f"bench.{attempt}", "bench", attempt, n, time.time(), views))
-        index = WindowIndex(store, split="all", frames_per_clip=T, window_range="full")
+        views, _ = write_views(store, torch.randn(n, pcfg.tokens_per_frame, pcfg.embed_dim), sm.cache, views=4)
+        index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")
         first = index.views_of(index.episodes[0])[0]
         threads = max(2, min(8, os.cpu_count() or 1))
         batches = max(4, sizes.steps)
