@@ -31,6 +31,7 @@ class ShardLayout:
         self.shard_rows, self.chunk_rows = int(arr.shards[0]), int(arr.chunks[0])
         self.per_shard = self.shard_rows // self.chunk_rows
         self.row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+        self._files: dict[int, str] = {}  # shard -> its file (looked up for every chunk read)
 
     @classmethod
     def for_array(cls, folder: str, arr: zarr.Array) -> Self | None:
@@ -45,5 +46,8 @@ class ShardLayout:
         return cls(folder, arr)
 
     def shard_file(self, shard: int) -> str:
-        return os.path.join(self.folder, *self.metadata.encode_chunk_key((shard, *[0] * (self.metadata.ndim - 1)))
-                            .split("/"))
+        path = self._files.get(shard)
+        if path is None:
+            key = self.metadata.encode_chunk_key((shard, *[0] * (self.metadata.ndim - 1)))
+            path = self._files[shard] = os.path.join(self.folder, *key.split("/"))
+        return path
