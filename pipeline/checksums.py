@@ -1,10 +1,10 @@
 """crc32c of arrays, and the crc32c of a concatenation from the crc32c of its parts.
 
 Every cached feature row has a crc32c in its commit record, and every inner chunk of a shard (a few
-rows) has one inside the shard. Both cover the same bytes, so the loader reads each byte through the
-hardware crc32c once, per row, and derives the chunk's crc32c from its rows' with `Concat` (a linear map,
-no second pass): a window is checked against both at the cost of one pass (about a third of a checked
-read of ViT-g windows from the page cache, `pipeline bench`).
+rows) has one inside the shard. Both cover the same bytes, so the loader reads each byte through
+crc32c once, per row, and derives the chunk's crc32c from its rows' with `Concat` (a linear map, no
+second pass): a window is checked against both at the cost of one pass (19-23% of a checked read of
+ViT-g windows from the page cache, `pipeline bench`).
 """
 
 from __future__ import annotations
