@@ -192,6 +192,7 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
             for _ in range(batches):
                 next(loader)
             rates["loader"].append(mb / (time.perf_counter() - t0))
+            loader.settle()  # its prefetched reads (2 batches) finish now, not during the plain reads' clock
             rates["raw"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads))
             rates["raw_mmap"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads, mapped=True))
     ratios = [a / b for a, b in zip(rates["loader"], rates["raw"], strict=True)]
