@@ -11,7 +11,7 @@ import torch
 from pipeline.manifest import CacheSection, load_manifest
 from pipeline.store import FeatureStore
 from stages.bench import run_bench
-from stages.bench_train import _chunk_ranges, _raw_reads, write_views
+from stages.bench_train import PAIRS, _chunk_ranges, _raw_reads, write_views
 from stages.windows import WindowIndex, sample_batch
 
 TRAIN = ["predictor.embed_dim=32", "predictor.depth=1", "predictor.num_heads=1", "train.global_batch_size=2",
@@ -35,6 +35,9 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
         assert 0 < c["min"] <= c["median"] <= c["max"], kind
     assert f["speedup_cached_vs_online"] > 0 and f["step_vs_predictor_only"] > 0 and f["speedup_vs_model"] > 0
     assert 0 <= f["data_wait_fraction"]["median"] <= 1
+    sp = f["step_vs_predictor_only_spread"]  # one sample per adjacent pair: PAIRS per round
+    assert f["step_pairs"] == 2 * PAIRS
+    assert sp["min"] <= f["step_vs_predictor_only"] <= sp["max"]
     fm = f["flop_model"]
     assert 0.40 < fm["released_16_frames"]["encoder_share"] < 0.41  # ViT-g vs the 24 x 1024 predictor
     assert fm["predicted_speedup_with_decode"] > fm["predicted_speedup_without_decode"] > 1
