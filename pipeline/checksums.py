@@ -2,9 +2,10 @@
 
 Every cached feature row has a crc32c in its commit record, and every inner chunk of a shard (a few
 rows) has one inside the shard. Both cover the same bytes, so the loader reads each byte through
-crc32c once, per row, and derives the chunk's crc32c from its rows' with `Concat` (a linear map, no
-second pass): a window is checked against both at the cost of one pass (19-23% of a checked read of
-ViT-g windows from the page cache, `pipeline bench`).
+crc32c once, a chunk's rows in one call, and compares the result with the chunk's crc32c and with the
+one its rows' recorded crc32c give together (`Concat`: a linear map, no second pass): a window is
+checked against both at the cost of one pass (~20% of a checked read of ViT-g windows from the page
+cache, `pipeline bench`).
 """
 
 from __future__ import annotations

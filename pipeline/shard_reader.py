@@ -3,8 +3,8 @@
 zarr-python funnels every read through one asyncio thread and copies each chunk twice; for the layout
 this project writes (`shard_layout`) the bytes of a window are plain ranges of a few files. This reader
 reads each shard's index once (and checks its crc32c), then `preadv`s each inner chunk straight into the
-caller's buffer together with its 4 checksum bytes, and checks the crc32c of every chunk in the same
-single pass that gives each row's (which the caller compares with the commit record). It releases the GIL
+caller's buffer together with its 4 checksum bytes, and checks it in one crc32c pass against both the
+chunk's crc32c and the commit record's crc32c of its rows (combined with `Concat`). It releases the GIL
 while reading, so several loader threads really read in parallel. Anything else -- a compressed array, an
 object store, another layout -- goes through zarr (`ShardedRowReader.for_array` returns None).
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -40,19 +40,22 @@ class ShardedRowReader(ShardLayout):
         self._index: dict[int, np.ndarray] = {}  # shard -> [per_shard, 2] (offset, nbytes); immutable files
         self._lock = threading.Lock()
 
-    def read(self, a: int, b: int, out: np.ndarray, whole_chunks: bool = False) -> np.ndarray:
-        """Rows a..b-1 into `out` (a C-contiguous array of exactly (b - a) rows' bytes); the crc32c of each
-        row read, [b - a] uint32, which the caller must compare with the commit record's.
+    def read(self, a: int, b: int, out: np.ndarray, want: Sequence[int], whole_chunks: bool = False) -> int | None:
+        """Rows a..b-1 into `out` (a C-contiguous array of exactly (b - a) rows' bytes), checked against `want`,
+        each row's crc32c from the commit record: None when every row matches, else the first row (counted
+        from a) that does not, for the caller to name.
 
-        Each row goes through crc32c once, right after it is read. A whole chunk is also checked against
-        its crc32c in the shard, which follows from its rows' (`Concat`: no second pass). Of a chunk at a
-        window edge only the window's rows are read (they are checked by their row digests), unless
-        `whole_chunks` (verify: every chunk a view touches is checked, as a plain zarr reader would read it).
+        The rows read from one chunk go through crc32c once, in one call: the result must equal what their
+        recorded crc32c give together (`Concat`), and a whole chunk's must also equal the crc32c stored after
+        it in the shard. One call per chunk rather than per row: each call hands the GIL over and back while
+        the other reader threads wait for it. Of a chunk at a window edge only the window's rows are read,
+        unless `whole_chunks` (verify: every chunk a view touches is checked, as a plain zarr reader would
+        read it).
         """
         flat = out.reshape(-1).view(np.uint8)  # [(b - a) * row_bytes]
-        if flat.nbytes != (b - a) * self.row_bytes:
-            raise ValueError(f"buffer of {flat.nbytes} bytes for rows {a}..{b} of {self.row_bytes} bytes")
-        crcs = np.empty(b - a, np.uint32)
+        if flat.nbytes != (b - a) * self.row_bytes or len(want) != b - a:
+            raise ValueError(f"buffer of {flat.nbytes} bytes and {len(want)} crc32c for rows {a}..{b} of "
+                             f"{self.row_bytes} bytes")
         rb, c0, c1 = self.row_bytes, a // self.chunk_rows, (b - 1) // self.chunk_rows
         for shard in range(c0 // self.per_shard, c1 // self.per_shard + 1):
             with _opened(self.shard_file(shard)) as fd:  # once per shard and call, not per chunk
@@ -62,16 +65,19 @@ class ShardedRowReader(ShardLayout):
                     rows = flat[(lo - a) * rb : (hi - a) * rb]
                     if whole_chunks and hi - lo < self.chunk_rows:  # read and check it all, keep the window's
                         chunk = np.empty(self.chunk_rows * rb, np.uint8)
-                        chunk_crcs = self._read_rows(fd, c, 0, self.chunk_rows, chunk)
+                        self._read_checked(fd, c, 0, self.chunk_rows, chunk)
                         rows[:] = chunk[(lo - first) * rb : (hi - first) * rb]
-                        crcs[lo - a : hi - a] = chunk_crcs[lo - first : hi - first]
+                        got = crc32c(rows)
                     else:
-                        crcs[lo - a : hi - a] = self._read_rows(fd, c, lo - first, hi - first, rows)
-        return crcs
+                        got = self._read_checked(fd, c, lo - first, hi - first, rows)
+                    recorded = want[lo - a : hi - a]
+                    if got != self._concat.fold(recorded):
+                        return lo - a + self._first_mismatch(rows, recorded)
+        return None
 
-    def _read_rows(self, fd: int, c: int, lo: int, hi: int, target: np.ndarray) -> list[int]:
-        """Rows lo..hi-1 of inner chunk c (its shard file open as `fd`) into `target`; their crc32c (and the
-        chunk's checked, if whole)."""
+    def _read_checked(self, fd: int, c: int, lo: int, hi: int, target: np.ndarray) -> int:
+        """Rows lo..hi-1 of inner chunk c (its shard file open as `fd`) into `target`; their crc32c (a whole
+        chunk's checked against the shard's)."""
         path, offset, nbytes = self.chunk_location(c)
         j = c % self.per_shard
         if nbytes != self.chunk_rows * self.row_bytes + 4:
@@ -80,10 +86,15 @@ class ShardedRowReader(ShardLayout):
         whole = (lo, hi) == (0, self.chunk_rows)
         crc = np.empty(4 if whole else 0, np.uint8)
         _pread(fd, path, [target, crc], offset + lo * self.row_bytes, target.nbytes + crc.nbytes)
-        rows = [crc32c(target[r * self.row_bytes : (r + 1) * self.row_bytes]) for r in range(hi - lo)]
-        if whole and self._concat.fold(rows) != int(crc.view("<u4")[0]):
+        got = crc32c(target)
+        if whole and got != int(crc.view("<u4")[0]):
             raise DamagedDataError(path, f"inner chunk {j} does not match its crc32c")
-        return rows
+        return got
+
+    def _first_mismatch(self, rows: np.ndarray, recorded: Sequence[int]) -> int:
+        """The first of `rows` (bytes) whose crc32c is not its recorded one (their crc32c together differ)."""
+        rb = self.row_bytes
+        return next(k for k, want in enumerate(recorded) if crc32c(rows[k * rb : (k + 1) * rb]) != want)
 
     def chunk_location(self, c: int) -> tuple[str, int, int]:
         """(shard file, offset, bytes) of inner chunk c, from its shard's index (read once, checked)."""

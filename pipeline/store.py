@@ -265,21 +265,21 @@ class FeatureStore:
         bits = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out  # bf16 is stored as its bits
         target = bits.numpy()
         fast = self._fast_reader(view, arr)
+        want = view.digests["features"][start : start + length]
         try:
             if fast is not None:  # local, uncompressed: straight from the shard files (GIL released)
-                got = fast.read(rows.start, rows.stop, target, whole_chunks).tolist()  # rows' crc32c, same pass
+                bad = fast.read(rows.start, rows.stop, target, want, whole_chunks)  # checked in the same pass
             else:
                 arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target))
-                got = row_crcs(target)
+                bad = next((i for i, (got, w) in enumerate(zip(row_crcs(target), want, strict=True)) if got != w),
+                           None)
         except DamagedDataError as err:
             raise DamagedDataError(f"{err.where} {context(view)}", err.what) from err
         except Exception as err:  # a checksum, an index or a file that is not what was written
             raise DamagedDataError(self.where(view, "features", rows), _short(err)) from err
-        want = view.digests["features"][start : start + length]
-        for i in range(length):
-            if got[i] != want[i]:
-                raise DamagedDataError(self.where(view, "features", slice(rows.start + i, rows.start + i + 1)),
-                                       f"row {start + i} of the view is not what was committed (crc32c)")
+        if bad is not None:
+            raise DamagedDataError(self.where(view, "features", slice(rows.start + bad, rows.start + bad + 1)),
+                                   f"row {start + bad} of the view is not what was committed (crc32c)")
         return out
 
     def _fast_reader(self, view: ViewRecord, arr: zarr.Array) -> ShardedRowReader | None:

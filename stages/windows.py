@@ -447,8 +447,10 @@ class _Buffers:
                    alloc((B, T, STATE_DIM), torch.float32), pixels)
 
     def put_rows(self, i: int, actions: np.ndarray, states: np.ndarray) -> None:
-        self.actions[i].copy_(torch.from_numpy(actions))
-        self.states[i].copy_(torch.from_numpy(states))
+        """Row i's actions and states (a reader thread): numpy assignments, ~10x cheaper than torch's
+        `copy_` dispatch, and this runs holding the GIL that the other reader threads wait for."""
+        self.actions.numpy()[i] = actions
+        self.states.numpy()[i] = states
 
     def narrow(self, n: int) -> _Buffers:
         """The first n rows (evaluation batches that left damaged windows out)."""

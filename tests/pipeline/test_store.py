@@ -208,6 +208,29 @@ def test_a_shard_file_cut_short_is_named(tmp_path: Path, whole_chunks: bool) -> 
         fresh.read_features(rec, 1, 2, whole_chunks=whole_chunks)
 
 
+@pytest.mark.parametrize("whole_chunks", [False, True])
+@pytest.mark.parametrize("local", [True, False])
+def test_a_row_that_is_not_what_was_committed_is_named(tmp_path: Path, local: bool, whole_chunks: bool) -> None:
+    """Bytes that are sound in their shard (every chunk matches its crc32c) but are not what the commit record
+    says: the read names the first such row, on the direct path (one crc32c per chunk, then row by row to
+    find it) and through zarr; windows without it read exactly."""
+    url = str(tmp_path) if local else f"memory://bucket/record-{whole_chunks}"
+    store = FeatureStore(url, {"x": 1}).create()
+    feats = torch.randn(8, 2, 4)  # chunks of 2 rows, shards of 4
+    write_attempt(store, "p", feats, [view("v", 0, 8)])
+    rec = store.committed_views()["v"]
+    for bad in (0, 3, 6):
+        rec.digests["features"][bad] ^= 1  # a record of other bytes
+        fresh = FeatureStore(url, {"x": 1})
+        for a, n in ((0, 8), (bad, 1), (max(bad - 1, 0), 3)):
+            with pytest.raises(DamagedDataError, match=rf"features/.*row {bad} of the view is not what was committed"):
+                fresh.read_features(rec, a, n, whole_chunks=whole_chunks)
+        if bad:
+            assert torch.equal(fresh.read_features(rec, 0, bad, whole_chunks=whole_chunks),
+                               feats[:bad].to(torch.bfloat16))
+        rec.digests["features"][bad] ^= 1
+
+
 def test_through_zarr_a_deleted_shard_fails_the_row_check() -> None:
     """Where the direct reader does not apply (object stores, compressed arrays), zarr returns the NaN fill
     for a deleted shard: the per-row crc32c of the commit record catches it."""
