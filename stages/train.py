@@ -146,6 +146,9 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                                    "rng": RankRNG(info)}
     step = _resume(run_dir, m, states, data.fingerprint, info, echo) if resume else 0
     device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # DDP around the (compiled) loss: Dynamo compiles on the first call, inside DDP's forward, where it sees
+    # the active DDP module and splits the graph at DDP's gradient buckets (DDPOptimizer), so all-reduces
+    # still overlap the backward -- as with torch.compile(DDP(model)), the order PyTorch documents.
     ddp = DistributedDataParallel(loss_fn, device_ids=device_ids) if info.enabled else loss_fn
     autocast = autocast_for(m, info.device)
     if info.is_main:

@@ -382,3 +382,42 @@ def test_the_training_loss_compiles_as_one_graph(checkpointing: bool) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = dynamo.explain(_LossModule(model, 2))(z, a, s)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_the_compiled_loss_inside_ddp_is_split_at_its_buckets(tmp_path: Path) -> None:
+    """Training wraps DDP around the compiled loss: Dynamo compiles on the first call, inside DDP's forward,
+    and splits the graph at DDP's gradient buckets (DDPOptimizer), so the all-reduce of a bucket can start
+    while the backward of the rest still runs. Without DDP the loss is one graph; with DDP's default first
+    bucket (1 MB) and one large bucket, two; with 2 MB buckets, more."""
+    import torch._dynamo as dynamo
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from stages.train import _LossModule
+
+    cfg = PredictorConfig(img_size=32, patch_size=16, embed_dim=32, predictor_embed_dim=256, depth=4, num_heads=4)
+    inputs = torch.randn(2, 4, 4, 32), torch.randn(2, 3, 7), torch.randn(2, 4, 7)  # [B, T, hw, D], actions, states
+
+    def graphs(bucket_mb: float | None) -> int:
+        """Graphs compiled for one forward + backward of the ~13 MB model (DDP with `bucket_mb` buckets)."""
+        compiled: list[torch.fx.GraphModule] = []
+
+        def counting(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+            compiled.append(gm)
+            return gm.forward
+
+        dynamo.reset()
+        loss = torch.compile(_LossModule(ACPredictor(cfg).train(), 2), backend=counting)
+        if bucket_mb is not None:
+            loss = DistributedDataParallel(loss, bucket_cap_mb=bucket_mb)
+        tf, roll = loss(*inputs)
+        (tf + roll).backward()
+        return len(compiled)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        counts = [graphs(None), graphs(100.0), graphs(2.0)]
+    finally:
+        dist.destroy_process_group()
+        dynamo.reset()
+    assert counts[0] == 1 and counts[1] == 2 and counts[2] > 2, counts
