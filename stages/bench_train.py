@@ -83,7 +83,8 @@ def bench_training(m: Manifest, repeats: int, steps: int, gpu_tflops: float,
     for kind in ("cached", "online", "predictor_only"):
         run(kind)  # warm-up: allocations, the loaders' threads, first decodes
     times: dict[str, list[float]] = {"cached": [], "online": [], "predictor_only": [], "decode_only": []}
-    waits, ratios = [], []
+    waits: list[float] = []  # the cached runs' data-wait shares
+    ratios: list[float] = []  # cached / predictor-only step time, per adjacent pair
     for r in range(repeats):
         for p in range(PAIRS):  # adjacent, in alternating order: the ratio of each pair sees the same machine
             order = ("cached", "predictor_only") if (r * PAIRS + p) % 2 == 0 else ("predictor_only", "cached")
