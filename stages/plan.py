@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from pipeline.manifest import Manifest
 from pipeline.records import FailureRecord, ViewRecord, canonical_json
 from pipeline.store import FeatureStore
 from stages.augment import draw_views
-from stages.droid import Source, data_stride, episode_id_for, frame_stride, list_episodes, source_identity
+from stages.droid import Source, data_stride, episode_id_for, list_episodes, source_identity
 
 
 @dataclass
@@ -92,28 +93,41 @@ def plan_episodes(m: Manifest, store: FeatureStore, views: dict[str, ViewRecord]
         if rec.camera in m.data.cameras:
             by_episode[rec.episode_id].append(rec)
     failures = store.failures()
-    return [_plan_one(m, folder, episode_id_for(folder, root), by_episode, failures)
+    strides = unopened_strides(m, (r for recs in by_episode.values() for r in recs))
+    return [_plan_one(m, folder, episode_id_for(folder, root), by_episode, failures, strides)
             for folder in list_episodes(m.data.episodes, root)]
 
 
+def unopened_strides(m: Manifest, views: Iterable[ViewRecord]) -> dict[str, int]:
+    """Per camera, the stride the views of an episode not yet opened will most likely have: the one
+    data.video_fps gives, else the one the rate most of the camera's committed views report gives (only
+    opening a video tells its own rate). A camera with neither is left out."""
+    rates: dict[str, Counter[float]] = defaultdict(Counter)
+    for v in views:
+        rates[v.camera][v.video_fps] += 1
+    override = m.data.fps_override()
+    return {cam: data_stride(m.data, override or rates[cam].most_common(1)[0][0])
+            for cam in m.data.cameras if override or rates[cam]}
+
+
 def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[ViewRecord]],
-              failures: dict[str, FailureRecord]) -> EpisodePlan:
+              failures: dict[str, FailureRecord], strides: dict[str, int]) -> EpisodePlan:
     cams = m.data.cameras
     per_camera = {c: source_identity(folder, c) for c in cams}  # a view's files: its own camera's
     src = {name: ident for one in per_camera.values() for name, ident in one.items()}  # the episode's: all of them
     recs = by_episode.get(eid, [])
     current = [r for r in recs if r.source == per_camera[r.camera]]
     stale = len(recs) - len(current)
-    planned, missing = [], 0  # missing: cameras without current views (theirs are drawn when the episode is opened)
+    planned, missing = [], []  # missing: cameras without current views (drawn when the episode is opened)
     for cam in cams:
         seen = [r for r in current if r.camera == cam]
         if seen:
             planned += planned_view_ids(m, eid, cam, seen[0].frame_hw, seen[0].video_fps)
         else:
-            missing += 1
+            missing.append(cam)
     have = {r.view_id for r in current}
     done = [v for v in planned if v in have]
-    count = len(planned) + missing * _unopened_views(m)
+    count = len(planned) + sum(_unopened_views(m, strides.get(cam)) for cam in missing)
     if not missing and len(done) == len(planned):
         return EpisodePlan(eid, str(folder), "done", count, len(done), stale, src, done_views=done)
     failure = failures.get(eid)
@@ -124,12 +138,11 @@ def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[Vi
     return EpisodePlan(eid, str(folder), state, count, len(done), stale, src, done_views=done)
 
 
-def _unopened_views(m: Manifest) -> int:
-    """Views planned for one camera of an episode never opened: a lower bound where the stride is unknown
-    (`views.phase: all` with the reported rate); identical crop draws may still collapse."""
-    if m.views.phase == "all" and m.data.fps_override():
-        return m.views.per_episode * frame_stride(m.data.fps_override(), m.data.fps)
-    return m.views.per_episode
+def _unopened_views(m: Manifest, stride: int | None) -> int:
+    """Views planned for one camera of an episode never opened (identical crop draws may still collapse):
+    with `views.phase: all` one per phase of `stride` (`unopened_strides`); where that is unknown, one: a
+    lower bound."""
+    return m.views.per_episode * ((stride or 1) if m.views.phase == "all" else 1)
 
 
 def view_settings(m: Manifest) -> dict[str, Any]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.manifest import Manifest
+from pipeline.records import ViewRecord
 from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
 from stages.fingerprint import reader_spec
-from stages.plan import plan_episodes
+from stages.plan import EpisodePlan, plan_episodes, unopened_strides
 from stages.timing import CameraTiming, format_timings, manifest_timing
 
 EPISODE_STATES = ("done", "partial", "stale", "new", "failed")
@@ -93,5 +95,19 @@ def status_report(m: Manifest) -> StatusReport:
         report.unreferenced_attempts = len(set(store.attempts()) - live)
         report.quarantined = store.quarantined()
         report.timing, report.warnings = manifest_timing(views.values(), m.data)
+    report.warnings += _lower_bound(m, views.values(), plans)
     report.bad_records = dict(store.bad_records)
     return report
+
+
+def _lower_bound(m: Manifest, views: Iterable[ViewRecord], plans: list[EpisodePlan]) -> list[str]:
+    """A warning where "planned" counts one view per draw for episodes not yet opened: `views.phase: all`
+    stores one per phase, and without data.video_fps or a committed view of the camera the rate, so the
+    number of phases, is known only once a video is opened."""
+    known = unopened_strides(m, views)
+    unknown = [cam for cam in m.data.cameras if cam not in known]
+    if m.views.phase != "all" or not unknown or not any(p.state in ("new", "stale") for p in plans):
+        return []
+    return [f"views planned for episodes not yet opened count one phase per crop draw for {', '.join(unknown)} "
+            "(views.phase: all; the frame rate, and so the number of phases, is known once a video is opened): "
+            "a lower bound until the first view of that camera is committed"]

@@ -90,6 +90,23 @@ def test_identical_draws_are_stored_once(workdir: Path) -> None:
     assert status_report(m).views_planned == 3
 
 
+def test_status_plans_unopened_episodes_at_the_rate_already_seen(workdir: Path) -> None:
+    """`views.phase: all` with the reported rate: an episode never opened is planned at the stride its
+    camera's committed views give (exact here: the same rate); before any is committed, one phase per draw,
+    said to be a lower bound."""
+    lines = (workdir / "data/episodes.txt").read_text().splitlines()
+    (workdir / "data/first.txt").write_text(lines[0])
+    m_first, m_all = load(workdir, "data.episodes=first.txt", "views.phase=all"), load(workdir, "views.phase=all")
+    before = status_report(m_all)
+    assert before.views_planned == 2 * len(lines) and "lower bound" in " ".join(before.warnings)
+    run(m_first)
+    estimated = status_report(m_all)
+    assert not any("lower bound" in w for w in estimated.warnings)
+    run(m_all)
+    exact = status_report(m_all)  # every episode opened: its views drawn
+    assert estimated.views_planned == exact.views_planned == exact.views_committed == 2 * 4 * len(lines)
+
+
 @pytest.mark.parametrize("override", ["encoder.seed=1", "crop.size=48", "data.fps=5", "crop.scale=[0.4, 1.0]",
                                       "cache.dtype=float32", "encoder.depth=2"])
 def test_changed_settings_make_a_new_fingerprint(workdir: Path, override: str) -> None:
