@@ -180,9 +180,12 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     many threads as the loader has (no checks, no batching) -- the least any loader must do to put the
     bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped and
     populated once (`raw_mmap`: the least with a map; the loader does not map, see `shard_reader`).
-    `rounds` interleaved repeats of all three, medians. Also reported: the same reads into a
-    small reused buffer (`raw_discard`: the page cache's copy rate into a cache-hot destination, which no
-    loader can use), and plain single-thread zarr reads of the same windows."""
+    `rounds` interleaved repeats of all three and of the checked reads alone (`checked_read`:
+    `FeatureStore.read_features` of the same windows on as many threads into one batch buffer -- the
+    loader's reads without its batching, prefetching, reader priority and buffer pool, which splits the
+    loader's gap to the raw reads into the checks' share and the loader's own), medians. Also reported:
+    the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into a cache-hot
+    destination, which no loader can use), and plain single-thread zarr reads of the same windows."""
     cache = dataclasses.replace(m.cache, compressor="none", dtype="bfloat16")
     store = FeatureStore(f"{tmp}/loader-store", {"bench": "loader"}).create()
     views, _ = write_views(store, torch.randn(frames, 256, 1408), cache, views=4)
@@ -192,7 +195,8 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
     ranges = _chunk_ranges(store, windows, T)
     mb = len(windows) * T * FEATURE_BYTES_VITG / 1e6
-    rates: dict[str, list[float]] = {"loader": [], "raw": [], "raw_mmap": []}
+    rates: dict[str, list[float]] = {"loader": [], "raw": [], "raw_mmap": [], "checked_read": []}
+    out = torch.ones(batch, T, 256, 1408, dtype=torch.bfloat16)  # [B, T, tokens, D]: touched before the clock
     with WindowLoader(CachedSource(store, T, views[0]), index, batch, T, 0, threads=threads,
                       prefetch=prefetch) as loader:
         for _ in range(prefetch + 3):  # warm-up: until its buffers are allocated (the steady state of training)
@@ -206,12 +210,16 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
             loader.settle()  # its prefetched reads (2 batches) finish now, not during the plain reads' clock
             rates["raw"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads))
             rates["raw_mmap"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads, mapped=True))
+            rates["checked_read"].append(mb / _checked_reads(store, windows, T, out, threads))
     ratios = [a / b for a, b in zip(rates["loader"], rates["raw"], strict=True)]
     mapped = [a / b for a, b in zip(rates["loader"], rates["raw_mmap"], strict=True)]
+    checked = [a / b for a, b in zip(rates["checked_read"], rates["raw"], strict=True)]
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
     return {"loader_MBps": loader_mbps, "raw_MBps": float(np.median(rates["raw"])),
             "raw_mmap_MBps": float(np.median(rates["raw_mmap"])),
             "raw_discard_MBps": mb / _discard_reads(ranges), "plain_zarr_MBps": zarr_mbps,
+            "checked_read_MBps": float(np.median(rates["checked_read"])),
+            "checked_read_vs_raw": float(np.median(checked)), "checked_read_vs_raw_spread": spread(checked),
             "loader_vs_raw": float(np.median(ratios)), "loader_vs_raw_spread": spread(ratios),
             "loader_vs_raw_mmap": float(np.median(mapped)), "loader_vs_raw_mmap_spread": spread(mapped),
             "loader_vs_plain_zarr": loader_mbps / zarr_mbps, "loader_threads": threads, "rounds": rounds,
@@ -226,6 +234,20 @@ def _zarr_reads(store: FeatureStore, windows: list[Any], T: int) -> float:
     for w in windows:
         out[...] = arr[w.view.start + w.start : w.view.start + w.start + T]
     return time.perf_counter() - t0
+
+
+def _checked_reads(store: FeatureStore, windows: list[Any], T: int, out: torch.Tensor, threads: int) -> float:
+    """Seconds to read the windows through `FeatureStore.read_features` (checked, as the loader reads them)
+    on `threads` threads, window k into row k % B of `out` [B, T, tokens, D]."""
+    def read(part: list[tuple[int, Any]]) -> None:
+        for k, w in part:
+            store.read_features(w.view, w.start, T, out=out[k % out.shape[0]])
+
+    numbered = list(enumerate(windows))
+    with ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(read, [numbered[k::threads] for k in range(threads)]))
+        return time.perf_counter() - t0
 
 
 def _chunk_ranges(store: FeatureStore, windows: list[Any], T: int) -> list[tuple[str, int, int]]:

@@ -43,8 +43,9 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     assert fm["predicted_speedup_with_decode"] > fm["predicted_speedup_without_decode"] > 1
     ld = f["loader"]
     assert all(ld[k] > 0 for k in ("loader_MBps", "raw_MBps", "raw_mmap_MBps", "raw_discard_MBps", "plain_zarr_MBps",
-                                   "loader_vs_raw", "loader_vs_raw_mmap"))
-    assert ld["loader_vs_raw_spread"]["min"] <= ld["loader_vs_raw"] <= ld["loader_vs_raw_spread"]["max"]
+                                   "loader_vs_raw", "loader_vs_raw_mmap", "checked_read_MBps", "checked_read_vs_raw"))
+    for key in ("loader_vs_raw", "checked_read_vs_raw"):
+        assert ld[f"{key}_spread"]["min"] <= ld[key] <= ld[f"{key}_spread"]["max"], key
     assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
     text = report.format()
     assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text
