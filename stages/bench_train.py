@@ -243,10 +243,14 @@ def _checked_reads(store: FeatureStore, windows: list[Any], T: int, out: torch.T
         for k, w in part:
             store.read_features(w.view, w.start, T, out=out[k % out.shape[0]])
 
-    numbered = list(enumerate(windows))
+    return _timed_on_threads(read, list(enumerate(windows)), threads)
+
+
+def _timed_on_threads(read: Callable[[list[Any]], None], items: list[Any], threads: int) -> float:
+    """Seconds for `threads` threads to run `read` on every threads-th item each (items k, k + threads, ...)."""
     with ThreadPoolExecutor(threads) as pool:
         t0 = time.perf_counter()
-        list(pool.map(read, [numbered[k::threads] for k in range(threads)]))
+        list(pool.map(read, [items[k::threads] for k in range(threads)]))
         return time.perf_counter() - t0
 
 
@@ -292,10 +296,7 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
                 os.preadv(fds[path], [buffer[at : at + size]], offset)
 
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            t0 = time.perf_counter()
-            list(pool.map(read, [places[k::threads] for k in range(threads)]))
-            return time.perf_counter() - t0
+        return _timed_on_threads(read, places, threads)
     finally:
         sources.clear()  # the maps' only views, before they close
         for m in maps.values():
