@@ -106,7 +106,7 @@ def _lower_bound(m: Manifest, views: Iterable[ViewRecord], plans: list[EpisodePl
     number of phases, is known only once a video is opened."""
     known = unopened_strides(m, views)
     unknown = [cam for cam in m.data.cameras if cam not in known]
-    if m.views.phase != "all" or not unknown or not any(p.state in ("new", "stale") for p in plans):
+    if m.views.phase != "all" or not unknown or not plans:  # no view of the camera: every episode lacks it
         return []
     return [f"views planned for episodes not yet opened count one phase per crop draw for {', '.join(unknown)} "
             "(views.phase: all; the frame rate, and so the number of phases, is known once a video is opened): "
