@@ -2,15 +2,22 @@
 
 zarr-python funnels every read through one asyncio thread and copies each chunk twice; for the layout
 this project writes (`shard_layout`) the bytes of a window are plain ranges of a few files. This reader
-reads each shard's index once (and checks its crc32c), then `preadv`s each inner chunk straight into the
-caller's buffer together with its 4 checksum bytes, and checks it in one crc32c pass against both the
-chunk's crc32c and the commit record's crc32c of its rows (combined with `Concat`). It releases the GIL
-while reading, so several loader threads really read in parallel. Anything else -- a compressed array, an
-object store, another layout -- goes through zarr (`ShardedRowReader.for_array` returns None).
+reads each shard's index once (and checks its crc32c), plans the window as ranges of inner chunks (each
+read straight into the caller's buffer, a whole chunk with its 4 checksum bytes), and checks each range
+in the same pass against the chunk's crc32c and the commit record's crc32c of its rows (combined with
+`Concat`). Anything else -- a compressed array, an object store, another layout -- goes through zarr
+(`ShardedRowReader.for_array` returns None).
+
+Two executors run a plan, with the same results: the native one (`pipeline/_shardio.c`, built with the
+package) reads every range of the window in one call with the GIL released and checksums each 256 KiB
+piece while it is still in cache; the Python one `preadv`s each range and runs crc32c over it (both
+release the GIL, but once per call, so reader threads queue for it between calls). The native one is
+used where it was built and the CPU has its crc32c instructions (`NATIVE`); `PIPELINE_NATIVE_READS=0`
+turns it off.
 
 Why `preadv` and not a memory map (measured, README "Performance"): a fresh map per read pays its page
 faults, which cost what memcpy saves over the kernel's copy, and a disk error under a map is SIGBUS,
-which ends the process, where `preadv` raises an error that names the file and lets the run go on.
+which ends the process, where a read call raises an error that names the file and lets the run go on.
 
 Damage is never read as data: a chunk the index marks missing, a file that is gone or short, an index or
 a chunk whose crc32c does not match -- each raises `DamagedDataError` naming the shard file.
@@ -22,6 +29,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
@@ -29,6 +37,25 @@ import zarr
 from pipeline.checksums import Concat, crc32c
 from pipeline.errors import DamagedDataError
 from pipeline.shard_layout import MISSING, ShardLayout
+
+try:
+    from pipeline import _shardio
+except ImportError:  # built without a C compiler: the Python executor
+    _shardio = None
+
+KERNEL = _shardio.kernel if _shardio is not None else ""  # the native crc32c kernel, "" if none
+NATIVE = bool(KERNEL) and os.environ.get("PIPELINE_NATIVE_READS", "1") != "0"
+PIECE = 256 * 1024  # bytes read per call before they are checksummed: in L2 (128-512 KiB alike, 1 MiB+ ~9% slower)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Rows lo..hi-1 (store rows) of inner chunk c, read to `at` bytes into the destination."""
+
+    chunk: int
+    lo: int
+    hi: int
+    at: int
 
 
 class ShardedRowReader(ShardLayout):
@@ -39,57 +66,78 @@ class ShardedRowReader(ShardLayout):
         self._concat = Concat(self.row_bytes)
         self._index: dict[int, np.ndarray] = {}  # shard -> [per_shard, 2] (offset, nbytes); immutable files
         self._lock = threading.Lock()
+        self.native = NATIVE  # which executor runs the plans (tests compare the two)
 
     def read(self, a: int, b: int, out: np.ndarray, want: Sequence[int], whole_chunks: bool = False) -> int | None:
         """Rows a..b-1 into `out` (a C-contiguous array of exactly (b - a) rows' bytes), checked against `want`,
         each row's crc32c from the commit record: None when every row matches, else the first row (counted
         from a) that does not, for the caller to name.
 
-        The rows read from one chunk go through crc32c once, in one call: the result must equal what their
-        recorded crc32c give together (`Concat`), and a whole chunk's must also equal the crc32c stored after
-        it in the shard. One call per chunk rather than per row: each call hands the GIL over and back while
-        the other reader threads wait for it. Of a chunk at a window edge only the window's rows are read,
-        unless `whole_chunks` (verify: every chunk a view touches is checked, as a plain zarr reader would
-        read it).
+        The rows read from one chunk go through crc32c once, as they are read: the result must equal what
+        their recorded crc32c give together (`Concat`), and a whole chunk's must also equal the crc32c stored
+        after it in the shard. Of a chunk at a window edge only the window's rows are read, unless
+        `whole_chunks` (verify: every chunk a view touches is checked, as a plain zarr reader would read it).
         """
         flat = out.reshape(-1).view(np.uint8)  # [(b - a) * row_bytes]
         if flat.nbytes != (b - a) * self.row_bytes or len(want) != b - a:
             raise ValueError(f"buffer of {flat.nbytes} bytes and {len(want)} crc32c for rows {a}..{b} of "
                              f"{self.row_bytes} bytes")
-        rb, c0, c1 = self.row_bytes, a // self.chunk_rows, (b - 1) // self.chunk_rows
-        for shard in range(c0 // self.per_shard, c1 // self.per_shard + 1):
-            with _opened(self.shard_file(shard)) as fd:  # once per shard and call, not per chunk
-                for c in range(max(c0, shard * self.per_shard), min(c1 + 1, (shard + 1) * self.per_shard)):
-                    first = c * self.chunk_rows
-                    lo, hi = max(a, first), min(b, first + self.chunk_rows)
-                    rows = flat[(lo - a) * rb : (hi - a) * rb]
-                    if whole_chunks and hi - lo < self.chunk_rows:  # read and check it all, keep the window's
-                        chunk = np.empty(self.chunk_rows * rb, np.uint8)
-                        self._read_checked(fd, c, 0, self.chunk_rows, chunk)
-                        rows[:] = chunk[(lo - first) * rb : (hi - first) * rb]
-                        got = crc32c(rows)
-                    else:
-                        got = self._read_checked(fd, c, lo - first, hi - first, rows)
-                    recorded = want[lo - a : hi - a]
-                    if got != self._concat.fold(recorded):
-                        return lo - a + self._first_mismatch(rows, recorded)
+        spans = self._spans(a, b)
+        edges = [s for s in spans if whole_chunks and s.hi - s.lo < self.chunk_rows]
+        shards = range(spans[0].chunk // self.per_shard, spans[-1].chunk // self.per_shard + 1)
+        with _opened([self.shard_file(s) for s in shards]) as opened:  # once per shard and call, not per chunk
+            fds = dict(zip(shards, opened, strict=True))
+            inner = [s for s in spans if s not in edges]
+            got = dict(zip(inner, self._run(fds, inner, flat), strict=True))
+            for s in edges:  # read and check the whole chunk, keep the window's rows
+                chunk = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
+                whole = Span(s.chunk, s.chunk * self.chunk_rows, (s.chunk + 1) * self.chunk_rows, 0)
+                self._run(fds, [whole], chunk)
+                rows = flat[s.at : s.at + (s.hi - s.lo) * self.row_bytes]
+                rows[:] = chunk[(s.lo - whole.lo) * self.row_bytes : (s.hi - whole.lo) * self.row_bytes]
+                got[s] = crc32c(rows)
+        for s in spans:
+            recorded = want[s.lo - a : s.hi - a]
+            if got[s] != self._concat.fold(recorded):
+                return s.lo - a + self._first_mismatch(flat[s.at : s.at + (s.hi - s.lo) * self.row_bytes], recorded)
         return None
 
-    def _read_checked(self, fd: int, c: int, lo: int, hi: int, target: np.ndarray) -> int:
-        """Rows lo..hi-1 of inner chunk c (its shard file open as `fd`) into `target`; their crc32c (a whole
-        chunk's checked against the shard's)."""
-        path, offset, nbytes = self.chunk_location(c)
-        j = c % self.per_shard
-        if nbytes != self.chunk_rows * self.row_bytes + 4:
-            raise DamagedDataError(path, f"inner chunk {j} is {nbytes} bytes, the layout says "
-                                         f"{self.chunk_rows * self.row_bytes + 4}")
-        whole = (lo, hi) == (0, self.chunk_rows)
-        crc = np.empty(4 if whole else 0, np.uint8)
-        _pread(fd, path, [target, crc], offset + lo * self.row_bytes, target.nbytes + crc.nbytes)
-        got = crc32c(target)
-        if whole and got != int(crc.view("<u4")[0]):
-            raise DamagedDataError(path, f"inner chunk {j} does not match its crc32c")
-        return got
+    def _spans(self, a: int, b: int) -> list[Span]:
+        """The inner chunks rows a..b-1 lie in, with the rows of each that the window takes."""
+        spans = []
+        for c in range(a // self.chunk_rows, (b - 1) // self.chunk_rows + 1):
+            lo, hi = max(a, c * self.chunk_rows), min(b, (c + 1) * self.chunk_rows)
+            spans.append(Span(c, lo, hi, (lo - a) * self.row_bytes))
+        return spans
+
+    def _run(self, fds: dict[int, int], spans: list[Span], dest: np.ndarray) -> list[int]:
+        """Read the spans into `dest` (bytes) and return their crc32c; a whole chunk's is checked against the
+        crc32c stored after it in the shard."""
+        if not spans:
+            return []
+        plan = np.empty((len(spans), 5), np.int64)  # [n, (fd, file offset, bytes, offset in dest, trailer)]
+        for k, s in enumerate(spans):
+            path, offset, nbytes = self.chunk_location(s.chunk)
+            j, rows = s.chunk % self.per_shard, s.chunk * self.chunk_rows
+            if nbytes != self.chunk_rows * self.row_bytes + 4:
+                raise DamagedDataError(path, f"inner chunk {j} is {nbytes} bytes, the layout says "
+                                             f"{self.chunk_rows * self.row_bytes + 4}")
+            whole = (s.lo, s.hi) == (rows, rows + self.chunk_rows)
+            plan[k] = (fds[s.chunk // self.per_shard], offset + (s.lo - rows) * self.row_bytes,
+                       (s.hi - s.lo) * self.row_bytes, s.at, whole)
+        crcs, stored = np.zeros(len(spans), np.uint32), np.zeros(len(spans), np.uint32)
+        run = _shardio.read_plan if self.native and _shardio is not None else _read_plan
+        complete = run(dest, plan, crcs, stored, PIECE)
+        if complete < len(spans):
+            path, _, _ = self.chunk_location(spans[complete].chunk)
+            _, offset, nbytes, _, trailer = plan[complete]
+            raise DamagedDataError(path, f"the file ends inside the {nbytes + 4 * trailer} bytes at offset {offset}: "
+                                         "the file is cut short")
+        for k, s in enumerate(spans):
+            if plan[k, 4] and crcs[k] != stored[k]:
+                path, _, _ = self.chunk_location(s.chunk)
+                raise DamagedDataError(path, f"inner chunk {s.chunk % self.per_shard} does not match its crc32c")
+        return [int(c) for c in crcs]
 
     def _first_mismatch(self, rows: np.ndarray, recorded: Sequence[int]) -> int:
         """The first of `rows` (bytes) whose crc32c is not its recorded one (their crc32c together differ)."""
@@ -114,7 +162,7 @@ class ShardedRowReader(ShardLayout):
     def _read_index(self, path: str) -> np.ndarray:
         size = 16 * self.per_shard + 4
         raw = np.empty(size, np.uint8)
-        with _opened(path) as fd:
+        with _opened([path]) as (fd,):
             end = os.fstat(fd).st_size
             if end < size or os.preadv(fd, [raw], end - size) != size:
                 raise DamagedDataError(path, f"shard file of {end} bytes is too short for its index")
@@ -123,20 +171,29 @@ class ShardedRowReader(ShardLayout):
         return raw[:-4].view("<u8").reshape(self.per_shard, 2)
 
 
+def _read_plan(dest: np.ndarray, plan: np.ndarray, crcs: np.ndarray, stored: np.ndarray, piece: int) -> int:
+    """The Python executor of a read plan, with `_shardio.read_plan`'s contract: each row's bytes into dest
+    and their crc32c into crcs, a whole chunk's 4 trailing bytes into stored; the number of rows read whole."""
+    del piece  # one preadv and one crc32c call per row: a call per piece would cost more than the cache saves
+    for k, (fd, offset, nbytes, at, trailer) in enumerate(plan.tolist()):
+        target, tail = dest[at : at + nbytes], stored[k : k + 1].view(np.uint8)[: 4 * trailer]
+        if os.preadv(fd, [target, tail], offset) != nbytes + 4 * trailer:
+            return k
+        crcs[k] = crc32c(target)
+    return len(plan)
+
+
 @contextlib.contextmanager
-def _opened(path: str) -> Iterator[int]:
-    """A shard file open for reading; a missing one is damage, named."""
+def _opened(paths: list[str]) -> Iterator[list[int]]:
+    """Shard files open for reading; a missing one is damage, named."""
+    fds: list[int] = []
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise DamagedDataError(path, "shard file is missing") from None
-    try:
-        yield fd
+        for path in paths:
+            try:
+                fds.append(os.open(path, os.O_RDONLY))
+            except FileNotFoundError:
+                raise DamagedDataError(path, "shard file is missing") from None
+        yield fds
     finally:
-        os.close(fd)
-
-
-def _pread(fd: int, path: str, buffers: list[np.ndarray], offset: int, nbytes: int) -> None:
-    got = os.preadv(fd, buffers, offset)
-    if got != nbytes:
-        raise DamagedDataError(path, f"read {got} of {nbytes} bytes at offset {offset}: the file is cut short")
+        for fd in fds:
+            os.close(fd)

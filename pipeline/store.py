@@ -68,7 +68,7 @@ from pipeline.records import (
     parse_commit,
     parse_failure,
 )
-from pipeline.shard_reader import ShardedRowReader
+from pipeline.shard_reader import KERNEL, ShardedRowReader
 
 FORMAT_VERSION = COMMIT_VERSION
 log = logging.getLogger("pipeline.store")
@@ -104,8 +104,8 @@ def _warn_once(path: str, message: str) -> None:
 class FeatureStore:
     """One fingerprint's store under a cache path: create/open with checks, the index, checked reads, writes."""
 
-    def __init__(self, cache_path: str, spec: dict[str, Any]):
-        self.spec = spec
+    def __init__(self, cache_path: str, spec: dict[str, Any], native_reads: bool | None = None):
+        self.spec, self.native_reads = spec, native_reads  # None: the direct reader's default (shard_reader.NATIVE)
         self.digest = fingerprint_digest(spec)
         self.cache_path = cache_path.rstrip("/")
         self.url = f"{self.cache_path}/{self.digest[:16]}"
@@ -286,7 +286,10 @@ class FeatureStore:
         """The direct shard reader of a view's features, where the layout and a local disk allow it."""
         if view.location not in self._readers:
             folder = f"{self.root}/{view.location}/features"
-            self._readers[view.location] = ShardedRowReader.for_array(folder, arr) if self.is_local else None
+            reader = ShardedRowReader.for_array(folder, arr) if self.is_local else None
+            if reader is not None and self.native_reads is not None:
+                reader.native = self.native_reads and bool(KERNEL)
+            self._readers[view.location] = reader
         return self._readers[view.location]
 
     def read_rows(self, view: ViewRecord, name: str) -> np.ndarray:

@@ -255,6 +255,17 @@ def format_bench(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reader_line(ld: dict[str, Any]) -> str:
+    """Which executor the direct reader ran, and the native one against the Python one in the same run."""
+    python = (f"Python executor: loader {ld['loader_python_MBps']:.0f} MB/s ({ld['loader_python_vs_raw']:.2f} of raw), "
+              f"checked reads {ld['checked_read_python_MBps']:.0f} MB/s")
+    if not ld["native_reads"]:
+        return f"the Python executor (pipeline._shardio not built, off, or no kernel for this CPU); {python}"
+    return (f"native ({ld['native_reads']} crc32c, reads checked in the same pass); against the {python}: "
+            f"loader {ld['loader_vs_loader_python']:.2f}x, "
+            f"checked reads {ld['checked_read_vs_checked_read_python']:.2f}x")
+
+
 def format_training(f: dict[str, Any]) -> list[str]:
     """The training half of the report: clips/s, ratios with their targets, the FLOP model, the loader."""
     t, fm, ld, be = f["training"], f["flop_model"], f["loader"], f["break_even"]
@@ -289,6 +300,7 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s; the checked reads alone "
              f"(read_features on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
              f"{ld['checked_read_vs_raw']:.2f} of raw",
+             f"  reader: {_reader_line(ld)}",
              f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "
              f"saving {be['saving_seconds_per_step']:.3f} s per step: paid back after {be['steps']:.0f} steps"]
     for frames, r in f["released_rate_needed"].items():

@@ -22,7 +22,7 @@ import torch
 from pipeline.distributed import DistInfo
 from pipeline.manifest import CacheSection, Manifest
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
-from pipeline.shard_reader import ShardedRowReader
+from pipeline.shard_reader import KERNEL, NATIVE, ShardedRowReader
 from pipeline.store import FeatureStore
 from stages.fingerprint import predictor_config, vit_config
 from stages.flops import released, step_model
@@ -180,50 +180,70 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     many threads as the loader has (no checks, no batching) -- the least any loader must do to put the
     bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped and
     populated once (`raw_mmap`: the least with a map; the loader does not map, see `shard_reader`).
-    `rounds` interleaved repeats of all three and of the checked reads alone (`checked_read`:
-    `FeatureStore.read_features` of the same windows on as many threads into one batch buffer -- the
-    loader's reads without its batching, prefetching, reader priority and buffer pool, which splits the
-    loader's gap to the raw reads into the checks' share and the loader's own), medians. Also reported:
-    the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into a cache-hot
-    destination, which no loader can use), and plain single-thread zarr reads of the same windows."""
+    Also timed each round: the checked reads alone (`checked_read`: `FeatureStore.read_features` of the
+    same windows on as many threads into one batch buffer -- the loader's reads without its batching,
+    prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into the
+    checks' share and the loader's own), and the loader and the checked reads with the direct reader's
+    Python executor (`*_python`: what runs where the native one is not built), so that the native reader's
+    gain is measured in the same run. `rounds` repeats of all six, in an order that rotates every round (a
+    kind timed right after another runs in its wake: measured here, up to ~10%); medians of per-round ratios.
+    Also reported: the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into
+    a cache-hot destination, which no loader can use), and plain single-thread zarr reads of the windows."""
     cache = dataclasses.replace(m.cache, compressor="none", dtype="bfloat16")
     store = FeatureStore(f"{tmp}/loader-store", {"bench": "loader"}).create()
     views, _ = write_views(store, torch.randn(frames, 256, 1408), cache, views=4)
+    python = FeatureStore(store.cache_path, store.spec, native_reads=False)
     os.sync()  # written back now, not while the reads are timed
     threads, prefetch = m.train.loader_threads, m.train.prefetch_batches
     index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")  # short views
     windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
     ranges = _chunk_ranges(store, windows, T)
-    mb = len(windows) * T * FEATURE_BYTES_VITG / 1e6
-    rates: dict[str, list[float]] = {"loader": [], "raw": [], "raw_mmap": [], "checked_read": []}
+    mb, batch_bytes = len(windows) * T * FEATURE_BYTES_VITG / 1e6, batch * T * FEATURE_BYTES_VITG
     out = torch.ones(batch, T, 256, 1408, dtype=torch.bfloat16)  # [B, T, tokens, D]: touched before the clock
-    with WindowLoader(CachedSource(store, T, views[0]), index, batch, T, 0, threads=threads,
-                      prefetch=prefetch) as loader:
-        for _ in range(prefetch + 3):  # warm-up: until its buffers are allocated (the steady state of training)
-            next(loader)
-        for _ in range(rounds):
-            loader.load_state_dict({"batch_number": 0, "seed": 0, "rank": 0})  # the same windows each round
-            t0 = time.perf_counter()
-            for _ in range(batches):
+    loaders = {kind: WindowLoader(CachedSource(s, T, views[0]), index, batch, T, 0, threads=threads,
+                                  prefetch=prefetch) for kind, s in (("loader", store), ("loader_python", python))}
+    kinds: dict[str, Callable[[], float]] = {
+        "loader": lambda: _loader_reads(loaders["loader"], batches),
+        "loader_python": lambda: _loader_reads(loaders["loader_python"], batches),
+        "raw": lambda: _raw_reads(ranges, batch_bytes, threads),
+        "raw_mmap": lambda: _raw_reads(ranges, batch_bytes, threads, mapped=True),
+        "checked_read": lambda: _checked_reads(store, windows, T, out, threads),
+        "checked_read_python": lambda: _checked_reads(python, windows, T, out, threads)}
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    try:
+        for loader in loaders.values():
+            for _ in range(prefetch + 3):  # warm-up: until its buffers are allocated (the steady state of training)
                 next(loader)
-            rates["loader"].append(mb / (time.perf_counter() - t0))
-            loader.settle()  # its prefetched reads (2 batches) finish now, not during the plain reads' clock
-            rates["raw"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads))
-            rates["raw_mmap"].append(mb / _raw_reads(ranges, batch * T * FEATURE_BYTES_VITG, threads, mapped=True))
-            rates["checked_read"].append(mb / _checked_reads(store, windows, T, out, threads))
-    ratios = [a / b for a, b in zip(rates["loader"], rates["raw"], strict=True)]
-    mapped = [a / b for a, b in zip(rates["loader"], rates["raw_mmap"], strict=True)]
-    checked = [a / b for a, b in zip(rates["checked_read"], rates["raw"], strict=True)]
+            loader.settle()
+        names = list(kinds)
+        for r in range(rounds):
+            for kind in names[r % len(names) :] + names[: r % len(names)]:
+                rates[kind].append(mb / kinds[kind]())
+    finally:
+        for loader in loaders.values():
+            loader.close()
+    vs = {f"{a}_vs_{b}": [x / y for x, y in zip(rates[a], rates[b], strict=True)] for a, b in (
+        ("loader", "raw"), ("loader", "raw_mmap"), ("checked_read", "raw"), ("loader_python", "raw"),
+        ("loader", "loader_python"), ("checked_read", "checked_read_python"))}
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
-    return {"loader_MBps": loader_mbps, "raw_MBps": float(np.median(rates["raw"])),
-            "raw_mmap_MBps": float(np.median(rates["raw_mmap"])),
-            "raw_discard_MBps": mb / _discard_reads(ranges), "plain_zarr_MBps": zarr_mbps,
-            "checked_read_MBps": float(np.median(rates["checked_read"])),
-            "checked_read_vs_raw": float(np.median(checked)), "checked_read_vs_raw_spread": spread(checked),
-            "loader_vs_raw": float(np.median(ratios)), "loader_vs_raw_spread": spread(ratios),
-            "loader_vs_raw_mmap": float(np.median(mapped)), "loader_vs_raw_mmap_spread": spread(mapped),
-            "loader_vs_plain_zarr": loader_mbps / zarr_mbps, "loader_threads": threads, "rounds": rounds,
-            "windows": len(windows), "window_MB": T * FEATURE_BYTES_VITG / 1e6}
+    return {**{f"{kind}_MBps": float(np.median(r)) for kind, r in rates.items()},
+            **{key: float(np.median(v)) for key, v in vs.items()},
+            **{f"{key}_spread": spread(v) for key, v in vs.items()},
+            "native_reads": KERNEL if NATIVE else "", "raw_discard_MBps": mb / _discard_reads(ranges),
+            "plain_zarr_MBps": zarr_mbps, "loader_vs_plain_zarr": loader_mbps / zarr_mbps, "loader_threads": threads,
+            "rounds": rounds, "windows": len(windows), "window_MB": T * FEATURE_BYTES_VITG / 1e6}
+
+
+def _loader_reads(loader: WindowLoader, batches: int) -> float:
+    """Seconds for `loader` to deliver batches 0..batches-1 (the same windows every time), from a standing
+    start; its prefetched reads finish after the clock, not during the next kind's."""
+    loader.load_state_dict({"batch_number": 0, "seed": 0, "rank": 0})
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    seconds = time.perf_counter() - t0
+    loader.settle()
+    return seconds
 
 
 def _zarr_reads(store: FeatureStore, windows: list[Any], T: int) -> float:

@@ -180,7 +180,7 @@ def test_a_flipped_byte_is_caught_and_named(tmp_path: Path, name: str) -> None:
     assert f"{rec.location}/{name}" in str(err.value) and "episode ep" in str(err.value)
 
 
-def test_a_deleted_shard_never_reads_as_data(tmp_path: Path) -> None:
+def test_a_deleted_shard_never_reads_as_data(tmp_path: Path, executor: str) -> None:
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
     write_attempt(store, "p", torch.randn(8, 2, 4), [view("v", 0, 8)])
     rec = store.committed_views()["v"]
@@ -192,7 +192,7 @@ def test_a_deleted_shard_never_reads_as_data(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("whole_chunks", [False, True])
-def test_a_shard_file_cut_short_is_named(tmp_path: Path, whole_chunks: bool) -> None:
+def test_a_shard_file_cut_short_is_named(tmp_path: Path, whole_chunks: bool, executor: str) -> None:
     """A shard whose index points past its end (a chunk lost, the index kept): rows before the loss still
     read; a read that reaches it names the file and says it is cut short."""
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
@@ -210,7 +210,8 @@ def test_a_shard_file_cut_short_is_named(tmp_path: Path, whole_chunks: bool) -> 
 
 @pytest.mark.parametrize("whole_chunks", [False, True])
 @pytest.mark.parametrize("local", [True, False])
-def test_a_row_that_is_not_what_was_committed_is_named(tmp_path: Path, local: bool, whole_chunks: bool) -> None:
+def test_a_row_that_is_not_what_was_committed_is_named(tmp_path: Path, local: bool, whole_chunks: bool,
+                                                       executor: str) -> None:
     """Bytes that are sound in their shard (every chunk matches its crc32c) but are not what the commit record
     says: the read names the first such row, on the direct path (one crc32c per chunk, then row by row to
     find it) and through zarr; windows without it read exactly."""
@@ -242,7 +243,7 @@ def test_through_zarr_a_deleted_shard_fails_the_row_check() -> None:
         FeatureStore("memory://bucket/deleted-shard", {"x": 1}).read_features(rec, 4, 4)
 
 
-def test_the_direct_shard_reader_equals_zarr_for_every_window(tmp_path: Path) -> None:
+def test_the_direct_shard_reader_equals_zarr_for_every_window(tmp_path: Path, executor: str) -> None:
     from pipeline.shard_reader import ShardedRowReader
 
     store = FeatureStore(str(tmp_path), {"x": 1}).create()
@@ -296,7 +297,7 @@ def test_object_store_layout_through_fsspec() -> None:
 
 
 @pytest.mark.parametrize("whole_chunks", [False, True])
-def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path, whole_chunks: bool) -> None:
+def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path, whole_chunks: bool, executor: str) -> None:
     """A flipped byte anywhere in the rows a window delivers, in a whole chunk's crc32c or in a shard's index
     is an error; a flip in bytes the window does not deliver (the other rows of a chunk at its edge, that
     chunk's crc32c) leaves the window exact. With `whole_chunks` (verify) a flip anywhere in a chunk the

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import shard_reader
 from pipeline.manifest import CacheSection, load_manifest
 from pipeline.store import FeatureStore
 from stages.bench import run_bench
@@ -43,12 +44,17 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     assert fm["predicted_speedup_with_decode"] > fm["predicted_speedup_without_decode"] > 1
     ld = f["loader"]
     assert all(ld[k] > 0 for k in ("loader_MBps", "raw_MBps", "raw_mmap_MBps", "raw_discard_MBps", "plain_zarr_MBps",
-                                   "loader_vs_raw", "loader_vs_raw_mmap", "checked_read_MBps", "checked_read_vs_raw"))
-    for key in ("loader_vs_raw", "checked_read_vs_raw"):
+                                   "loader_vs_raw", "loader_vs_raw_mmap", "checked_read_MBps", "checked_read_vs_raw",
+                                   "loader_python_MBps", "checked_read_python_MBps", "loader_python_vs_raw",
+                                   "loader_vs_loader_python", "checked_read_vs_checked_read_python"))
+    for key in ("loader_vs_raw", "checked_read_vs_raw", "loader_vs_loader_python",
+                "checked_read_vs_checked_read_python"):
         assert ld[f"{key}_spread"]["min"] <= ld[key] <= ld[f"{key}_spread"]["max"], key
+    assert ld["native_reads"] == (shard_reader.KERNEL if shard_reader.NATIVE else "")
     assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
     text = report.format()
     assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text
+    assert ("reader: native" if ld["native_reads"] else "reader: the Python executor") in text
 
 
 @pytest.mark.parametrize("mapped", [False, True])

@@ -1,0 +1,297 @@
+/* Native half of the direct shard reader (pipeline/shard_reader.py): read byte ranges of shard files
+ * into a caller's buffer and crc32c them in the same pass, with the GIL released for a whole window.
+ *
+ * Why native code: on a machine with as many reader threads as cores, the Python reader pays for the
+ * checks twice -- the crc32c pass over each multi-MB chunk runs after the chunk has left the cache, and
+ * every read and every crc32c call hands the GIL over and back while the other reader threads and the
+ * trainer wait for it. Here each range is read in L2-sized pieces and each piece is checksummed right
+ * after the kernel copied it (while it is still in L2), and one call reads every range of a window.
+ *
+ * crc32c (Castagnoli, reflected, the `crc32c` codec of zarr v3) by carry-less multiplication: 128-bit
+ * lanes of the message are folded forward with PCLMULQDQ (four zmm accumulators with AVX-512 VPCLMULQDQ,
+ * four xmm otherwise) and the last lane is reduced with the SSE4.2 crc32 instruction. The folding
+ * constants x^(D-1) mod P are computed at import, not copied from anywhere: for a lane X = Xh x^64 + Xl
+ * that must move D bits forward, Xh x^(D+64) + Xl x^D is what it contributes, and a carry-less product of
+ * two bit-reflected operands comes out shifted by one (hence D-1). On a CPU without these instructions
+ * (or not x86-64) `kernel` is "" and the Python reader is used instead.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SHARDIO_X86 1
+#include <immintrin.h>
+#endif
+
+#define POLY_NORMAL 0x1EDC6F41u /* crc32c's generator without its x^32 term, bit d <-> x^d */
+
+static const char *kernel_name = "";
+static uint32_t (*crc_kernel)(uint32_t, const uint8_t *, size_t) = NULL;
+
+/* x^n mod P in the normal representation (bit d <-> x^d): one multiplication by x at a time. */
+static uint32_t xpow_mod(unsigned n) {
+    uint32_t r = 1;
+    while (n--) r = (r << 1) ^ ((r & 0x80000000u) ? POLY_NORMAL : 0);
+    return r;
+}
+
+static uint32_t reflect32(uint32_t v) {
+    uint32_t r = 0;
+    for (int i = 0; i < 32; i++, v >>= 1) r = (r << 1) | (v & 1);
+    return r;
+}
+
+/* The multiplier that moves a reflected 64-bit operand n bits forward: x^(n-1) mod P, reflected into
+ * the top half of a qword (a 64-bit reflected operand has bit i <-> x^(63-i)). */
+static uint64_t fold_constant(unsigned n) { return (uint64_t)reflect32(xpow_mod(n - 1)) << 32; }
+
+#ifdef SHARDIO_X86
+static uint64_t k128[2], k512[2], k2048[2]; /* {for the lane's first qword, for its second}, per distance */
+
+static void set_pair(uint64_t k[2], unsigned bits) {
+    k[0] = fold_constant(bits + 64);
+    k[1] = fold_constant(bits);
+}
+
+__attribute__((target("sse4.2"))) static uint64_t crc_bytes(uint64_t c, const uint8_t *p, size_t n) {
+    for (; n >= 8; p += 8, n -= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+    }
+    for (; n; p++, n--) c = _mm_crc32_u8((uint32_t)c, *p);
+    return c;
+}
+
+/* The register after a message whose folded remainder is the 128-bit lane x: (X x^32) mod P. */
+__attribute__((target("sse4.2"))) static uint64_t reduce_lane(__m128i x) {
+    uint64_t c = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(x));
+    return _mm_crc32_u64(c, (uint64_t)_mm_extract_epi64(x, 1));
+}
+
+__attribute__((target("sse4.2,pclmul"))) static __m128i fold128(__m128i x, __m128i k, __m128i next) {
+    __m128i hi = _mm_clmulepi64_si128(x, k, 0x00), lo = _mm_clmulepi64_si128(x, k, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(hi, lo), next);
+}
+
+__attribute__((target("sse4.2,pclmul"))) static uint32_t crc_pclmul(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = (uint32_t)~crc;
+    if (n >= 128) {
+        const __m128i k4 = _mm_set_epi64x((long long)k512[1], (long long)k512[0]);
+        const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
+        __m128i x0 = _mm_loadu_si128((const __m128i *)p), x1 = _mm_loadu_si128((const __m128i *)(p + 16));
+        __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32)), x3 = _mm_loadu_si128((const __m128i *)(p + 48));
+        x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)(uint32_t)c)); /* the register enters as the first 4 bytes */
+        for (p += 64, n -= 64; n >= 64; p += 64, n -= 64) {
+            x0 = fold128(x0, k4, _mm_loadu_si128((const __m128i *)p));
+            x1 = fold128(x1, k4, _mm_loadu_si128((const __m128i *)(p + 16)));
+            x2 = fold128(x2, k4, _mm_loadu_si128((const __m128i *)(p + 32)));
+            x3 = fold128(x3, k4, _mm_loadu_si128((const __m128i *)(p + 48)));
+        }
+        c = reduce_lane(fold128(fold128(fold128(x0, k1, x1), k1, x2), k1, x3));
+    }
+    return (uint32_t)~crc_bytes(c, p, n);
+}
+
+__attribute__((target("avx512f,avx512vl,vpclmulqdq"))) static __m512i fold512(__m512i x, __m512i k, __m512i next) {
+    __m512i hi = _mm512_clmulepi64_epi128(x, k, 0x00), lo = _mm512_clmulepi64_epi128(x, k, 0x11);
+    return _mm512_ternarylogic_epi64(hi, lo, next, 0x96); /* hi ^ lo ^ next */
+}
+
+__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
+static uint32_t crc_vpclmul(uint32_t crc, const uint8_t *p, size_t n) {
+    if (n < 512) return crc_pclmul(crc, p, n);
+    const __m512i k16 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k2048[1], (long long)k2048[0]));
+    const __m512i k4 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k512[1], (long long)k512[0]));
+    const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
+    __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
+    __m512i x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
+    x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
+    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
+        x0 = fold512(x0, k16, _mm512_loadu_si512(p));
+        x1 = fold512(x1, k16, _mm512_loadu_si512(p + 64));
+        x2 = fold512(x2, k16, _mm512_loadu_si512(p + 128));
+        x3 = fold512(x3, k16, _mm512_loadu_si512(p + 192));
+    }
+    x3 = fold512(fold512(fold512(x0, k4, x1), k4, x2), k4, x3); /* four accumulators into one */
+    __m128i lane = _mm512_extracti32x4_epi32(x3, 0); /* its four lanes into one */
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 1));
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 2));
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 3));
+    return crc_pclmul((uint32_t)~reduce_lane(lane), p, n); /* the tail, from the register so far */
+}
+
+static void choose_kernel(void) {
+    set_pair(k128, 128);
+    set_pair(k512, 512);
+    set_pair(k2048, 2048);
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("sse4.2") || !__builtin_cpu_supports("pclmul")) return;
+    crc_kernel = crc_pclmul;
+    kernel_name = "pclmul";
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("vpclmulqdq")) {
+        crc_kernel = crc_vpclmul;
+        kernel_name = "avx512-vpclmul";
+    }
+}
+#else
+static void choose_kernel(void) {}
+#endif
+
+/* -- Python functions ------------------------------------------------------------------------------ */
+
+static int no_kernel(void) {
+    if (crc_kernel) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "no crc32c kernel for this CPU (pipeline._shardio.kernel is empty)");
+    return 1;
+}
+
+/* The kernel called `name` ("" or NULL: the one chosen for this CPU), if this CPU can run it. */
+static uint32_t (*kernel_called(const char *name))(uint32_t, const uint8_t *, size_t) {
+    if (!name || !*name || !strcmp(name, kernel_name)) return crc_kernel;
+#ifdef SHARDIO_X86
+    if (!strcmp(name, "pclmul") && crc_kernel) return crc_pclmul; /* every x86 kernel implies pclmul */
+#endif
+    PyErr_Format(PyExc_ValueError, "crc32c kernel '%s' is not available on this CPU (kernel is '%s')", name, kernel_name);
+    return NULL;
+}
+
+PyDoc_STRVAR(crc32c_doc, "crc32c(data, crc=0, kernel='') -> int\n\n"
+                         "crc32c of a contiguous buffer, continuing from `crc`, by `kernel` (default: this CPU's).");
+
+static PyObject *py_crc32c(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer b;
+    unsigned int crc = 0;
+    const char *name = NULL;
+    if (no_kernel() || !PyArg_ParseTuple(args, "y*|Is", &b, &crc, &name)) return NULL;
+    uint32_t (*kernel)(uint32_t, const uint8_t *, size_t) = kernel_called(name);
+    if (!kernel) {
+        PyBuffer_Release(&b);
+        return NULL;
+    }
+    uint32_t out;
+    Py_BEGIN_ALLOW_THREADS
+    out = kernel(crc, (const uint8_t *)b.buf, (size_t)b.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLong(out);
+}
+
+enum { FD, OFFSET, NBYTES, AT, TRAILER, PLAN_COLUMNS }; /* one int64 row of a read plan */
+
+/* pread until n bytes or end of file; -1 with errno on an error. */
+static Py_ssize_t pread_full(int fd, uint8_t *dst, size_t n, int64_t offset) {
+    size_t done = 0;
+    while (done < n) {
+        ssize_t got = pread(fd, dst + done, n - done, (off_t)(offset + (int64_t)done));
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) return -1;
+        if (got == 0) break;
+        done += (size_t)got;
+    }
+    return (Py_ssize_t)done;
+}
+
+/* Read one plan row into out: its bytes in pieces, each checksummed while still in cache, then its
+ * 4 trailer bytes (a whole inner chunk's stored crc32c) if asked. 1: complete, 0: short, -1: errno. */
+static int read_row(const int64_t *row, uint8_t *out, size_t piece, uint32_t *crc, uint32_t *stored) {
+    int fd = (int)row[FD];
+    uint8_t *dst = out + row[AT];
+    size_t n = (size_t)row[NBYTES];
+    uint32_t c = 0;
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < piece ? n - done : piece;
+        Py_ssize_t got = pread_full(fd, dst + done, k, row[OFFSET] + (int64_t)done);
+        if (got < 0) return -1;
+        c = crc_kernel(c, dst + done, (size_t)got);
+        if ((size_t)got < k) return 0;
+        done += k;
+    }
+    *crc = c;
+    *stored = 0;
+    if (row[TRAILER]) {
+        uint8_t t[4];
+        Py_ssize_t got = pread_full(fd, t, 4, row[OFFSET] + (int64_t)n);
+        if (got < 0) return -1;
+        if (got < 4) return 0;
+        *stored = (uint32_t)t[0] | (uint32_t)t[1] << 8 | (uint32_t)t[2] << 16 | (uint32_t)t[3] << 24;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(read_plan_doc,
+             "read_plan(out, plan, crcs, stored, piece) -> int\n\n"
+             "Read every row of `plan` (int64 [n, 5]: fd, file offset, bytes, offset in out, trailer) into the\n"
+             "writable buffer `out`, with the GIL released: crcs[i] the crc32c of row i's bytes, stored[i] the\n"
+             "little-endian uint32 after them when row i has trailer 1 (else 0). Returns the number of rows read\n"
+             "whole: n, or the first row a file ended inside. OSError on a failed read.");
+
+static PyObject *py_read_plan(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer out, plan, crcs, stored;
+    Py_ssize_t piece;
+    if (no_kernel() || !PyArg_ParseTuple(args, "w*y*w*w*n", &out, &plan, &crcs, &stored, &piece)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t rows = plan.len / (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t));
+    const int64_t *p = (const int64_t *)plan.buf;
+    if (plan.len != rows * (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t)) || crcs.len < rows * 4 ||
+        stored.len < rows * 4 || piece < 1) {
+        PyErr_SetString(PyExc_ValueError, "read_plan: plan must be int64 [n, 5], crcs and stored uint32 [n], piece >= 1");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const int64_t *r = p + i * PLAN_COLUMNS;
+        if (r[NBYTES] < 0 || r[AT] < 0 || r[OFFSET] < 0 || r[AT] > out.len - r[NBYTES]) {
+            PyErr_Format(PyExc_ValueError, "read_plan: row %zd (%lld bytes at %lld) is outside the %zd-byte buffer", i,
+                         (long long)r[NBYTES], (long long)r[AT], out.len);
+            goto done;
+        }
+    }
+    Py_ssize_t complete = 0;
+    int status = 1, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (; complete < rows; complete++) {
+        status = read_row(p + complete * PLAN_COLUMNS, (uint8_t *)out.buf, (size_t)piece,
+                          (uint32_t *)crcs.buf + complete, (uint32_t *)stored.buf + complete);
+        if (status != 1) break;
+    }
+    err = errno;
+    Py_END_ALLOW_THREADS
+    if (status < 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else {
+        result = PyLong_FromSsize_t(complete);
+    }
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&plan);
+    PyBuffer_Release(&crcs);
+    PyBuffer_Release(&stored);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
+    {"read_plan", py_read_plan, METH_VARARGS, read_plan_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_shardio", "Shard reads checked in the same pass (see pipeline/_shardio.c).", -1, methods,
+    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__shardio(void) {
+    choose_kernel();
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddStringConstant(m, "kernel", kernel_name) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
