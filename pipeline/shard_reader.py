@@ -48,6 +48,11 @@ NATIVE = bool(KERNEL) and os.environ.get("PIPELINE_NATIVE_READS", "1") != "0"
 PIECE = 256 * 1024  # bytes read per call before they are checksummed: in L2 (128-512 KiB alike, 1 MiB+ ~9% slower)
 
 
+def reader_crc32c(data: np.ndarray) -> int:
+    """crc32c of a contiguous array by the kernel the reader's default executor checks with (for benchmarks)."""
+    return _shardio.crc32c(data) if NATIVE and _shardio is not None else crc32c(data)
+
+
 @dataclass(frozen=True)
 class Span:
     """Rows lo..hi-1 (store rows) of inner chunk c, read to `at` bytes into the destination."""
