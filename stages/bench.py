@@ -300,8 +300,7 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"maps already populated {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}); reads into a "
              f"cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s; the checked reads alone "
              f"(read_features on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
-             f"{ld['checked_read_vs_raw']:.2f} of raw; readers at nice +10 (as a CPU trainer runs them) "
-             f"{ld['loader_yielding_MBps']:.0f} MB/s: {ld['loader_yielding_vs_raw']:.2f} of raw",
+             f"{ld['checked_read_vs_raw']:.2f} of raw",
              f"  reader: {_reader_line(ld)}",
              f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "
              f"saving {be['saving_seconds_per_step']:.3f} s per step: paid back after {be['steps']:.0f} steps"]

@@ -182,13 +182,11 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     populated once (`raw_mmap`: the least with a map; the loader does not map, see `shard_reader`).
     Also timed each round: the checked reads alone (`checked_read`: `FeatureStore.read_features` of the
     same windows on as many threads into one batch buffer -- the loader's reads without its batching,
-    prefetching and buffer pool, which splits the loader's gap to the raw reads into the checks' share and
-    the loader's own), and the loader and the checked reads with the direct reader's Python executor
-    (`*_python`: what runs where the native one is not built), so that the native reader's gain is measured
-    in the same run. The loader runs as a CUDA trainer's does (readers at normal priority; the rate that
-    feeds a GPU), and as a CPU trainer's (`loader_yielding`: readers at nice +10, see `windows`). `rounds`
-    repeats of all seven, in an order that rotates every round (a kind timed right after another runs in its
-    wake: measured here, up to ~10%); medians of per-round ratios.
+    prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into the
+    checks' share and the loader's own), and the loader and the checked reads with the direct reader's
+    Python executor (`*_python`: what runs where the native one is not built), so that the native reader's
+    gain is measured in the same run. `rounds` repeats of all six, in an order that rotates every round (a
+    kind timed right after another runs in its wake: measured here, up to ~10%); medians of per-round ratios.
     Also reported: the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into
     a cache-hot destination, which no loader can use), and plain single-thread zarr reads of the windows."""
     cache = dataclasses.replace(m.cache, compressor="none", dtype="bfloat16")
@@ -203,11 +201,10 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     mb, batch_bytes = len(windows) * T * FEATURE_BYTES_VITG / 1e6, batch * T * FEATURE_BYTES_VITG
     out = torch.ones(batch, T, 256, 1408, dtype=torch.bfloat16)  # [B, T, tokens, D]: touched before the clock
     loaders = {kind: WindowLoader(CachedSource(s, T, views[0]), index, batch, T, 0, threads=threads,
-                                  prefetch=prefetch, yield_to_compute=niced)
-               for kind, s, niced in (("loader", store, False), ("loader_yielding", store, True),
-                                      ("loader_python", python, False))}
+                                  prefetch=prefetch) for kind, s in (("loader", store), ("loader_python", python))}
     kinds: dict[str, Callable[[], float]] = {
-        **{kind: (lambda loader=loader: _loader_reads(loader, batches)) for kind, loader in loaders.items()},
+        "loader": lambda: _loader_reads(loaders["loader"], batches),
+        "loader_python": lambda: _loader_reads(loaders["loader_python"], batches),
         "raw": lambda: _raw_reads(ranges, batch_bytes, threads),
         "raw_mmap": lambda: _raw_reads(ranges, batch_bytes, threads, mapped=True),
         "checked_read": lambda: _checked_reads(store, windows, T, out, threads),
@@ -227,7 +224,6 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
             loader.close()
     vs = {f"{a}_vs_{b}": [x / y for x, y in zip(rates[a], rates[b], strict=True)] for a, b in (
         ("loader", "raw"), ("loader", "raw_mmap"), ("checked_read", "raw"), ("loader_python", "raw"),
-        ("loader_yielding", "raw"),
         ("loader", "loader_python"), ("checked_read", "checked_read_python"))}
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
     return {**{f"{kind}_MBps": float(np.median(r)) for kind, r in rates.items()},

@@ -531,11 +531,9 @@ class _Pending:
 
 
 def _yield_to_compute() -> None:
-    """Reader threads of a CPU trainer run at a lower priority (nice +10, this thread only): their work is
-    prefetched, and on a machine with no spare core a reader that takes a core from torch's intra-op threads
-    in the middle of an operation stalls the whole operation (measured on 2 cores: the cached step ~25%
-    slower). A CUDA trainer's compute is on the GPU, so its readers keep the normal priority: the nice costs
-    the loader ~7% of its reads on 2 cores (the median of 40 adjacent pairs, quartiles 3-15%)."""
+    """Reader threads run at a lower priority (nice +10, this thread only): their work is prefetched, and
+    on a machine with no spare core a reader that takes a core from torch's intra-op threads in the middle
+    of an operation stalls the whole operation (measured on 2 cores: the cached step ~25% slower)."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the normal priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
@@ -550,8 +548,7 @@ class WindowLoader:
     def __init__(self, source: FeatureStore | WindowSource, index: WindowIndex, batch_size: int,
                  frames_per_clip: int, seed: int,
                  rank: int = 0, start_batch: int = 0, threads: int = 4, prefetch: int = 2,
-                 device: torch.device = CPU, pin_memory: bool | None = None, bad: BadViews | None = None,
-                 yield_to_compute: bool | None = None):
+                 device: torch.device = CPU, pin_memory: bool | None = None, bad: BadViews | None = None):
         if frames_per_clip != index.frames_per_clip:
             raise ValueError(f"frames_per_clip {frames_per_clip} != the index's {index.frames_per_clip}")
         if not index.episodes:
@@ -566,9 +563,7 @@ class WindowLoader:
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
         self._alloc: Allocator = pinned if self.pin_memory else BufferPool(keep=prefetch + 3)
-        yield_to_compute = self.device.type == "cpu" if yield_to_compute is None else yield_to_compute
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader",
-                                        initializer=_yield_to_compute if yield_to_compute else None)
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="window-reader", initializer=_yield_to_compute)
         self._pending: deque[_Pending] = deque()
         self._next = start_batch  # the next batch __next__ returns; reads start with the first call
 
