@@ -9,7 +9,10 @@
  *
  * crc32c (Castagnoli, reflected, the `crc32c` codec of zarr v3) by carry-less multiplication: 128-bit
  * lanes of the message are folded forward with PCLMULQDQ (four zmm accumulators with AVX-512 VPCLMULQDQ,
- * four xmm otherwise) and the last lane is reduced with the SSE4.2 crc32 instruction. The folding
+ * four xmm otherwise) and the last lane is reduced with the SSE4.2 crc32 instruction. With AVX-512, three
+ * scalar crc32 streams run beside the vector folding on other execution ports, over their own parts of
+ * each block, and the parts' registers are combined by shifting them over the bytes that follow (a
+ * multiplication by x^(8n) mod P, also one carry-less product): ~18% more than the vector alone here. The folding
  * constants x^(D-1) mod P are computed at import, not copied from anywhere: for a lane X = Xh x^64 + Xl
  * that must move D bits forward, Xh x^(D+64) + Xl x^D is what it contributes, and a carry-less product of
  * two bit-reflected operands comes out shifted by one (hence D-1). On a CPU without these instructions
@@ -126,18 +129,88 @@ static uint32_t crc_vpclmul(uint32_t crc, const uint8_t *p, size_t n) {
     return crc_pclmul((uint32_t)~reduce_lane(lane), p, n); /* the tail, from the register so far */
 }
 
+
+/* -- the hybrid kernel: vector folding and three scalar crc32 streams side by side ----------------- */
+#define H_ITER 64                /* loop iterations per block */
+#define H_S 48                   /* bytes per scalar stream per iteration (measured best of 8-64) */
+#define H_LV (256 * H_ITER)      /* a block: H_LV bytes folded by the vector unit, then three parts of */
+#define H_LS (H_S * H_ITER)      /* H_LS bytes, one per scalar stream */
+#define H_L (H_LV + 3 * H_LS)
+static uint64_t h_shift3, h_shift2, h_shift1, h_shift_block;
+
+/* The multiplier that advances a 32-bit register over n zero bytes: as a 64-bit operand the register
+ * stands for R x^32, and reduce_lane multiplies by x^32, so the lane must move 8n - 64 bits. */
+static uint64_t shift_constant(unsigned nbytes) { return fold_constant(8 * nbytes - 64); }
+
+__attribute__((target("sse4.2,pclmul"))) static uint64_t shift_register(uint64_t c, uint64_t k) {
+    return reduce_lane(_mm_clmulepi64_si128(_mm_cvtsi64_si128((long long)c), _mm_cvtsi64_si128((long long)k), 0));
+}
+
+__attribute__((target("sse4.2"))) static void scalar_step(uint64_t c[3], const uint8_t *s0) {
+    for (int j = 0; j < H_S; j += 8) {
+        uint64_t v;
+        memcpy(&v, s0 + j, 8);
+        c[0] = _mm_crc32_u64(c[0], v);
+        memcpy(&v, s0 + H_LS + j, 8);
+        c[1] = _mm_crc32_u64(c[1], v);
+        memcpy(&v, s0 + 2 * H_LS + j, 8);
+        c[2] = _mm_crc32_u64(c[2], v);
+    }
+}
+
+/* The register of one H_L-byte block from a zero register (blocks are independent: they overlap). */
+__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
+static uint64_t block_register(const uint8_t *p, __m512i k16, __m512i k4, __m128i k1) {
+    const uint8_t *s0 = p + H_LV;
+    __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
+    __m512i x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
+    uint64_t c[3] = {0, 0, 0};
+    scalar_step(c, s0);
+    for (int i = 1; i < H_ITER; i++) {
+        p += 256;
+        s0 += H_S;
+        x0 = fold512(x0, k16, _mm512_loadu_si512(p));
+        x1 = fold512(x1, k16, _mm512_loadu_si512(p + 64));
+        x2 = fold512(x2, k16, _mm512_loadu_si512(p + 128));
+        x3 = fold512(x3, k16, _mm512_loadu_si512(p + 192));
+        scalar_step(c, s0);
+    }
+    x3 = fold512(fold512(fold512(x0, k4, x1), k4, x2), k4, x3);
+    __m128i lane = _mm512_extracti32x4_epi32(x3, 0);
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 1));
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 2));
+    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 3));
+    return shift_register(reduce_lane(lane), h_shift3) ^ shift_register(c[0], h_shift2) ^
+           shift_register(c[1], h_shift1) ^ c[2];
+}
+
+__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
+static uint32_t crc_hybrid(uint32_t crc, const uint8_t *p, size_t n) {
+    if (n < H_L) return crc_vpclmul(crc, p, n);
+    const __m512i k16 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k2048[1], (long long)k2048[0]));
+    const __m512i k4 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k512[1], (long long)k512[0]));
+    const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
+    uint64_t r = (uint32_t)~crc;
+    for (; n >= H_L; p += H_L, n -= H_L) r = shift_register(r, h_shift_block) ^ block_register(p, k16, k4, k1);
+    return crc_vpclmul((uint32_t)~r, p, n); /* the tail, vector only */
+}
+
 static void choose_kernel(void) {
     set_pair(k128, 128);
     set_pair(k512, 512);
     set_pair(k2048, 2048);
+    h_shift3 = shift_constant(3 * H_LS);
+    h_shift2 = shift_constant(2 * H_LS);
+    h_shift1 = shift_constant(H_LS);
+    h_shift_block = shift_constant(H_L);
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("sse4.2") || !__builtin_cpu_supports("pclmul")) return;
     crc_kernel = crc_pclmul;
     kernel_name = "pclmul";
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("vpclmulqdq")) {
-        crc_kernel = crc_vpclmul;
-        kernel_name = "avx512-vpclmul";
+        crc_kernel = crc_hybrid;
+        kernel_name = "vpclmul-crc32";
     }
 }
 #else
@@ -157,6 +230,7 @@ static uint32_t (*kernel_called(const char *name))(uint32_t, const uint8_t *, si
     if (!name || !*name || !strcmp(name, kernel_name)) return crc_kernel;
 #ifdef SHARDIO_X86
     if (!strcmp(name, "pclmul") && crc_kernel) return crc_pclmul; /* every x86 kernel implies pclmul */
+    if (!strcmp(name, "vpclmul") && crc_kernel == crc_hybrid) return crc_vpclmul; /* the hybrid's vector part */
 #endif
     PyErr_Format(PyExc_ValueError, "crc32c kernel '%s' is not available on this CPU (kernel is '%s')", name, kernel_name);
     return NULL;

@@ -17,13 +17,15 @@ try:
 except ImportError:  # built without a C compiler
     _shardio = None
 KERNEL = _shardio.kernel if _shardio else ""
-KERNELS = [k for k in ("pclmul", "avx512-vpclmul") if k == KERNEL or (k == "pclmul" and KERNEL)]  # x86: both
+KERNELS = {"pclmul": ["pclmul"], "vpclmul-crc32": ["pclmul", "vpclmul", "vpclmul-crc32"]}.get(KERNEL, [])
 native = pytest.mark.skipif(not KERNEL, reason="no native reader here (not built, or no crc32c kernel for this "
                                                "CPU): the Python executor runs")
 
 # Lengths around every boundary the kernels branch on (8-byte words, 64-byte xmm blocks, 128 and 512 minimums,
-# 256-byte zmm blocks), a feature row, and a whole ViT-g chunk with its crc32c bytes.
-LENGTHS = [*range(0, 300), 511, 512, 513, 1023, 1024, 1025, 4095, 4096, 4097, 65_536 + 7, 720_896, 4 * 720_896 + 4]
+# 256-byte zmm blocks, the hybrid's 25,600-byte blocks), a feature row, and a whole ViT-g chunk with its crc32c.
+HYBRID_BLOCK = 256 * 64 + 3 * 48 * 64
+LENGTHS = [*range(0, 300), 511, 512, 513, 1023, 1024, 1025, 4095, 4096, 4097, 65_536 + 7, 720_896, 4 * 720_896 + 4,
+           *(k * HYBRID_BLOCK + d for k in (1, 2, 3) for d in (-257, -1, 0, 1, 8, 255, 256))]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
