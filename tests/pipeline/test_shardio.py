@@ -3,7 +3,9 @@ independent crc32c, and its read plans against their contract, byte for byte and
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
@@ -52,11 +54,17 @@ def test_an_unknown_kernel_is_refused() -> None:
         _shardio.crc32c(b"x", 0, "sse-nope")
 
 
-def _file(tmp_path: Path, n: int) -> tuple[Path, np.ndarray]:
+@contextlib.contextmanager
+def _shard(tmp_path: Path, n: int) -> Iterator[tuple[int, np.ndarray]]:
+    """A file of n random bytes, open for reading: (fd, its bytes)."""
     data = np.random.default_rng(n).integers(0, 256, n, np.uint8)
     path = tmp_path / "shard"
     path.write_bytes(data.tobytes())
-    return path, data
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd, data
+    finally:
+        os.close(fd)
 
 
 @native
@@ -64,9 +72,7 @@ def _file(tmp_path: Path, n: int) -> tuple[Path, np.ndarray]:
 def test_a_plan_reads_checksums_and_returns_the_trailers(tmp_path: Path, piece: int) -> None:
     """Rows land at their places, each with the crc32c of its bytes and (trailer 1) the uint32 after them;
     both executors agree, for pieces smaller and larger than the rows."""
-    path, data = _file(tmp_path, 10_000)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _shard(tmp_path, 10_000) as (fd, data):
         plan = np.array([[fd, 0, 5000, 100, 1], [fd, 6000, 3996, 5200, 1], [fd, 9000, 1000, 9200, 0]], np.int64)
         for run in (_shardio.read_plan, shard_reader._read_plan):
             out = np.zeros(10_200, np.uint8)
@@ -76,15 +82,11 @@ def test_a_plan_reads_checksums_and_returns_the_trailers(tmp_path: Path, piece: 
                 assert bytes(out[at : at + n]) == bytes(data[offset : offset + n])
                 assert crc == google_crc32c.value(data[offset : offset + n].tobytes())
                 assert tail == (int(data[offset + n : offset + n + 4].view("<u4")[0]) if trailer else 0)
-    finally:
-        os.close(fd)
 
 
 @native
 def test_a_plan_says_which_row_a_file_ended_inside(tmp_path: Path) -> None:
-    path, _ = _file(tmp_path, 1000)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with _shard(tmp_path, 1000) as (fd, _):
         for rows, short in (([[fd, 0, 500, 0, 0], [fd, 500, 500, 500, 0]], 2),  # all there
                             ([[fd, 0, 500, 0, 0], [fd, 600, 500, 500, 0]], 1),  # the data ends early
                             ([[fd, 0, 996, 0, 1]], 1),  # the data and its trailer end exactly at the end
@@ -92,15 +94,12 @@ def test_a_plan_says_which_row_a_file_ended_inside(tmp_path: Path) -> None:
             for run in (_shardio.read_plan, shard_reader._read_plan):
                 out, crcs, stored = np.zeros(1000, np.uint8), np.zeros(2, np.uint32), np.zeros(2, np.uint32)
                 assert run(out, np.array(rows, np.int64), crcs, stored, 256) == short, (rows, run)
-    finally:
-        os.close(fd)
 
 
 @native
 def test_a_failed_read_is_an_oserror_and_a_bad_plan_a_valueerror(tmp_path: Path) -> None:
-    path, _ = _file(tmp_path, 100)
-    fd = os.open(path, os.O_RDONLY)
-    os.close(fd)  # a closed descriptor: EBADF
+    with _shard(tmp_path, 100) as (fd, _):
+        pass  # closed now: EBADF
     out, crcs, stored = np.zeros(100, np.uint8), np.zeros(1, np.uint32), np.zeros(1, np.uint32)
     with pytest.raises(OSError, match="Bad file descriptor"):
         _shardio.read_plan(out, np.array([[fd, 0, 10, 0, 0]], np.int64), crcs, stored, 256)
