@@ -12,8 +12,8 @@
  * four xmm otherwise) and the last lane is reduced with the SSE4.2 crc32 instruction. With AVX-512, three
  * scalar crc32 streams run beside the vector folding on other execution ports, over their own parts of
  * each block, and the parts' registers are combined by shifting them over the bytes that follow (a
- * multiplication by x^(8n) mod P, also one carry-less product): ~18% more than the vector alone here. The folding
- * constants x^(D-1) mod P are computed at import, not copied from anywhere: for a lane X = Xh x^64 + Xl
+ * multiplication by x^(8n) mod P, also one carry-less product): ~18% more than the vector alone here.
+ * The folding constants x^(D-1) mod P are computed at import, not copied from anywhere: for a lane X = Xh x^64 + Xl
  * that must move D bits forward, Xh x^(D+64) + Xl x^D is what it contributes, and a carry-less product of
  * two bit-reflected operands comes out shifted by one (hence D-1). On a CPU without these instructions
  * (or not x86-64) `kernel` is "" and the Python reader is used instead.
@@ -82,11 +82,12 @@ __attribute__((target("sse4.2,pclmul"))) static __m128i fold128(__m128i x, __m12
     return _mm_xor_si128(_mm_xor_si128(hi, lo), next);
 }
 
+static __m128i pair128(const uint64_t k[2]) { return _mm_set_epi64x((long long)k[1], (long long)k[0]); }
+
 __attribute__((target("sse4.2,pclmul"))) static uint32_t crc_pclmul(uint32_t crc, const uint8_t *p, size_t n) {
     uint64_t c = (uint32_t)~crc;
     if (n >= 128) {
-        const __m128i k4 = _mm_set_epi64x((long long)k512[1], (long long)k512[0]);
-        const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
+        const __m128i k4 = pair128(k512), k1 = pair128(k128);
         __m128i x0 = _mm_loadu_si128((const __m128i *)p), x1 = _mm_loadu_si128((const __m128i *)(p + 16));
         __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32)), x3 = _mm_loadu_si128((const __m128i *)(p + 48));
         x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)(uint32_t)c)); /* the register enters as the first 4 bytes */
@@ -106,29 +107,47 @@ __attribute__((target("avx512f,avx512vl,vpclmulqdq"))) static __m512i fold512(__
     return _mm512_ternarylogic_epi64(hi, lo, next, 0x96); /* hi ^ lo ^ next */
 }
 
-__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
-static uint32_t crc_vpclmul(uint32_t crc, const uint8_t *p, size_t n) {
-    if (n < 512) return crc_pclmul(crc, p, n);
-    const __m512i k16 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k2048[1], (long long)k2048[0]));
-    const __m512i k4 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k512[1], (long long)k512[0]));
-    const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
-    __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
-    __m512i x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
-    x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
-    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
-        x0 = fold512(x0, k16, _mm512_loadu_si512(p));
-        x1 = fold512(x1, k16, _mm512_loadu_si512(p + 64));
-        x2 = fold512(x2, k16, _mm512_loadu_si512(p + 128));
-        x3 = fold512(x3, k16, _mm512_loadu_si512(p + 192));
-    }
-    x3 = fold512(fold512(fold512(x0, k4, x1), k4, x2), k4, x3); /* four accumulators into one */
-    __m128i lane = _mm512_extracti32x4_epi32(x3, 0); /* its four lanes into one */
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 1));
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 2));
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 3));
-    return crc_pclmul((uint32_t)~reduce_lane(lane), p, n); /* the tail, from the register so far */
+#define AVX512 "avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul"
+
+/* The folding constants of the AVX-512 kernels, as vectors: 256 bytes forward, 64 bytes, one lane. */
+typedef struct {
+    __m512i k16, k4;
+    __m128i k1;
+} ZmmConstants;
+
+__attribute__((target(AVX512))) static ZmmConstants zmm_constants(void) {
+    ZmmConstants k = {_mm512_broadcast_i32x4(pair128(k2048)), _mm512_broadcast_i32x4(pair128(k512)), pair128(k128)};
+    return k;
 }
 
+/* Four zmm accumulators: loaded from p[0..256) with the register `reg` entering as its first 4 bytes,
+ * then folded over every further 256 bytes up to `end`. */
+__attribute__((target(AVX512))) static inline void fold_blocks(__m512i x[4], const uint8_t *p, const uint8_t *end,
+                                                             uint32_t reg, __m512i k16) {
+    for (int i = 0; i < 4; i++) x[i] = _mm512_loadu_si512(p + 64 * i);
+    x[0] = _mm512_xor_si512(x[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)reg)));
+    for (p += 256; p < end; p += 256)
+        for (int i = 0; i < 4; i++) x[i] = fold512(x[i], k16, _mm512_loadu_si512(p + 64 * i));
+}
+
+/* The register of four accumulators: they fold into one, its four lanes into one, that lane is reduced. */
+__attribute__((target(AVX512))) static inline uint64_t accumulators_register(const __m512i x[4], ZmmConstants k) {
+    __m512i y = fold512(fold512(fold512(x[0], k.k4, x[1]), k.k4, x[2]), k.k4, x[3]);
+    __m128i lane = _mm512_extracti32x4_epi32(y, 0);
+    lane = fold128(lane, k.k1, _mm512_extracti32x4_epi32(y, 1));
+    lane = fold128(lane, k.k1, _mm512_extracti32x4_epi32(y, 2));
+    lane = fold128(lane, k.k1, _mm512_extracti32x4_epi32(y, 3));
+    return reduce_lane(lane);
+}
+
+__attribute__((target(AVX512))) static uint32_t crc_vpclmul(uint32_t crc, const uint8_t *p, size_t n) {
+    if (n < 512) return crc_pclmul(crc, p, n);
+    const ZmmConstants k = zmm_constants();
+    const uint8_t *end = p + n / 256 * 256;
+    __m512i x[4];
+    fold_blocks(x, p, end, ~crc, k.k16);
+    return crc_pclmul((uint32_t)~accumulators_register(x, k), end, n % 256); /* the tail, from the register */
+}
 
 /* -- the hybrid kernel: vector folding and three scalar crc32 streams side by side ----------------- */
 #define H_ITER 64                /* loop iterations per block */
@@ -158,40 +177,30 @@ __attribute__((target("sse4.2"))) static void scalar_step(uint64_t c[3], const u
     }
 }
 
-/* The register of one H_L-byte block from a zero register (blocks are independent: they overlap). */
-__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
-static uint64_t block_register(const uint8_t *p, __m512i k16, __m512i k4, __m128i k1) {
+/* The register of one H_L-byte block from a zero register (blocks are independent: they overlap). The
+ * vector part is folded 256 bytes at a time with H_S bytes of each scalar stream between, so that both
+ * kinds of instruction are in flight together. */
+__attribute__((target(AVX512))) static uint64_t block_register(const uint8_t *p, ZmmConstants k) {
     const uint8_t *s0 = p + H_LV;
-    __m512i x0 = _mm512_loadu_si512(p), x1 = _mm512_loadu_si512(p + 64);
-    __m512i x2 = _mm512_loadu_si512(p + 128), x3 = _mm512_loadu_si512(p + 192);
+    __m512i x[4];
     uint64_t c[3] = {0, 0, 0};
+    fold_blocks(x, p, p + 256, 0, k.k16);
     scalar_step(c, s0);
     for (int i = 1; i < H_ITER; i++) {
         p += 256;
         s0 += H_S;
-        x0 = fold512(x0, k16, _mm512_loadu_si512(p));
-        x1 = fold512(x1, k16, _mm512_loadu_si512(p + 64));
-        x2 = fold512(x2, k16, _mm512_loadu_si512(p + 128));
-        x3 = fold512(x3, k16, _mm512_loadu_si512(p + 192));
+        for (int j = 0; j < 4; j++) x[j] = fold512(x[j], k.k16, _mm512_loadu_si512(p + 64 * j));
         scalar_step(c, s0);
     }
-    x3 = fold512(fold512(fold512(x0, k4, x1), k4, x2), k4, x3);
-    __m128i lane = _mm512_extracti32x4_epi32(x3, 0);
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 1));
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 2));
-    lane = fold128(lane, k1, _mm512_extracti32x4_epi32(x3, 3));
-    return shift_register(reduce_lane(lane), h_shift3) ^ shift_register(c[0], h_shift2) ^
+    return shift_register(accumulators_register(x, k), h_shift3) ^ shift_register(c[0], h_shift2) ^
            shift_register(c[1], h_shift1) ^ c[2];
 }
 
-__attribute__((target("avx512f,avx512vl,vpclmulqdq,sse4.2,pclmul")))
-static uint32_t crc_hybrid(uint32_t crc, const uint8_t *p, size_t n) {
+__attribute__((target(AVX512))) static uint32_t crc_hybrid(uint32_t crc, const uint8_t *p, size_t n) {
     if (n < H_L) return crc_vpclmul(crc, p, n);
-    const __m512i k16 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k2048[1], (long long)k2048[0]));
-    const __m512i k4 = _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k512[1], (long long)k512[0]));
-    const __m128i k1 = _mm_set_epi64x((long long)k128[1], (long long)k128[0]);
+    const ZmmConstants k = zmm_constants();
     uint64_t r = (uint32_t)~crc;
-    for (; n >= H_L; p += H_L, n -= H_L) r = shift_register(r, h_shift_block) ^ block_register(p, k16, k4, k1);
+    for (; n >= H_L; p += H_L, n -= H_L) r = shift_register(r, h_shift_block) ^ block_register(p, k);
     return crc_vpclmul((uint32_t)~r, p, n); /* the tail, vector only */
 }
 

@@ -71,7 +71,11 @@ class ShardedRowReader(ShardLayout):
         self._concat = Concat(self.row_bytes)
         self._index: dict[int, np.ndarray] = {}  # shard -> [per_shard, 2] (offset, nbytes); immutable files
         self._lock = threading.Lock()
-        self.native = NATIVE  # which executor runs the plans (tests compare the two)
+        self.native = NATIVE  # which executor runs the plans (tests and the bench compare the two)
+
+    def use_native(self, on: bool) -> None:
+        """Run the plans natively (where the extension has a kernel for this CPU) or in Python."""
+        self.native = on and bool(KERNEL)
 
     def read(self, a: int, b: int, out: np.ndarray, want: Sequence[int], whole_chunks: bool = False) -> int | None:
         """Rows a..b-1 into `out` (a C-contiguous array of exactly (b - a) rows' bytes), checked against `want`,

@@ -68,7 +68,7 @@ from pipeline.records import (
     parse_commit,
     parse_failure,
 )
-from pipeline.shard_reader import KERNEL, ShardedRowReader
+from pipeline.shard_reader import ShardedRowReader
 
 FORMAT_VERSION = COMMIT_VERSION
 log = logging.getLogger("pipeline.store")
@@ -288,7 +288,7 @@ class FeatureStore:
             folder = f"{self.root}/{view.location}/features"
             reader = ShardedRowReader.for_array(folder, arr) if self.is_local else None
             if reader is not None and self.native_reads is not None:
-                reader.native = self.native_reads and bool(KERNEL)
+                reader.use_native(self.native_reads)
             self._readers[view.location] = reader
         return self._readers[view.location]
 
