@@ -43,6 +43,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import fsspec
@@ -68,7 +69,7 @@ from pipeline.records import (
     parse_commit,
     parse_failure,
 )
-from pipeline.shard_reader import ShardedRowReader
+from pipeline.shard_reader import Request, ShardedRowReader, read_many
 
 FORMAT_VERSION = COMMIT_VERSION
 log = logging.getLogger("pipeline.store")
@@ -112,6 +113,7 @@ class FeatureStore:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._readers: dict[str, ShardedRowReader | None] = {}  # attempt location -> fast features reader
+        self._direct_readers: dict[tuple[str, torch.dtype, tuple[int, ...]], ShardedRowReader | None] = {}
         self.bad_records: dict[str, str] = {}  # path -> what is wrong, for the records met so far
 
     # -- open / create -------------------------------------------------------------------------
@@ -250,20 +252,8 @@ class FeatureStore:
         around the rows are checked whole where zarr reads them and, on the direct path, with
         `whole_chunks` (verify); training's reads check the chunks they read whole, and the rows.
         """
-        if start < 0 or start + length > view.length:
-            raise StoreError(f"window {start}+{length} outside view {view.view_id} of {view.length} frames")
-        arr = self.array(view, "features")
+        arr, out, target = self._target(view, start, length, out)
         rows = slice(view.start + start, view.start + start + length)
-        logical = arr.attrs.get("logical_dtype")
-        if logical not in TORCH_DTYPES:
-            raise DamagedDataError(self.where(view, "features"), f"logical_dtype {logical!r} in zarr.json")
-        if out is None:
-            out = torch.empty((length, *arr.shape[1:]), dtype=TORCH_DTYPES[logical])
-        elif TORCH_DTYPES[logical] != out.dtype or tuple(arr.shape[1:]) != tuple(out.shape[1:]):
-            raise StoreError(f"{view.location} holds {logical} {tuple(arr.shape[1:])} features, "
-                             f"the buffer is {out.dtype} {tuple(out.shape[1:])}")
-        bits = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out  # bf16 is stored as its bits
-        target = bits.numpy()
         fast = self._fast_reader(view, arr)
         want = view.digests["features"][start : start + length]
         try:
@@ -281,6 +271,74 @@ class FeatureStore:
             raise DamagedDataError(self.where(view, "features", slice(rows.start + bad, rows.start + bad + 1)),
                                    f"row {start + bad} of the view is not what was committed (crc32c)")
         return out
+
+    def _target(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None
+                ) -> tuple[zarr.Array, torch.Tensor, np.ndarray]:
+        """The features array of a window, the tensor it is read into (`out`, checked, or a new one) and the
+        numpy array over that tensor's bytes (bf16 is stored as its bits)."""
+        if start < 0 or start + length > view.length:
+            raise StoreError(f"window {start}+{length} outside view {view.view_id} of {view.length} frames")
+        arr = self.array(view, "features")
+        logical = arr.attrs.get("logical_dtype")
+        if logical not in TORCH_DTYPES:
+            raise DamagedDataError(self.where(view, "features"), f"logical_dtype {logical!r} in zarr.json")
+        if out is None:
+            out = torch.empty((length, *arr.shape[1:]), dtype=TORCH_DTYPES[logical])
+        elif TORCH_DTYPES[logical] != out.dtype or tuple(arr.shape[1:]) != tuple(out.shape[1:]):
+            raise StoreError(f"{view.location} holds {logical} {tuple(arr.shape[1:])} features, "
+                             f"the buffer is {out.dtype} {tuple(out.shape[1:])}")
+        bits = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out
+        return arr, out, bits.numpy()
+
+    def read_windows(self, out: torch.Tensor, windows: Sequence[tuple[int, ViewRecord, int]],
+                     length: int) -> list[DamagedDataError | None]:
+        """Windows (row of `out`, view, start) of `length` rows each into out[row]: for each, what
+        `read_features` gives, or the `DamagedDataError` it raises (then out[row] holds nothing usable).
+
+        `out` is a contiguous CPU tensor [rows, length, tokens, D] of the stored dtype (a batch buffer).
+        The windows on the direct path are read together, in one read plan (`shard_reader.read_many`: the
+        loader's reads cost ~10% less so); any other window, and any that is not read clean, goes through
+        `read_features` alone, so that its damage is named exactly as there.
+        """
+        if not out.is_contiguous() or out.dim() < 2 or out.shape[1] != length:
+            raise ValueError(f"read_windows reads {length}-row windows into a contiguous [rows, {length}, ...] "
+                             f"tensor, not {tuple(out.shape)}")
+        flat = (out.view(torch.uint16) if out.dtype == torch.bfloat16 else out).numpy().reshape(-1).view(np.uint8)
+        window_bytes = flat.nbytes // max(len(out), 1)
+        requests, together = [], []
+        for k, (row, view, start) in enumerate(windows):
+            fast = self._direct(view, out)
+            if fast is not None and 0 <= start <= view.length - length and 0 <= row < len(out):
+                a = view.start + start
+                requests.append(Request(fast, a, a + length, row * window_bytes,
+                                        view.digests["features"][start : start + length]))
+                together.append(k)
+        try:
+            done = read_many(flat, requests)
+        except Exception:  # an I/O error, say: each window read alone below raises it, named
+            done = [False] * len(requests)
+        clean = {k for k, d in zip(together, done, strict=True) if d}
+        errors: list[DamagedDataError | None] = [None] * len(windows)
+        for k, (row, view, start) in enumerate(windows):
+            if k not in clean:
+                try:
+                    self.read_features(view, start, length, out=out[row])
+                except DamagedDataError as err:
+                    errors[k] = err
+        return errors
+
+    def _direct(self, view: ViewRecord, out: torch.Tensor) -> ShardedRowReader | None:
+        """The direct reader of a view's features where they can be read into `out`'s rows as they are, else
+        None (then `read_features` reads them, or says why not). Looked up once per attempt and buffer
+        layout: these checks ran for every window before, and cost more than its reading's own Python."""
+        key = (view.location, out.dtype, tuple(out.shape[2:]))
+        if key not in self._direct_readers:
+            try:
+                arr, _, _ = self._target(view, 0, 0, out[0])
+                self._direct_readers[key] = self._fast_reader(view, arr)
+            except (DamagedDataError, StoreError):
+                self._direct_readers[key] = None
+        return self._direct_readers[key]
 
     def _fast_reader(self, view: ViewRecord, arr: zarr.Array) -> ShardedRowReader | None:
         """The direct shard reader of a view's features, where the layout and a local disk allow it."""

@@ -299,7 +299,7 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; memcpy out of "
              f"maps already populated {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}); reads into a "
              f"cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s; the checked reads alone "
-             f"(read_features on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
+             f"(its read_windows calls on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
              f"{ld['checked_read_vs_raw']:.2f} of raw",
              f"  reader: {_reader_line(ld)}",
              f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "

@@ -175,15 +175,17 @@ def write_views(store: FeatureStore, feats: torch.Tensor, cache: CacheSection,
 def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, batch: int = 8,
                  T: int = 16, rounds: int = 9) -> dict[str, Any]:
     """The window loader at ViT-g sizes (batches of `batch` x `T` frames of 256 x 1408 bf16, random values,
-    in a real store of `frames` rows, after a warm-up to the steady state) against plain reads of exactly
-    the same bytes: `preadv` of the windows' rows in their shard files into a batch-sized buffer, on as
-    many threads as the loader has (no checks, no batching) -- the least any loader must do to put the
-    bytes in memory with read calls -- and memcpy of the same bytes out of a map of each file, mapped and
-    populated once (`raw_mmap`: the least with a map; the loader does not map, see `shard_reader`).
-    Also timed each round: the checked reads alone (`checked_read`: `FeatureStore.read_features` of the
-    same windows on as many threads into one batch buffer -- the loader's reads without its batching,
-    prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into the
-    checks' share and the loader's own), and the loader and the checked reads with the direct reader's
+    in a real store of `frames` rows, its buffers allocated in a warm-up) in the steady state of training --
+    `batches` batches timed from the delivery of batch `prefetch` + 1 on, so that its prefetching is under
+    way when the clock starts as when it stops -- against plain reads of exactly the same bytes: `preadv` of
+    the windows' rows in their shard files into a batch-sized buffer, on as many threads as the loader has
+    (no checks, no batching) -- the least any loader must do to put the bytes in memory with read calls --
+    and memcpy of the same bytes out of a map of each file, mapped and populated once (`raw_mmap`: the least
+    with a map; the loader does not map, see `shard_reader`).
+    Also timed each round: the checked reads alone (`checked_read`: the loader's `read_windows` calls for the
+    same windows, each thread its share of each batch into one batch buffer -- the loader's reads without
+    its prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into
+    the checks' share and the loader's own), and the loader and the checked reads with the direct reader's
     Python executor (`*_python`: what runs where the native one is not built), so that the native reader's
     gain is measured in the same run. `rounds` repeats of all six, in an order that rotates every round (a
     kind timed right after another runs in its wake: measured here, up to ~10%); medians of per-round ratios.
@@ -196,15 +198,16 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     os.sync()  # written back now, not while the reads are timed
     threads, prefetch = m.train.loader_threads, m.train.prefetch_batches
     index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")  # short views
-    windows = [w for b in range(batches) for w in sample_batch(index, batch, 0, 0, b)]
+    lead = prefetch + 1  # batches the loader delivers before the clock starts
+    windows = [w for b in range(lead, lead + batches) for w in sample_batch(index, batch, 0, 0, b)]
     ranges = _chunk_ranges(store, windows, T)
     mb, batch_bytes = len(windows) * T * FEATURE_BYTES_VITG / 1e6, batch * T * FEATURE_BYTES_VITG
     out = torch.ones(batch, T, 256, 1408, dtype=torch.bfloat16)  # [B, T, tokens, D]: touched before the clock
     loaders = {kind: WindowLoader(CachedSource(s, T, views[0]), index, batch, T, 0, threads=threads,
                                   prefetch=prefetch) for kind, s in (("loader", store), ("loader_python", python))}
     kinds: dict[str, Callable[[], float]] = {
-        "loader": lambda: _loader_reads(loaders["loader"], batches),
-        "loader_python": lambda: _loader_reads(loaders["loader_python"], batches),
+        "loader": lambda: _loader_reads(loaders["loader"], lead, batches),
+        "loader_python": lambda: _loader_reads(loaders["loader_python"], lead, batches),
         "raw": lambda: _raw_reads(ranges, batch_bytes, threads),
         "raw_mmap": lambda: _raw_reads(ranges, batch_bytes, threads, mapped=True),
         "checked_read": lambda: _checked_reads(store, windows, T, out, threads),
@@ -234,10 +237,13 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
             "rounds": rounds, "windows": len(windows), "window_MB": T * FEATURE_BYTES_VITG / 1e6}
 
 
-def _loader_reads(loader: WindowLoader, batches: int) -> float:
-    """Seconds for `loader` to deliver batches 0..batches-1 (the same windows every time), from a standing
-    start; its prefetched reads finish after the clock, not during the next kind's."""
+def _loader_reads(loader: WindowLoader, lead: int, batches: int) -> float:
+    """Seconds for `loader` to deliver batches lead..lead+batches-1 after delivering batches 0..lead-1 (the
+    same windows every time): what it keeps up with in training, its reads ahead in flight at both ends of
+    the clock. Its prefetched reads finish after the clock, not during the next kind's."""
     loader.load_state_dict({"batch_number": 0, "seed": 0, "rank": 0})
+    for _ in range(lead):
+        next(loader)
     t0 = time.perf_counter()
     for _ in range(batches):
         next(loader)
@@ -257,13 +263,18 @@ def _zarr_reads(store: FeatureStore, windows: list[Any], T: int) -> float:
 
 
 def _checked_reads(store: FeatureStore, windows: list[Any], T: int, out: torch.Tensor, threads: int) -> float:
-    """Seconds to read the windows through `FeatureStore.read_features` (checked, as the loader reads them)
-    on `threads` threads, window k into row k % B of `out` [B, T, tokens, D]."""
-    def read(part: list[tuple[int, Any]]) -> None:
-        for k, w in part:
-            store.read_features(w.view, w.start, T, out=out[k % out.shape[0]])
+    """Seconds to read the windows as the loader's reader threads read them, without the loader: batch by
+    batch into the rows of `out` [B, T, tokens, D], each of `threads` threads reading its share of every
+    batch with one `FeatureStore.read_windows` call (checked)."""
+    B = out.shape[0]
+    shares = [s.tolist() for s in np.array_split(np.arange(B), threads) if len(s)]
 
-    return _timed_on_threads(read, list(enumerate(windows)), threads)
+    def read(part: list[tuple[int, list[int]]]) -> None:
+        for first, rows in part:
+            store.read_windows(out, [(i, windows[first + i].view, windows[first + i].start) for i in rows], T)
+
+    return _timed_on_threads(read, [(first, rows) for first in range(0, len(windows), B) for rows in shares],
+                             threads)
 
 
 def _timed_on_threads(read: Callable[[list[Any]], None], items: list[Any], threads: int) -> float:

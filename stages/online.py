@@ -13,12 +13,14 @@ the same losses (within float noise of other batch compositions; tested on an fp
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.errors import DamagedDataError
 from pipeline.manifest import Manifest
 from pipeline.part_writer import TORCH_DTYPES
 from pipeline.records import ViewRecord
@@ -33,7 +35,7 @@ from stages.droid import (
 )
 from stages.part import episode_jobs
 from stages.plan import EpisodeTask
-from stages.windows import Batch, Window, _Buffers
+from stages.windows import Batch, Window, _Buffers, fill_each
 
 log = logging.getLogger("pipeline.online")
 
@@ -78,8 +80,12 @@ class OnlineSource:
         S = self.crop.size
         return _Buffers.empty(batch, self.T, (3, S, S), torch.float32, alloc, pixels=True)
 
+    def fill_many(self, buffers: _Buffers, slots: Sequence[tuple[int, Window]]) -> list[DamagedDataError | None]:
+        """Each window decoded in turn (a reader thread): decoding, not the call, is what a window costs."""
+        return fill_each(self.fill, buffers, slots)
+
     def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
-        """Decode, crop and preprocess one window into row i (a reader thread)."""
+        """Decode, crop and preprocess one window into row i."""
         d, s = self.data[window.view.view_id], window.start
         frames = decode_frames(d.episode, d.indices[s : s + self.T], self.decode_threads)  # [T, H, W, 3]
         crops = np.ascontiguousarray(crop_frames(frames, CropBox(*window.view.box)))  # [T, h, w, 3]

@@ -17,11 +17,11 @@ Sampling follows the release: an episode uniformly, then a camera uniformly, the
 uniformly among the starts the episode's views hold, in the release's range (one stored frame must
 follow the window), then one of the crop draws holding it. With `views.phase: all` the views hold every
 raw start, so the draw is the release's exactly; with one phase per view it is the release's restricted
-to the stored phases. Reads run on a thread pool (zarr releases the GIL for file I/O and
-decoding), a few batches ahead of the trainer. Measured on 2 vCPUs from the page cache with ViT-g
-sized windows (16 x 256 x 1408 bf16): ~1.3 GB/s into fresh CPU buffers, ~2 GB/s into recycled ones
-(what the pinned-memory cache gives a CUDA trainer); zarr-python keeps it at about one core, so more
-threads hide disk or object-store latency rather than add decode speed.
+to the stored phases. Reads run on a thread pool, a few batches ahead of the trainer: each reader thread
+reads its share of a batch with one `FeatureStore.read_windows` call (the direct shard reader, native,
+GIL released; zarr for compressed or remote stores), 7-15 GB/s of ViT-g windows on 2 vCPUs from the
+page cache (README, "Performance"), so one loader keeps many GPUs fed; more threads hide disk or
+object-store latency.
 """
 
 from __future__ import annotations
@@ -452,15 +452,17 @@ class _Buffers:
         self.actions.numpy()[i] = actions
         self.states.numpy()[i] = states
 
-    def narrow(self, n: int) -> _Buffers:
-        """The first n rows (evaluation batches that left damaged windows out)."""
-        return _Buffers(self.data[:n], self.actions[:n], self.states[:n], self.pixels)
+    def rows(self, kept: Tensor) -> _Buffers:
+        """Copies of the rows `kept` [n] (evaluation batches that left damaged windows out)."""
+        return _Buffers(self.data[kept], self.actions[kept], self.states[kept], self.pixels)
 
     def to_batch(self, device: torch.device, batch_number: int, wait: float, windows: list[Window]) -> Batch:
-        nb = self.data.is_pinned()
-        data = self.data.to(device, non_blocking=nb)
-        return Batch(None if self.pixels else data, self.actions.to(device, non_blocking=nb),
-                     self.states.to(device, non_blocking=nb), batch_number, wait, windows,
+        if device.type == "cpu":  # these tensors as they are (no dispatch: this runs in the trainer per batch)
+            data, actions, states = self.data, self.actions, self.states
+        else:
+            nb = self.data.is_pinned()
+            data, actions, states = (t.to(device, non_blocking=nb) for t in (self.data, self.actions, self.states))
+        return Batch(None if self.pixels else data, actions, states, batch_number, wait, windows,
                      data if self.pixels else None)
 
 
@@ -469,7 +471,10 @@ class WindowSource(Protocol):
 
     def empty(self, batch: int, alloc: Allocator) -> _Buffers: ...
 
-    def fill(self, buffers: _Buffers, i: int, window: Window) -> None: ...
+    def fill_many(self, buffers: _Buffers, slots: Sequence[tuple[int, Window]]) -> list[DamagedDataError | None]:
+        """Read each (row, window) into its row (a reader thread; rows are disjoint): None for each read, or
+        the damage found in its view (its row then holds nothing usable)."""
+        ...
 
 
 class CachedSource:
@@ -482,10 +487,29 @@ class CachedSource:
     def empty(self, batch: int, alloc: Allocator) -> _Buffers:
         return _Buffers.empty(batch, self.T, (self.tokens, self.dim), self.dtype, alloc, pixels=False)
 
-    def fill(self, buffers: _Buffers, i: int, window: Window) -> None:
-        """Read one window into row i (runs on a reader thread; rows are disjoint)."""
-        self.store.read_features(window.view, window.start, self.T, out=buffers.data[i])
-        buffers.put_rows(i, *_window_rows(self.store, window, self.T))
+    def fill_many(self, buffers: _Buffers, slots: Sequence[tuple[int, Window]]) -> list[DamagedDataError | None]:
+        """The windows' features in one call (`FeatureStore.read_windows`), then their actions and states."""
+        errors = self.store.read_windows(buffers.data, [(i, w.view, w.start) for i, w in slots], self.T)
+        for k, (i, w) in enumerate(slots):
+            if errors[k] is None:
+                try:
+                    buffers.put_rows(i, *_window_rows(self.store, w, self.T))
+                except DamagedDataError as err:
+                    errors[k] = err
+        return errors
+
+
+def fill_each(fill: Callable[[_Buffers, int, Window], None], buffers: _Buffers,
+              slots: Sequence[tuple[int, Window]]) -> list[DamagedDataError | None]:
+    """`WindowSource.fill_many` for a source that reads one window at a time with `fill`."""
+    errors: list[DamagedDataError | None] = []
+    for i, w in slots:
+        try:
+            fill(buffers, i, w)
+            errors.append(None)
+        except DamagedDataError as err:
+            errors.append(err)
+    return errors
 
 
 def feature_layout(store: FeatureStore, view: ViewRecord) -> tuple[int, int, torch.dtype]:
@@ -502,19 +526,20 @@ def load_windows(source: WindowSource, windows: list[Window], device: torch.devi
     if not windows:
         raise ValueError("load_windows needs at least one window")
     bad = bad or BadViews()
-    buffers = source.empty(len(windows), plain)
-    kept: list[Window] = []
-    for w in windows:
-        if w.view in bad:
-            continue
-        try:
-            source.fill(buffers, len(kept), w)
-            kept.append(w)
-        except DamagedDataError as err:
+    todo = [w for w in windows if w.view not in bad]
+    if not todo:
+        return None
+    buffers = source.empty(len(todo), plain)
+    errors = source.fill_many(buffers, list(enumerate(todo)))
+    for w, err in zip(todo, errors, strict=True):
+        if err is not None:
             bad.met(w.view, err)
+    kept = [k for k, err in enumerate(errors) if err is None]
     if not kept:
         return None
-    return buffers.narrow(len(kept)).to_batch(device, -1, 0.0, kept)
+    if len(kept) < len(todo):  # only the rows of the sound windows
+        buffers = buffers.rows(torch.tensor(kept))
+    return buffers.to_batch(device, -1, 0.0, [todo[k] for k in kept])
 
 
 # -- the training loader -----------------------------------------------------------------------------
@@ -558,7 +583,7 @@ class WindowLoader:
         self.index, self.batch_size, self.T = index, batch_size, frames_per_clip
         first = index.views_of(index.episodes[0])[0]
         self.source = CachedSource(source, frames_per_clip, first) if isinstance(source, FeatureStore) else source
-        self.seed, self.rank, self.prefetch = seed, rank, prefetch
+        self.seed, self.rank, self.prefetch, self.threads = seed, rank, prefetch, threads
         self.bad = bad or BadViews()
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
@@ -592,25 +617,31 @@ class WindowLoader:
         return pending.buffers.to_batch(self.device, pending.batch_number, wait, pending.windows)
 
     def _fill(self, upto: int) -> None:
-        """Submit the reads of every batch before `upto` that is not yet in flight."""
+        """Submit the reads of every batch before `upto` that is not yet in flight: one task per reader thread,
+        each a contiguous share of the batch's rows (read in one call, see `FeatureStore.read_windows`)."""
         b = self._pending[-1].batch_number + 1 if self._pending else self._next
+        shares = [s for s in np.array_split(np.arange(self.batch_size), self.threads) if len(s)]
         for number in range(b, upto):
             windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
             buffers = self.source.empty(self.batch_size, self._alloc)
-            reads = [self._pool.submit(self._read, buffers, windows, i, number) for i in range(len(windows))]
+            reads = [self._pool.submit(self._read, buffers, windows, s.tolist(), number) for s in shares]
             self._pending.append(_Pending(number, windows, buffers, reads))
 
-    def _read(self, buffers: _Buffers, windows: list[Window], i: int, number: int) -> None:
-        """Read window i into its row (a reader thread); a damaged view's window is replaced (skip policy)."""
-        for attempt in range(1 << 16):
-            window = windows[i]
-            if window.view not in self.bad:
-                try:
-                    self.source.fill(buffers, i, window)
-                    return
-                except DamagedDataError as err:
-                    self.bad.met(window.view, err)
-            windows[i] = replacement_window(self.index, self.seed, self.rank, number, i, attempt, self.bad)
+    def _read(self, buffers: _Buffers, windows: list[Window], rows: list[int], number: int) -> None:
+        """Read the windows of `rows` into their rows (a reader thread). Under the skip policy the window of a
+        damaged view is replaced by the next of its row's replacement draws (`replacement_window`) until one
+        reads clean: the outcome depends only on which views are damaged, not on the threads' timing."""
+        attempts = dict.fromkeys(rows, 0)
+        while rows:
+            for i in rows:
+                while windows[i].view in self.bad:  # damaged (found by any thread): the next draw
+                    windows[i] = replacement_window(self.index, self.seed, self.rank, number, i, attempts[i], self.bad)
+                    attempts[i] += 1
+            errors = self.source.fill_many(buffers, [(i, windows[i]) for i in rows])
+            for i, err in zip(rows, errors, strict=True):
+                if err is not None:
+                    self.bad.met(windows[i].view, err)  # raises under the raise policy
+            rows = [i for i, err in zip(rows, errors, strict=True) if err is not None]
 
     def settle(self) -> None:
         """Wait until every read in flight has finished (errors stay for `next` to raise): a benchmark

@@ -328,3 +328,83 @@ def test_the_direct_reader_checks_every_byte_it_delivers(tmp_path: Path, whole_c
                 assert torch.equal(fresh.read_features(rec, 1, 4, whole_chunks=whole_chunks),
                                    feats[1:5].to(torch.bfloat16)), at
         path.write_bytes(clean)
+
+
+# -- windows read together (the training loader's reads) ------------------------------------------------
+
+
+def _two_attempts(url: str) -> tuple[dict[str, torch.Tensor], dict[str, ViewRecord]]:
+    """Two parts (two attempts, so two direct readers) of 8 and 9 rows: rows of 16 bytes, chunks of 2 rows,
+    shards of 4."""
+    store = FeatureStore(url, {"x": 1}).create()
+    feats = {"v": torch.randn(8, 2, 4), "w": torch.randn(9, 2, 4)}
+    write_attempt(store, "p", feats["v"], [view("v", 0, 8)])
+    write_attempt(store, "q", feats["w"], [view("w", 0, 9, episode="e2")])
+    return feats, store.committed_views()
+
+
+def _all_windows(views: dict[str, ViewRecord], n: int) -> list[tuple[int, ViewRecord, int]]:
+    """Every n-row window of both views, interleaved, into the rows of a batch in reverse order."""
+    starts = [(v, a) for a in range(10) for v in views.values() if a + n <= v.length]
+    return [(len(starts) - 1 - k, v, a) for k, (v, a) in enumerate(starts)]
+
+
+def _agrees_with_read_alone(store: FeatureStore, windows: list[tuple[int, ViewRecord, int]], n: int) -> bool:
+    """read_windows gives, window for window, what read_features gives alone: the rows, or the same error."""
+    out = torch.empty(len(windows), n, 2, 4, dtype=torch.bfloat16)
+    errors = store.read_windows(out, windows, n)
+    for (row, rec, a), err in zip(windows, errors, strict=True):
+        try:
+            alone = store.read_features(rec, a, n)
+        except DamagedDataError as expected:
+            if err is None or str(err) != str(expected):
+                return False
+            continue
+        if err is not None or not torch.equal(out[row], alone):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_windows_read_together_are_the_committed_rows(tmp_path: Path, local: bool, executor: str) -> None:
+    url = str(tmp_path) if local else f"memory://bucket/together-{executor}"
+    feats, views = _two_attempts(url)
+    windows = _all_windows(views, 3)
+    out = torch.zeros(len(windows), 3, 2, 4, dtype=torch.bfloat16)
+    assert FeatureStore(url, {"x": 1}).read_windows(out, windows, 3) == [None] * len(windows)
+    for row, rec, a in windows:
+        assert torch.equal(out[row], feats[rec.view_id][a : a + 3].to(torch.bfloat16)), (rec.view_id, a)
+    with pytest.raises(ValueError, match="contiguous"):
+        FeatureStore(url, {"x": 1}).read_windows(out[:, :2], windows, 2)
+
+
+def test_damage_read_together_is_named_as_read_alone(tmp_path: Path, executor: str) -> None:
+    """Each byte of a part's two shard files flipped in turn, a shard cut short, one deleted, a row whose
+    record is of other bytes: windows read together (one read plan) come back as each does alone -- the
+    same rows, or the same error naming the same file -- and the other part's windows are exact."""
+    _, views = _two_attempts(str(tmp_path))
+    windows = _all_windows(views, 3)
+    rec = views["v"]
+    store = FeatureStore(str(tmp_path), {"x": 1})
+    paths = [_shard_file(store, rec, "features", shard) for shard in (0, 1)]
+    for path in paths:
+        clean = path.read_bytes()
+        for at in range(len(clean)):
+            damaged = bytearray(clean)
+            damaged[at] ^= 0x04
+            path.write_bytes(bytes(damaged))
+            assert _agrees_with_read_alone(FeatureStore(str(tmp_path), {"x": 1}), windows, 3), (path, at)
+        path.write_bytes(clean)
+        for broken in (clean[: 2 * 36] + clean[3 * 36 :], b""):  # a chunk lost (index kept); nothing
+            path.write_bytes(broken)
+            assert _agrees_with_read_alone(FeatureStore(str(tmp_path), {"x": 1}), windows, 3), path
+        path.unlink()
+        assert _agrees_with_read_alone(FeatureStore(str(tmp_path), {"x": 1}), windows, 3), path
+        path.write_bytes(clean)
+    rec.digests["features"][5] ^= 1
+    fresh = FeatureStore(str(tmp_path), {"x": 1})
+    assert _agrees_with_read_alone(fresh, windows, 3)
+    out = torch.empty(len(windows), 3, 2, 4, dtype=torch.bfloat16)
+    errors = fresh.read_windows(out, windows, 3)
+    assert {(r.view_id, a) for (_, r, a), e in zip(windows, errors, strict=True) if e} == {("v", 3), ("v", 4),
+                                                                                             ("v", 5)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import threading
 from collections import Counter
@@ -20,6 +21,7 @@ from stages.buffer_pool import BufferPool
 from stages.extract import extract
 from stages.fingerprint import fingerprint_spec
 from stages.windows import (
+    BadViews,
     Batch,
     CachedSource,
     Window,
@@ -229,9 +231,9 @@ def test_reader_threads_yield_to_the_training_step(store: FeatureStore, index: W
     seen: list[int] = []
 
     class Spy(CachedSource):
-        def fill(self, buffers: Any, i: int, window: Window) -> None:
+        def fill_many(self, buffers: Any, slots: Any) -> Any:
             seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-            super().fill(buffers, i, window)
+            return super().fill_many(buffers, slots)
 
     first = index.views_of(index.episodes[0])[0]
     with WindowLoader(Spy(store, T, first), index, batch_size=2, frames_per_clip=T, seed=0, threads=2) as loader:
@@ -296,13 +298,50 @@ def test_a_read_error_reaches_the_trainer_and_the_batch_can_be_retried(
     def broken(*_: object, **__: object) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr(store, "read_features", broken)
+    monkeypatch.setattr(store, "read_windows", broken)
     with WindowLoader(store, index, batch_size=4, frames_per_clip=T, seed=4) as loader:
         with pytest.raises(OSError, match="disk gone"):
             next(loader)
         assert loader.state_dict()["batch_number"] == 0
         monkeypatch.undo()
         assert_same_batch(next(loader), want)
+
+
+def test_the_loader_replaces_damaged_windows_the_same_whatever_its_threads(
+        built: tuple[str, dict, FeatureStore], index: WindowIndex, tmp_path: Path) -> None:
+    """A flipped byte in every row of one view's features (skip policy): no batch holds a byte of it, every
+    window delivered is what the store holds, and the replacements are the same with one reader thread as
+    with three, each reading its share of a batch in one call."""
+    cache, spec, clean = built
+    shutil.copytree(cache, tmp_path / "cache")
+    store = FeatureStore(str(tmp_path / "cache"), spec)
+    victim = index.views_of(index.episodes[0])[0]
+    row_bytes = TOKENS * DIM * 2
+    for r in range(victim.start, victim.start + victim.length):  # shards of 8 rows in chunks of 2
+        path = Path(store.root, victim.location, "features", "c", str(r // 8), "0", "0")
+        raw = bytearray(path.read_bytes())
+        raw[(r % 8) // 2 * (2 * row_bytes + 4) + (r % 2) * row_bytes + 10] ^= 0x20
+        path.write_bytes(bytes(raw))
+    runs = []
+    for threads, prefetch in ((3, 2), (1, 0)):
+        bad = BadViews("skip")
+        with WindowLoader(FeatureStore(store.cache_path, spec), index, batch_size=6, frames_per_clip=T, seed=11,
+                          threads=threads, prefetch=prefetch, bad=bad) as loader:
+            runs.append(([next(loader) for _ in range(12)], bad))
+    (batches, bad), (serial, serial_bad) = runs
+    assert set(bad.found) == {victim.view_id}, (bad.found, serial_bad.found)
+    assert set(serial_bad.found) == {victim.view_id}
+    for batch, again in zip(batches, serial, strict=True):
+        assert_same_batch(batch, again)
+        assert victim.view_id not in {w.view.view_id for w in batch.windows}
+        for i, w in enumerate(batch.windows):
+            assert same_bits(batch.features[i], clean.read_features(w.view, w.start, T))
+    mixed = [Window(v, 0) for e in index.episodes for v in index.views_of(e)]  # the victim's first
+    kept = load_windows(CachedSource(store, T, victim), mixed, torch.device("cpu"), BadViews("skip"))
+    assert kept is not None and key(kept.windows) == key(mixed[1:])  # evaluation leaves it out, in order
+    for i, w in enumerate(kept.windows):
+        assert same_bits(kept.features[i], clean.read_features(w.view, w.start, T))
+        assert torch.equal(kept.states[i], torch.from_numpy(clean.read_rows(w.view, "states")[:T]).float())
 
 
 def test_loader_refuses_a_clip_length_other_than_the_index(store: FeatureStore, index: WindowIndex) -> None:
