@@ -29,7 +29,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import zarr
@@ -37,6 +37,8 @@ import zarr
 from pipeline.checksums import Concat, crc32c
 from pipeline.errors import DamagedDataError
 from pipeline.shard_layout import MISSING, ShardLayout
+
+_MISSING = int(MISSING)
 
 try:
     from pipeline import _shardio
@@ -53,9 +55,9 @@ def reader_crc32c(data: np.ndarray) -> int:
     return _shardio.crc32c(data) if NATIVE and _shardio is not None else crc32c(data)
 
 
-@dataclass(frozen=True)
-class Span:
-    """Rows lo..hi-1 (store rows) of inner chunk c, read to `at` bytes into the destination."""
+class Span(NamedTuple):
+    """Rows lo..hi-1 (store rows) of inner chunk c, read to `at` bytes into the destination (a tuple: a few are
+    made per window, on the loader's hot path)."""
 
     chunk: int
     lo: int
@@ -69,7 +71,7 @@ class ShardedRowReader(ShardLayout):
     def __init__(self, folder: str, arr: zarr.Array):
         super().__init__(folder, arr)
         self._concat = Concat(self.row_bytes)
-        self._index: dict[int, np.ndarray] = {}  # shard -> [per_shard, 2] (offset, nbytes); immutable files
+        self._index: dict[int, list[tuple[int, int]]] = {}  # shard -> (offset, nbytes) per chunk; immutable files
         self._lock = threading.Lock()
         self.native = NATIVE  # which executor runs the plans (tests and the bench compare the two)
 
@@ -169,12 +171,12 @@ class ShardedRowReader(ShardLayout):
             with self._lock:
                 self._index[shard] = index
         offset, nbytes = index[j]
-        if offset == MISSING:
+        if offset == _MISSING:
             raise DamagedDataError(path, f"inner chunk {j} (rows {c * self.chunk_rows}.."
                                          f"{(c + 1) * self.chunk_rows - 1}) is missing from the shard")
-        return path, int(offset), int(nbytes)
+        return path, offset, nbytes
 
-    def _read_index(self, path: str) -> np.ndarray:
+    def _read_index(self, path: str) -> list[tuple[int, int]]:
         size = 16 * self.per_shard + 4
         raw = np.empty(size, np.uint8)
         with _opened([path]) as (fd,):
@@ -183,11 +185,10 @@ class ShardedRowReader(ShardLayout):
                 raise DamagedDataError(path, f"shard file of {end} bytes is too short for its index")
         if crc32c(raw[:-4]) != int(raw[-4:].view("<u4")[0]):
             raise DamagedDataError(path, "shard index does not match its crc32c")
-        return raw[:-4].view("<u8").reshape(self.per_shard, 2)
+        return [(o, n) for o, n in raw[:-4].view("<u8").reshape(self.per_shard, 2).tolist()]  # ints, for lookups
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """Rows a..b-1 read by `reader` to `at` bytes into a shared destination, checked against `want` (one
     crc32c per row, from the commit record)."""
 
