@@ -128,15 +128,13 @@ class ShardedRowReader(ShardLayout):
         if not spans:
             return []
         located = self.located(spans)
-        plan = np.array([(fds[path], offset, nbytes, at, whole) for path, offset, nbytes, at, whole in located],
-                        np.int64)  # [n, (fd, file offset, bytes, offset in dest, trailer)]
-        complete, crcs, stored = execute(plan, dest, self.native)
+        complete, crcs, stored = execute(located, fds, dest, self.native)
         if complete < len(spans):
             path, offset, nbytes, _, trailer = located[complete]
             raise DamagedDataError(path, f"the file ends inside the {nbytes + 4 * trailer} bytes at offset {offset}: "
                                          "the file is cut short")
         for k, s in enumerate(spans):
-            if plan[k, 4] and crcs[k] != stored[k]:
+            if located[k][4] and crcs[k] != stored[k]:
                 raise DamagedDataError(located[k][0],
                                        f"inner chunk {s.chunk % self.per_shard} does not match its crc32c")
         return [int(c) for c in crcs]
@@ -227,23 +225,26 @@ def read_many(dest: np.ndarray, requests: Sequence[Request]) -> list[bool]:
             rows += located
         if not rows:
             return ok
-        plan = np.array([(fds[path], offset, n, at, whole) for path, offset, n, at, whole in rows], np.int64)
-        complete, crcs, stored = execute(plan, dest, all(q.reader.native for q in requests))
+        complete, crcs, stored = execute(rows, fds, dest, all(q.reader.native for q in requests))
     finally:
         for fd in fds.values():
             os.close(fd)
-    sound = (crcs == stored) | (plan[:, 4] == 0)  # [rows]: each whole chunk matches the crc32c after it
     for k, (first, spans) in planned.items():
         q = requests[k]
         ok[k] = first + len(spans) <= complete and all(
-            sound[first + i] and int(crcs[first + i]) == q.reader._concat.fold(q.want[s.lo - q.a : s.hi - q.a])
-            for i, s in enumerate(spans))
+            (not rows[j][4] or crcs[j] == stored[j])  # a whole chunk matches the crc32c after it
+            and int(crcs[j]) == q.reader._concat.fold(q.want[s.lo - q.a : s.hi - q.a])
+            for j, s in enumerate(spans, first))
     return ok
 
 
-def execute(plan: np.ndarray, dest: np.ndarray, native: bool) -> tuple[int, np.ndarray, np.ndarray]:
-    """Run a read plan [n, 5] into `dest`: (rows read whole, their crc32c [n], the 4 bytes after each whole
-    chunk [n]), by the native executor or the Python one."""
+def execute(located: list[tuple[str, int, int, int, int]], fds: dict[str, int], dest: np.ndarray,
+            native: bool) -> tuple[int, np.ndarray, np.ndarray]:
+    """Read the `located` rows (`ShardedRowReader.located`) from the files open as `fds` into `dest`: (rows
+    read whole, their crc32c [n], the 4 bytes after each whole chunk [n]), by the native executor or the
+    Python one."""
+    plan = np.array([(fds[path], offset, nbytes, at, whole) for path, offset, nbytes, at, whole in located],
+                    np.int64)  # [n, (fd, file offset, bytes, offset in dest, trailer)]
     crcs, stored = np.zeros(len(plan), np.uint32), np.zeros(len(plan), np.uint32)
     run = _shardio.read_plan if native and _shardio is not None else _read_plan
     return run(dest, plan, crcs, stored, PIECE), crcs, stored

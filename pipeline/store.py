@@ -287,8 +287,7 @@ class FeatureStore:
         elif TORCH_DTYPES[logical] != out.dtype or tuple(arr.shape[1:]) != tuple(out.shape[1:]):
             raise StoreError(f"{view.location} holds {logical} {tuple(arr.shape[1:])} features, "
                              f"the buffer is {out.dtype} {tuple(out.shape[1:])}")
-        bits = out.view(torch.uint16) if out.dtype == torch.bfloat16 else out
-        return arr, out, bits.numpy()
+        return arr, out, _stored_bits(out)
 
     def read_windows(self, out: torch.Tensor, windows: Sequence[tuple[int, ViewRecord, int]],
                      length: int) -> list[DamagedDataError | None]:
@@ -303,7 +302,7 @@ class FeatureStore:
         if not out.is_contiguous() or out.dim() < 2 or out.shape[1] != length:
             raise ValueError(f"read_windows reads {length}-row windows into a contiguous [rows, {length}, ...] "
                              f"tensor, not {tuple(out.shape)}")
-        flat = (out.view(torch.uint16) if out.dtype == torch.bfloat16 else out).numpy().reshape(-1).view(np.uint8)
+        flat = _stored_bits(out).reshape(-1).view(np.uint8)
         window_bytes = flat.nbytes // max(len(out), 1)
         requests, together = [], []
         for k, (row, view, start) in enumerate(windows):
@@ -479,6 +478,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _stored_bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy array over a CPU tensor's bytes as the store holds them (bf16 is stored as its bits)."""
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _short(err: BaseException) -> str:

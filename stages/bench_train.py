@@ -28,7 +28,7 @@ from stages.fingerprint import predictor_config, vit_config
 from stages.flops import released, step_model
 from stages.optim import set_schedule
 from stages.train import Featurize, autocast_for, build_training, cached_data, online_data, train_step
-from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader, sample_batch, split_index
+from stages.windows import Batch, CachedSource, WindowIndex, WindowLoader, batch_shares, sample_batch, split_index
 
 FEATURE_BYTES_VITG = 256 * 1408 * 2  # one cached frame of the release: 256 tokens x 1408, 16 bits
 PAIRS = 3  # cached / predictor-only run pairs per round (the step ratio's samples; each kind is cheap)
@@ -267,7 +267,7 @@ def _checked_reads(store: FeatureStore, windows: list[Any], T: int, out: torch.T
     batch into the rows of `out` [B, T, tokens, D], each of `threads` threads reading its share of every
     batch with one `FeatureStore.read_windows` call (checked)."""
     B = out.shape[0]
-    shares = [s.tolist() for s in np.array_split(np.arange(B), threads) if len(s)]
+    shares = batch_shares(B, threads)
 
     def read(part: list[tuple[int, list[int]]]) -> None:
         for first, rows in part:

@@ -555,6 +555,12 @@ class _Pending:
     reads: list[Future]
 
 
+def batch_shares(batch_size: int, threads: int) -> list[list[int]]:
+    """The rows of a batch split into up to `threads` contiguous shares of near-equal size: one reader task
+    and one read call each (`FeatureStore.read_windows`)."""
+    return [s.tolist() for s in np.array_split(np.arange(batch_size), threads) if len(s)]
+
+
 def _yield_to_compute() -> None:
     """Reader threads run at a lower priority (nice +10, this thread only): their work is prefetched, and
     on a machine with no spare core a reader that takes a core from torch's intra-op threads in the middle
@@ -583,7 +589,8 @@ class WindowLoader:
         self.index, self.batch_size, self.T = index, batch_size, frames_per_clip
         first = index.views_of(index.episodes[0])[0]
         self.source = CachedSource(source, frames_per_clip, first) if isinstance(source, FeatureStore) else source
-        self.seed, self.rank, self.prefetch, self.threads = seed, rank, prefetch, threads
+        self.seed, self.rank, self.prefetch = seed, rank, prefetch
+        self._shares = batch_shares(batch_size, threads)  # the rows each reader task reads, per batch
         self.bad = bad or BadViews()
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
@@ -620,11 +627,10 @@ class WindowLoader:
         """Submit the reads of every batch before `upto` that is not yet in flight: one task per reader thread,
         each a contiguous share of the batch's rows (read in one call, see `FeatureStore.read_windows`)."""
         b = self._pending[-1].batch_number + 1 if self._pending else self._next
-        shares = [s for s in np.array_split(np.arange(self.batch_size), self.threads) if len(s)]
         for number in range(b, upto):
             windows = sample_batch(self.index, self.batch_size, self.seed, self.rank, number)
             buffers = self.source.empty(self.batch_size, self._alloc)
-            reads = [self._pool.submit(self._read, buffers, windows, s.tolist(), number) for s in shares]
+            reads = [self._pool.submit(self._read, buffers, windows, list(rows), number) for rows in self._shares]
             self._pending.append(_Pending(number, windows, buffers, reads))
 
     def _read(self, buffers: _Buffers, windows: list[Window], rows: list[int], number: int) -> None:
