@@ -35,6 +35,8 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
         c = f["training"][kind]["clips_per_s"]
         assert 0 < c["min"] <= c["median"] <= c["max"], kind
     assert f["speedup_cached_vs_online"] > 0 and f["step_vs_predictor_only"] > 0 and f["speedup_vs_model"] > 0
+    assert f["speedup_vs_model_with_decode"] == pytest.approx(
+        f["speedup_cached_vs_online"] / f["flop_model"]["predicted_speedup_with_decode"])
     assert 0 <= f["data_wait_fraction"]["median"] <= 1
     sp = f["step_vs_predictor_only_spread"]  # one sample per adjacent pair: PAIRS per round
     assert f["step_pairs"] == 2 * PAIRS
