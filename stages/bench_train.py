@@ -112,11 +112,11 @@ def _figures(m: Manifest, times: dict[str, list[float]], waits: list[float], rat
 
     `speedup_vs_model` is the measured speedup over the FLOP model's (compute alone): at 1 or more the
     cached loop loses nothing to its own overheads; above 1 the online baseline is also slowed by decoding.
-    `speedup_vs_model_with_decode` is the measured speedup over the model with decode: as that model counts
-    no overlap of decoding with the step, the measurement lies below it by what did overlap.
     The model "with decode" adds the online loader's own time per batch (decode + crop + resize in its
     threads, measured alone) as if it did not overlap the step at all -- an upper bound where decoding and
     computing share a few CPU cores; on a GPU node they overlap and the truth lies between the two.
+    `speedup_vs_model_with_decode` is the measured speedup over the model with decode: as that model counts
+    no overlap of decoding with the step, the measurement lies below it by what did overlap.
     The model's time unit is the predictor's achieved FLOP/s here (from the predictor-only steps); the
     encoder is assumed to run at the same rate.
     """
