@@ -566,7 +566,8 @@ def _yield_to_compute() -> None:
     on a machine with no spare core a reader that takes a core from torch's intra-op threads in the middle
     of an operation stalls the whole operation (measured on 2 cores: the cached step ~25% slower)."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the normal priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + 10, 19))  # run under nice too
 
 
 class WindowLoader:
