@@ -22,6 +22,9 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -308,6 +311,23 @@ static int read_row(const int64_t *row, uint8_t *out, size_t piece, uint32_t *cr
     return 1;
 }
 
+/* A plan's rows in range of out (and, for a mapped plan, its file column an index into `files` maps). */
+static int check_plan(const int64_t *p, Py_ssize_t rows, Py_ssize_t out_len, Py_ssize_t files) {
+    for (Py_ssize_t i = 0; i < rows; i++) {
+        const int64_t *r = p + i * PLAN_COLUMNS;
+        if (r[NBYTES] < 0 || r[AT] < 0 || r[OFFSET] < 0 || r[AT] > out_len - r[NBYTES]) {
+            PyErr_Format(PyExc_ValueError, "read plan: row %zd (%lld bytes at %lld) is outside the %zd-byte buffer", i,
+                         (long long)r[NBYTES], (long long)r[AT], out_len);
+            return -1;
+        }
+        if (files >= 0 && (r[FD] < 0 || r[FD] >= files)) {
+            PyErr_Format(PyExc_ValueError, "read plan: row %zd names map %lld of %zd", i, (long long)r[FD], files);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(read_plan_doc,
              "read_plan(out, plan, crcs, stored, piece) -> int\n\n"
              "Read every row of `plan` (int64 [n, 5]: fd, file offset, bytes, offset in out, trailer) into the\n"
@@ -327,14 +347,7 @@ static PyObject *py_read_plan(PyObject *Py_UNUSED(self), PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "read_plan: plan must be int64 [n, 5], crcs and stored uint32 [n], piece >= 1");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < rows; i++) {
-        const int64_t *r = p + i * PLAN_COLUMNS;
-        if (r[NBYTES] < 0 || r[AT] < 0 || r[OFFSET] < 0 || r[AT] > out.len - r[NBYTES]) {
-            PyErr_Format(PyExc_ValueError, "read_plan: row %zd (%lld bytes at %lld) is outside the %zd-byte buffer", i,
-                         (long long)r[NBYTES], (long long)r[AT], out.len);
-            goto done;
-        }
-    }
+    if (check_plan(p, rows, out.len, -1) < 0) goto done;
     Py_ssize_t complete = 0;
     int status = 1, err = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -359,9 +372,161 @@ done:
     return result;
 }
 
+/* -- reads out of maps of the shard files, under a SIGBUS guard ------------------------------------
+ *
+ * A map of a file that is cut short after it was mapped, or whose page cannot be read from the disk,
+ * answers an access with SIGBUS, whose default action ends the process. The copies out of maps run with
+ * this thread's `bus_guard` set: the handler jumps back to the read, which reports the row it was in
+ * (the Python side then reads that window again with read calls, which name the damage). A SIGBUS in any
+ * other code goes to whatever handler was installed before ours (Python's faulthandler, or the default). */
+
+static __thread sigjmp_buf *bus_guard = NULL;
+static struct sigaction bus_previous;
+static volatile sig_atomic_t bus_chaining = 0;
+static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    sigjmp_buf *guard = bus_guard;
+    if (guard) {
+        bus_guard = NULL;
+        siglongjmp(*guard, 1);
+    }
+    if (!bus_chaining) { /* not a guarded copy: the handler that was there before ours */
+        bus_chaining = 1;
+        if ((bus_previous.sa_flags & SA_SIGINFO) && bus_previous.sa_sigaction) {
+            bus_previous.sa_sigaction(sig, info, context);
+            bus_chaining = 0;
+            return;
+        }
+        if (!(bus_previous.sa_flags & SA_SIGINFO) && bus_previous.sa_handler != SIG_DFL &&
+            bus_previous.sa_handler != SIG_IGN) {
+            bus_previous.sa_handler(sig);
+            bus_chaining = 0;
+            return;
+        }
+    }
+    /* the default action: the faulting access runs again on return and ends the process with SIGBUS */
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGBUS, &dfl, NULL);
+}
+
+/* Ours, unless it is already the SIGBUS handler (checked at every call: a handler installed after ours,
+ * faulthandler's say, becomes the one ours passes other SIGBUS on to). 0, or -1 with errno. */
+static int guard_sigbus(void) {
+    struct sigaction current, ours;
+    int status = 0;
+    pthread_mutex_lock(&bus_lock);
+    if (sigaction(SIGBUS, NULL, &current) == 0 && !((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == on_sigbus)) {
+        memset(&ours, 0, sizeof ours);
+        ours.sa_sigaction = on_sigbus;
+        ours.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&ours.sa_mask);
+        bus_previous = current;
+        status = sigaction(SIGBUS, &ours, NULL);
+    }
+    pthread_mutex_unlock(&bus_lock);
+    return status;
+}
+
+/* Copy one plan row out of the map `src` of `len` bytes into out, in pieces, each checksummed right after
+ * its copy (in L2); its trailer's 4 bytes into stored if asked. 1: complete, 0: the map ends inside it. */
+static int copy_row(const int64_t *row, const uint8_t *src, size_t len, uint8_t *out, size_t piece, uint32_t *crc,
+                    uint32_t *stored) {
+    size_t offset = (size_t)row[OFFSET], n = (size_t)row[NBYTES], need = n + (row[TRAILER] ? 4 : 0);
+    if (offset > len || need > len - offset) return 0;
+    const uint8_t *s = src + offset;
+    uint8_t *d = out + row[AT];
+    uint32_t c = 0;
+    for (size_t done = 0; done < n;) {
+        size_t k = n - done < piece ? n - done : piece;
+        memcpy(d + done, s + done, k);
+        c = crc_kernel(c, d + done, k);
+        done += k;
+    }
+    *crc = c;
+    *stored = row[TRAILER] ? (uint32_t)s[n] | (uint32_t)s[n + 1] << 8 | (uint32_t)s[n + 2] << 16 | (uint32_t)s[n + 3] << 24
+                           : 0;
+    return 1;
+}
+
+/* Every row of a validated plan out of the maps, with the GIL released: the rows read whole, or -1 - the
+ * row a SIGBUS hit. */
+static Py_ssize_t copy_plan(const int64_t *p, Py_ssize_t rows, const Py_buffer *maps, uint8_t *out, size_t piece,
+                            uint32_t *crcs, uint32_t *stored) {
+    volatile Py_ssize_t complete = 0;
+    sigjmp_buf jump;
+    if (sigsetjmp(jump, 1)) return -1 - complete; /* from on_sigbus, the guard already cleared */
+    bus_guard = &jump;
+    for (; complete < rows; complete++) {
+        const int64_t *r = p + complete * PLAN_COLUMNS;
+        const Py_buffer *m = maps + r[FD];
+        if (!copy_row(r, (const uint8_t *)m->buf, (size_t)m->len, out, piece, crcs + complete, stored + complete)) break;
+    }
+    bus_guard = NULL;
+    return complete;
+}
+
+PyDoc_STRVAR(read_mapped_doc,
+             "read_mapped(out, maps, plan, crcs, stored, piece) -> int\n\n"
+             "read_plan's contract, out of read-only buffers instead of files (maps of the shard files; a\n"
+             "plan row's first column is an index into the sequence `maps`): each row's bytes into out with\n"
+             "their crc32c, checksummed piece by piece as they are copied, with the GIL released. Returns the\n"
+             "rows read whole: n, or the first row its map ends inside. OSError (EIO) naming the row when a\n"
+             "map answered with SIGBUS (a disk error, or the file was cut short after it was mapped).");
+
+static PyObject *py_read_mapped(PyObject *Py_UNUSED(self), PyObject *args) {
+    Py_buffer out, plan, crcs, stored;
+    PyObject *sources, *seq = NULL, *result = NULL;
+    Py_buffer *maps = NULL;
+    Py_ssize_t piece, files = 0, held = 0;
+    if (no_kernel() || !PyArg_ParseTuple(args, "w*Oy*w*w*n", &out, &sources, &plan, &crcs, &stored, &piece)) return NULL;
+    Py_ssize_t rows = plan.len / (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t));
+    const int64_t *p = (const int64_t *)plan.buf;
+    if (plan.len != rows * (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t)) || crcs.len < rows * 4 ||
+        stored.len < rows * 4 || piece < 1) {
+        PyErr_SetString(PyExc_ValueError, "read_mapped: plan must be int64 [n, 5], crcs and stored uint32 [n], piece >= 1");
+        goto done;
+    }
+    if (!(seq = PySequence_Fast(sources, "read_mapped: maps must be a sequence of buffers"))) goto done;
+    files = PySequence_Fast_GET_SIZE(seq);
+    if (check_plan(p, rows, out.len, files) < 0) goto done;
+    if (!(maps = PyMem_Calloc(files ? (size_t)files : 1, sizeof(Py_buffer)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (; held < files; held++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, held), maps + held, PyBUF_SIMPLE) < 0) goto done;
+    if (guard_sigbus() < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    Py_ssize_t complete;
+    Py_BEGIN_ALLOW_THREADS
+    complete = copy_plan(p, rows, maps, (uint8_t *)out.buf, (size_t)piece, (uint32_t *)crcs.buf, (uint32_t *)stored.buf);
+    Py_END_ALLOW_THREADS
+    if (complete < 0)
+        PyErr_Format(PyExc_OSError, "bus error (SIGBUS) reading plan row %zd out of its map: a disk error, or the file "
+                     "was cut short after it was mapped", -1 - complete);
+    else
+        result = PyLong_FromSsize_t(complete);
+done:
+    for (Py_ssize_t i = 0; i < held; i++) PyBuffer_Release(maps + i);
+    PyMem_Free(maps);
+    Py_XDECREF(seq);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&plan);
+    PyBuffer_Release(&crcs);
+    PyBuffer_Release(&stored);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
     {"read_plan", py_read_plan, METH_VARARGS, read_plan_doc},
+    {"read_mapped", py_read_mapped, METH_VARARGS, read_mapped_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -105,8 +105,10 @@ def _warn_once(path: str, message: str) -> None:
 class FeatureStore:
     """One fingerprint's store under a cache path: create/open with checks, the index, checked reads, writes."""
 
-    def __init__(self, cache_path: str, spec: dict[str, Any], native_reads: bool | None = None):
+    def __init__(self, cache_path: str, spec: dict[str, Any], native_reads: bool | None = None,
+                 mapped_reads: bool | None = None):
         self.spec, self.native_reads = spec, native_reads  # None: the direct reader's default (shard_reader.NATIVE)
+        self.mapped_reads = mapped_reads  # None: the default (shard_reader.MAPPED); the bench compares the two
         self.digest = fingerprint_digest(spec)
         self.cache_path = cache_path.rstrip("/")
         self.url = f"{self.cache_path}/{self.digest[:16]}"
@@ -346,6 +348,8 @@ class FeatureStore:
             reader = ShardedRowReader.for_array(folder, arr) if self.is_local else None
             if reader is not None and self.native_reads is not None:
                 reader.use_native(self.native_reads)
+            if reader is not None and self.mapped_reads is not None:
+                reader.use_maps(self.mapped_reads)
             self._readers[view.location] = reader
         return self._readers[view.location]
 

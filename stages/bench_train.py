@@ -182,14 +182,15 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     way when the clock starts as when it stops -- against plain reads of exactly the same bytes: `preadv` of
     the windows' rows in their shard files into a batch-sized buffer, on as many threads as the loader has
     (no checks, no batching) -- the least any loader must do to put the bytes in memory with read calls --
-    and memcpy of the same bytes out of a map of each file, mapped and populated once (`raw_mmap`: the least
-    with a map; the loader does not map, see `shard_reader`).
+    and memcpy of the same bytes out of a map of each file, mapped for each round (`raw_mmap`: the least with
+    a fresh map; the loader keeps its maps, see `shard_reader`).
     Also timed each round: the checked reads alone (`checked_read`: the loader's `read_windows` calls for the
     same windows, each thread its share of each batch into one batch buffer -- the loader's reads without
     its prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into
     the checks' share and the loader's own), and the loader and the checked reads with the direct reader's
     Python executor (`*_python`: what runs where the native one is not built), so that the native reader's
-    gain is measured in the same run. `rounds` repeats of all six, in an order that rotates every round (a
+    gain is measured in the same run, and the checked reads with read calls instead of the kept maps
+    (`checked_read_preadv`: the maps' gain). `rounds` repeats of all seven, in an order that rotates every round (a
     kind timed right after another runs in its wake: measured here, up to ~10%); medians of per-round ratios.
     Also reported: the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into
     a cache-hot destination, which no loader can use), and plain single-thread zarr reads of the windows."""
@@ -197,6 +198,7 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     store = FeatureStore(f"{tmp}/loader-store", {"bench": "loader"}).create()
     views, _ = write_views(store, torch.randn(frames, 256, 1408), cache, views=4)
     python = FeatureStore(store.cache_path, store.spec, native_reads=False)
+    preadv = FeatureStore(store.cache_path, store.spec, mapped_reads=False)  # native, with read calls
     os.sync()  # written back now, not while the reads are timed
     threads, prefetch = m.train.loader_threads, m.train.prefetch_batches
     index = WindowIndex.from_views(views, split="all", frames_per_clip=T, window_range="full")  # short views
@@ -213,7 +215,8 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
         "raw": lambda: _raw_reads(ranges, batch_bytes, threads),
         "raw_mmap": lambda: _raw_reads(ranges, batch_bytes, threads, mapped=True),
         "checked_read": lambda: _checked_reads(store, windows, T, out, threads),
-        "checked_read_python": lambda: _checked_reads(python, windows, T, out, threads)}
+        "checked_read_python": lambda: _checked_reads(python, windows, T, out, threads),
+        "checked_read_preadv": lambda: _checked_reads(preadv, windows, T, out, threads)}
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     try:
         for loader in loaders.values():
@@ -229,7 +232,8 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
             loader.close()
     vs = {f"{a}_vs_{b}": [x / y for x, y in zip(rates[a], rates[b], strict=True)] for a, b in (
         ("loader", "raw"), ("loader", "raw_mmap"), ("checked_read", "raw"), ("loader_python", "raw"),
-        ("loader", "loader_python"), ("checked_read", "checked_read_python"))}
+        ("loader", "loader_python"), ("checked_read", "checked_read_python"),
+        ("checked_read", "checked_read_preadv"))}
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
     return {**{f"{kind}_MBps": float(np.median(r)) for kind, r in rates.items()},
             **{key: float(np.median(v)) for key, v in vs.items()},

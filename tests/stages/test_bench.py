@@ -48,9 +48,10 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     assert all(ld[k] > 0 for k in ("loader_MBps", "raw_MBps", "raw_mmap_MBps", "raw_discard_MBps", "plain_zarr_MBps",
                                    "loader_vs_raw", "loader_vs_raw_mmap", "checked_read_MBps", "checked_read_vs_raw",
                                    "loader_python_MBps", "checked_read_python_MBps", "loader_python_vs_raw",
-                                   "loader_vs_loader_python", "checked_read_vs_checked_read_python"))
+                                   "loader_vs_loader_python", "checked_read_vs_checked_read_python",
+                                   "checked_read_preadv_MBps", "checked_read_vs_checked_read_preadv"))
     for key in ("loader_vs_raw", "checked_read_vs_raw", "loader_vs_loader_python",
-                "checked_read_vs_checked_read_python"):
+                "checked_read_vs_checked_read_python", "checked_read_vs_checked_read_preadv"):
         assert ld[f"{key}_spread"]["min"] <= ld[key] <= ld[f"{key}_spread"]["max"], key
     assert ld["native_reads"] == (shard_reader.KERNEL if shard_reader.NATIVE else "")
     assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
