@@ -17,6 +17,10 @@
  * that must move D bits forward, Xh x^(D+64) + Xl x^D is what it contributes, and a carry-less product of
  * two bit-reflected operands comes out shifted by one (hence D-1). On a CPU without these instructions
  * (or not x86-64) `kernel` is "" and the Python reader is used instead.
+ *
+ * read_mapped runs the same plans out of maps of the files (the training loader's reads): with AVX-512
+ * each vector is stored to the destination and folded as it is loaded (`copy_kernel`), one pass over
+ * bytes that come from memory, under a guard that turns a SIGBUS of the map into an error of the call.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,6 +42,7 @@
 
 static const char *kernel_name = "";
 static uint32_t (*crc_kernel)(uint32_t, const uint8_t *, size_t) = NULL;
+static uint32_t (*copy_kernel)(uint32_t, uint8_t *, const uint8_t *, size_t) = NULL; /* copy + crc32c, if any */
 
 /* x^n mod P in the normal representation (bit d <-> x^d): one multiplication by x at a time. */
 static uint32_t xpow_mod(unsigned n) {
@@ -152,6 +157,32 @@ __attribute__((target(AVX512))) static uint32_t crc_vpclmul(uint32_t crc, const 
     return crc_pclmul((uint32_t)~accumulators_register(x, k), end, n % 256); /* the tail, from the register */
 }
 
+/* crc32c of src[0..n) copied to dst in the same pass: each 64-byte vector is stored and folded as it is
+ * loaded, so the bytes are read once (out of a map, from memory) instead of copied and then read again. */
+__attribute__((target(AVX512))) static uint32_t copy_crc_vpclmul(uint32_t crc, uint8_t *dst, const uint8_t *src,
+                                                               size_t n) {
+    if (n < 512) {
+        memcpy(dst, src, n);
+        return crc_pclmul(crc, dst, n);
+    }
+    const ZmmConstants k = zmm_constants();
+    size_t body = n / 256 * 256;
+    __m512i x[4];
+    for (int i = 0; i < 4; i++) {
+        x[i] = _mm512_loadu_si512(src + 64 * i);
+        _mm512_storeu_si512(dst + 64 * i, x[i]);
+    }
+    x[0] = _mm512_xor_si512(x[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
+    for (size_t at = 256; at < body; at += 256)
+        for (int i = 0; i < 4; i++) {
+            __m512i v = _mm512_loadu_si512(src + at + 64 * i);
+            _mm512_storeu_si512(dst + at + 64 * i, v);
+            x[i] = fold512(x[i], k.k16, v);
+        }
+    memcpy(dst + body, src + body, n - body);
+    return crc_pclmul((uint32_t)~accumulators_register(x, k), dst + body, n - body); /* the tail */
+}
+
 /* -- the hybrid kernel: vector folding and three scalar crc32 streams side by side ----------------- */
 #define H_ITER 64                /* loop iterations per block */
 #define H_S 48                   /* bytes per scalar stream per iteration (measured best of 8-64) */
@@ -223,6 +254,7 @@ static void choose_kernel(void) {
         __builtin_cpu_supports("vpclmulqdq")) {
         crc_kernel = crc_hybrid;
         kernel_name = "vpclmul-crc32";
+        copy_kernel = copy_crc_vpclmul;
     }
 }
 #else
@@ -433,8 +465,8 @@ static int guard_sigbus(void) {
 
 /* Copy one plan row out of the map `src` of `len` bytes into out, in pieces, each checksummed right after
  * its copy (in L2); its trailer's 4 bytes into stored if asked. 1: complete, 0: the map ends inside it. */
-static int copy_row(const int64_t *row, const uint8_t *src, size_t len, uint8_t *out, size_t piece, uint32_t *crc,
-                    uint32_t *stored) {
+static int copy_row(const int64_t *row, const uint8_t *src, size_t len, uint8_t *out, size_t piece, int fused,
+                    uint32_t *crc, uint32_t *stored) {
     size_t offset = (size_t)row[OFFSET], n = (size_t)row[NBYTES], need = n + (row[TRAILER] ? 4 : 0);
     if (offset > len || need > len - offset) return 0;
     const uint8_t *s = src + offset;
@@ -442,8 +474,12 @@ static int copy_row(const int64_t *row, const uint8_t *src, size_t len, uint8_t 
     uint32_t c = 0;
     for (size_t done = 0; done < n;) {
         size_t k = n - done < piece ? n - done : piece;
-        memcpy(d + done, s + done, k);
-        c = crc_kernel(c, d + done, k);
+        if (fused) {
+            c = copy_kernel(c, d + done, s + done, k);
+        } else {
+            memcpy(d + done, s + done, k);
+            c = crc_kernel(c, d + done, k);
+        }
         done += k;
     }
     *crc = c;
@@ -455,7 +491,7 @@ static int copy_row(const int64_t *row, const uint8_t *src, size_t len, uint8_t 
 /* Every row of a validated plan out of the maps, with the GIL released: the rows read whole, or -1 - the
  * row a SIGBUS hit. */
 static Py_ssize_t copy_plan(const int64_t *p, Py_ssize_t rows, const Py_buffer *maps, uint8_t *out, size_t piece,
-                            uint32_t *crcs, uint32_t *stored) {
+                            int fused, uint32_t *crcs, uint32_t *stored) {
     volatile Py_ssize_t complete = 0;
     sigjmp_buf jump;
     if (sigsetjmp(jump, 1)) return -1 - complete; /* from on_sigbus, the guard already cleared */
@@ -463,17 +499,19 @@ static Py_ssize_t copy_plan(const int64_t *p, Py_ssize_t rows, const Py_buffer *
     for (; complete < rows; complete++) {
         const int64_t *r = p + complete * PLAN_COLUMNS;
         const Py_buffer *m = maps + r[FD];
-        if (!copy_row(r, (const uint8_t *)m->buf, (size_t)m->len, out, piece, crcs + complete, stored + complete)) break;
+        if (!copy_row(r, (const uint8_t *)m->buf, (size_t)m->len, out, piece, fused, crcs + complete, stored + complete))
+            break;
     }
     bus_guard = NULL;
     return complete;
 }
 
 PyDoc_STRVAR(read_mapped_doc,
-             "read_mapped(out, maps, plan, crcs, stored, piece) -> int\n\n"
+             "read_mapped(out, maps, plan, crcs, stored, piece, fused=True) -> int\n\n"
              "read_plan's contract, out of read-only buffers instead of files (maps of the shard files; a\n"
              "plan row's first column is an index into the sequence `maps`): each row's bytes into out with\n"
-             "their crc32c, checksummed piece by piece as they are copied, with the GIL released. Returns the\n"
+             "their crc32c, with the GIL released: checksummed as they are copied, in one pass, where this CPU\n"
+             "has the kernel for it (`copy_kernel`) and `fused`, else each piece right after its memcpy. Returns the\n"
              "rows read whole: n, or the first row its map ends inside. OSError (EIO) naming the row when a\n"
              "map answered with SIGBUS (a disk error, or the file was cut short after it was mapped).");
 
@@ -482,7 +520,11 @@ static PyObject *py_read_mapped(PyObject *Py_UNUSED(self), PyObject *args) {
     PyObject *sources, *seq = NULL, *result = NULL;
     Py_buffer *maps = NULL;
     Py_ssize_t piece, files = 0, held = 0;
-    if (no_kernel() || !PyArg_ParseTuple(args, "w*Oy*w*w*n", &out, &sources, &plan, &crcs, &stored, &piece)) return NULL;
+    int fused = 1;
+    if (no_kernel() ||
+        !PyArg_ParseTuple(args, "w*Oy*w*w*n|p", &out, &sources, &plan, &crcs, &stored, &piece, &fused))
+        return NULL;
+    fused = fused && copy_kernel;
     Py_ssize_t rows = plan.len / (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t));
     const int64_t *p = (const int64_t *)plan.buf;
     if (plan.len != rows * (Py_ssize_t)(PLAN_COLUMNS * sizeof(int64_t)) || crcs.len < rows * 4 ||
@@ -505,7 +547,8 @@ static PyObject *py_read_mapped(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     Py_ssize_t complete;
     Py_BEGIN_ALLOW_THREADS
-    complete = copy_plan(p, rows, maps, (uint8_t *)out.buf, (size_t)piece, (uint32_t *)crcs.buf, (uint32_t *)stored.buf);
+    complete = copy_plan(p, rows, maps, (uint8_t *)out.buf, (size_t)piece, fused, (uint32_t *)crcs.buf,
+                         (uint32_t *)stored.buf);
     Py_END_ALLOW_THREADS
     if (complete < 0)
         PyErr_Format(PyExc_OSError, "bus error (SIGBUS) reading plan row %zd out of its map: a disk error, or the file "
@@ -537,7 +580,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__shardio(void) {
     choose_kernel();
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddStringConstant(m, "kernel", kernel_name) < 0) {
+    if (m && (PyModule_AddStringConstant(m, "kernel", kernel_name) < 0 ||
+              PyModule_AddStringConstant(m, "copy_kernel", copy_kernel ? "vpclmul" : "") < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -262,7 +262,9 @@ def _reader_line(ld: dict[str, Any]) -> str:
               f"checked reads {ld['checked_read_python_MBps']:.0f} MB/s")
     if not ld["native_reads"]:
         return f"the Python executor (pipeline._shardio not built, off, or no kernel for this CPU); {python}"
-    return (f"native ({ld['native_reads']} crc32c, reads checked in the same pass, out of kept maps); against the "
+    pass_ = "copied and checksummed in one pass" if ld["copy_kernel"] else "checksummed per piece"
+    maps = f"out of kept maps, {pass_}" if ld["mapped_reads"] else "with read calls"
+    return (f"native ({ld['native_reads']} crc32c, reads checked in the same pass, {maps}); against the "
             f"{python}: loader {ld['loader_vs_loader_python']:.2f}x, "
             f"checked reads {ld['checked_read_vs_checked_read_python']:.2f}x; against its own reads with read calls "
             f"({ld['checked_read_preadv_MBps']:.0f} MB/s): {ld['checked_read_vs_checked_read_preadv']:.2f}x")

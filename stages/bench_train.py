@@ -22,7 +22,7 @@ import torch
 from pipeline.distributed import DistInfo
 from pipeline.manifest import CacheSection, Manifest
 from pipeline.records import CommitRecord, ViewRecord, new_attempt_id
-from pipeline.shard_reader import KERNEL, NATIVE, ShardedRowReader
+from pipeline.shard_reader import COPY_KERNEL, KERNEL, MAPPED, NATIVE, ShardedRowReader
 from pipeline.store import FeatureStore
 from stages.fingerprint import predictor_config, vit_config
 from stages.flops import released, step_model
@@ -238,7 +238,8 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     return {**{f"{kind}_MBps": float(np.median(r)) for kind, r in rates.items()},
             **{key: float(np.median(v)) for key, v in vs.items()},
             **{f"{key}_spread": spread(v) for key, v in vs.items()},
-            "native_reads": KERNEL if NATIVE else "", "raw_discard_MBps": mb / _discard_reads(ranges),
+            "native_reads": KERNEL if NATIVE else "", "mapped_reads": NATIVE and MAPPED,
+            "copy_kernel": COPY_KERNEL if NATIVE and MAPPED else "", "raw_discard_MBps": mb / _discard_reads(ranges),
             "plain_zarr_MBps": zarr_mbps, "loader_vs_plain_zarr": loader_mbps / zarr_mbps, "loader_threads": threads,
             "rounds": rounds, "windows": len(windows), "window_MB": T * FEATURE_BYTES_VITG / 1e6}
 

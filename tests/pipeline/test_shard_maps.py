@@ -24,6 +24,9 @@ try:
     from pipeline import _shardio
 except ImportError:  # built without a C compiler
     _shardio = None
+# Lengths around every boundary of the copy kernel (its 512-byte minimum, 256-byte blocks, the 64-byte and
+# 8-byte steps of the tail) and a whole ViT-g chunk with its crc32c.
+LENGTHS = [*range(0, 300), 511, 512, 513, 767, 768, 769, 1023, 1024, 1025, 4097, 65_536 + 7, 4 * 720_896 + 4]
 native = pytest.mark.skipif(not shard_reader.KERNEL, reason="no native reader here (not built, or no crc32c kernel)")
 
 
@@ -40,19 +43,36 @@ def _mapped(path: Path) -> mmap.mmap:
 
 
 @native
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("piece", [64, 1000, 256 * 1024])
-def test_a_plan_out_of_maps_reads_what_read_calls_read(tmp_path: Path, piece: int) -> None:
-    """Rows of two files out of their maps land where read calls put them, with the same crc32c and trailers."""
+def test_a_plan_out_of_maps_reads_what_read_calls_read(tmp_path: Path, piece: int, fused: bool) -> None:
+    """Rows of two files out of their maps land where read calls put them, with the same crc32c and trailers,
+    copied and checksummed in one pass or each piece after its memcpy."""
     (a, data_a), (b, data_b) = _file(tmp_path, 10_000, "a"), _file(tmp_path, 7_000, "b")
     rows = [[0, 0, 5000, 100, 1], [1, 6000, 996, 5200, 1], [0, 9000, 1000, 6300, 0], [1, 0, 3000, 7300, 0]]
     plan = np.array(rows, np.int64)
     out, crcs, stored = np.zeros(10_400, np.uint8), np.zeros(4, np.uint32), np.zeros(4, np.uint32)
-    assert _shardio.read_mapped(out, [_mapped(a), _mapped(b)], plan, crcs, stored, piece) == 4
+    assert _shardio.read_mapped(out, [_mapped(a), _mapped(b)], plan, crcs, stored, piece, fused) == 4
     for (f, offset, n, at, trailer), crc, tail in zip(rows, crcs, stored, strict=True):
         data = (data_a, data_b)[f]
         assert bytes(out[at : at + n]) == bytes(data[offset : offset + n])
         assert crc == google_crc32c.value(data[offset : offset + n].tobytes())
         assert tail == (int(data[offset + n : offset + n + 4].view("<u4")[0]) if trailer else 0)
+
+
+@native
+@pytest.mark.skipif(not (_shardio and _shardio.copy_kernel), reason="no copy-and-crc32c kernel for this CPU")
+def test_the_copy_kernel_copies_and_computes_crc32c_at_every_length() -> None:
+    """The one-pass copy and crc32c, at lengths around each of its branch points and at unaligned source
+    and destination offsets: the bytes arrive, and the crc32c is google-crc32c's."""
+    data = np.random.default_rng(2).integers(0, 256, max(LENGTHS) + 64, np.uint8).tobytes()
+    for n in LENGTHS:
+        for skew in (0, 1, 7, 33):
+            plan = np.array([[0, skew, n, 5 + skew % 3, 0]], np.int64)
+            out, crcs, stored = np.zeros(n + 8, np.uint8), np.zeros(1, np.uint32), np.zeros(1, np.uint32)
+            assert _shardio.read_mapped(out, [data], plan, crcs, stored, 1 << 30, True) == 1
+            assert bytes(out[5 + skew % 3 : 5 + skew % 3 + n]) == data[skew : skew + n], (n, skew)
+            assert crcs[0] == google_crc32c.value(data[skew : skew + n]), (n, skew)
 
 
 @native

@@ -54,6 +54,8 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
                 "checked_read_vs_checked_read_python", "checked_read_vs_checked_read_preadv"):
         assert ld[f"{key}_spread"]["min"] <= ld[key] <= ld[f"{key}_spread"]["max"], key
     assert ld["native_reads"] == (shard_reader.KERNEL if shard_reader.NATIVE else "")
+    assert ld["mapped_reads"] == (shard_reader.NATIVE and shard_reader.MAPPED)
+    assert ld["copy_kernel"] == (shard_reader.COPY_KERNEL if ld["mapped_reads"] else "")
     assert f["released_rate_needed"]["16_frames"]["MBps_per_8_gpu_node"] > 0 and f["break_even"]["steps"] > 0
     text = report.format()
     assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text
