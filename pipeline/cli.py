@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,14 +70,30 @@ def _user_errors(command: str = "") -> Iterator[None]:
     except EpisodeError as err:  # extract.on_error: raise
         raise _fail(f"episode {err}", EXIT_FAILED) from None
     except OSError as err:
-        if err.errno != errno.ENOSPC:
-            if isinstance(err, FileNotFoundError):
-                raise _fail(str(err), EXIT_USAGE) from None
-            raise
-        raise _fail(f"disk full (no space left on device) writing {err.filename or 'the output'}: free space or "
-                    "point the path elsewhere, then re-run to resume", EXIT_FAILED) from None
+        if err.errno == errno.ENOSPC:
+            raise _fail(f"disk full (no space left on device) writing {err.filename or 'the output'}: free space "
+                        "or point the path elsewhere, then re-run to resume", EXIT_FAILED) from None
+        raise _fail(_os_message(err), EXIT_USAGE if isinstance(err, PATH_ERRORS) else EXIT_FAILED) from None
     except (StoreError, CheckpointError, UsageError, ValueError) as err:
         raise _fail(str(err), EXIT_USAGE) from None
+
+
+# A path that cannot be used as given (the user's to fix, exit 2); any other OSError is the machine's (exit 1).
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError)
+
+
+def _os_message(err: OSError) -> str:
+    """'PATH: what is wrong', from an OSError; a folder asked for where a file is says which file is in the way."""
+    if err.filename is None:
+        return str(err)
+    path = Path(err.filename)
+    what = (err.strerror or str(err)).lower()
+    if isinstance(err, NotADirectoryError | FileExistsError):
+        file = next((p for p in (path, *path.parents) if p.is_file()), None)
+        what = ("is a file, not a folder" if file == path else f"{file} is a file, not a folder") if file else what
+    elif isinstance(err, IsADirectoryError):
+        what = "is a folder, not a file"
+    return f"{path}: {what}"
 
 
 def _load(manifest: Path, profile: str | None, overrides: list[str] | None) -> Manifest:
@@ -100,8 +117,9 @@ def synth(
     """Write synthetic episodes in the real DROID raw layout (metadata json, trajectory.h5, H.264 MP4s)."""
     from stages.synthetic import write_synthetic_dataset
 
-    folders = write_synthetic_dataset(out, episodes, seed=seed, width=width, height=height,
-                                      min_seconds=min_seconds, max_seconds=max_seconds, progress=True, scenes=scenes)
+    with _user_errors():
+        folders = write_synthetic_dataset(out, episodes, seed=seed, width=width, height=height, min_seconds=min_seconds,
+                                          max_seconds=max_seconds, progress=True, scenes=scenes)
     typer.echo(f"Wrote {len(folders)} episodes to {out} (list: {out / 'episodes.txt'})")
 
 
@@ -376,5 +394,21 @@ def plan(
     typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else s.format())
 
 
+def main() -> None:
+    """The `pipeline` entry point: the app, with a command line that does not parse said in one `error:` line
+    (exit 2) like every other mistake, instead of a boxed usage text; no arguments at all show the help."""
+    if not sys.argv[1:]:
+        app(["--help"])
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as err:  # click's errors (typer >= 0.20 carries its own click): parse errors
+        where = getattr(getattr(err, "ctx", None), "command_path", "pipeline")
+        raise SystemExit(_fail(f"{err.format_message().rstrip('.')} (see `{where} --help`)",
+                               getattr(err, "exit_code", EXIT_USAGE)).exit_code) from None
+    except typer.Abort:  # end of input at a prompt
+        raise SystemExit(130) from None
+    raise SystemExit(code or 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -31,6 +31,7 @@ import yaml
 from pipeline.errors import UsageError
 
 PRESETS = ("vit_large", "vit_huge", "vit_giant")
+ZSTD_LEVELS = (-131072, 22)  # the levels zstd accepts (ZSTD_minCLevel, ZSTD_maxCLevel)
 _SIGNALS = [s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM")]
 
 
@@ -158,6 +159,9 @@ class CacheSection:
         _require(self.chunk_frames >= 1, "cache.chunk_frames", self.chunk_frames, "must be >= 1")
         _require(self.shard_frames >= self.chunk_frames and self.shard_frames % self.chunk_frames == 0,
                  "cache.shard_frames", self.shard_frames, "must be a multiple of cache.chunk_frames")
+        _require(ZSTD_LEVELS[0] <= self.compression_level <= ZSTD_LEVELS[1], "cache.compression_level",
+                 self.compression_level, f"must be a zstd level in [{ZSTD_LEVELS[0]}, {ZSTD_LEVELS[1]}] (0: zstd's "
+                 "default, negative: faster)")
 
 
 @dataclass
@@ -258,13 +262,22 @@ class TrainSection:
             _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
         _require(self.total_steps >= 1, "train.decay_steps", self.decay_steps, "total steps must be >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        for name in ("start_lr", "final_lr", "weight_decay"):
+            _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "must be >= 0")
+        _require(all(0 <= b < 1 for b in self.betas), "train.betas", self.betas, "must both be in [0, 1)")
+        _require(self.eps > 0, "train.eps", self.eps, "must be > 0")
         _require(self.auto_steps >= 1, "train.auto_steps", self.auto_steps, "must be >= 1")
         _require(0 <= self.heldout_fraction < 1, "train.heldout_fraction", self.heldout_fraction, "must be in [0, 1)")
         _require(self.eval_horizons >= 1, "train.eval_horizons", self.eval_horizons, "must be >= 1")
         _require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", self.checkpoint_every, "must be >= 1")
         _require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", self.grad_clip, "must be > 0")
-        _require(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size, "must be >= 0")
+        _require(0 <= self.micro_batch_size <= self.global_batch_size, "train.micro_batch_size", self.micro_batch_size,
+                 f"must be in [0, train.global_batch_size {self.global_batch_size}]")
+        _require(self.eval_every >= 0, "train.eval_every", self.eval_every, "must be >= 0")
+        _require(self.eval_windows >= 1, "train.eval_windows", self.eval_windows, "must be >= 1")
+        _require(self.loader_threads >= 1, "train.loader_threads", self.loader_threads, "must be >= 1")
+        _require(self.prefetch_batches >= 0, "train.prefetch_batches", self.prefetch_batches, "must be >= 0")
         _require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", self.checkpoint_minutes, "must be >= 0")
         _require(self.keep_checkpoints >= 0, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 0")
         _require(self.threads >= 0, "train.threads", self.threads, "must be >= 0")
@@ -357,25 +370,49 @@ PATH_KEYS = ("data.root", "cache.path", "encoder.checkpoint", "predictor.checkpo
 def load_manifest(path: str | Path, profile: str | None = None, overrides: list[str] | None = None) -> Manifest:
     """Read `path`, pick `profile` (or the file's default_profile), apply `key=value` overrides, validate."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ManifestError(f"manifest {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ManifestError(f"manifest {path} is not valid YAML: {err}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict) or "profiles" not in raw:
         raise ManifestError(f"manifest {path}: expected a mapping with `profiles` and `default_profile`")
     _check_keys(raw, {"profiles", "default_profile"}, "")
     profiles = raw["profiles"]
+    if not isinstance(profiles, dict):
+        raise ManifestError(f"manifest {path}: profiles: expected a mapping of profile names, got {profiles!r}")
     name = profile or raw.get("default_profile")
-    if not isinstance(profiles, dict) or name not in profiles:
-        raise ManifestError(f"manifest {path}: profile {name!r} not found; profiles: {sorted(profiles or {})}")
-    tree = _resolve_paths(dict(profiles[name] or {}), path.parent.resolve())
+    if not isinstance(name, str | None):
+        raise ManifestError(f"manifest {path}: default_profile: {name!r} must be the name of a profile; profiles: "
+                            f"{sorted(map(str, profiles))}")
+    if name is None:
+        raise ManifestError(f"manifest {path}: no default_profile, and no --profile given; profiles: "
+                            f"{sorted(map(str, profiles))}")
+    if name not in profiles:
+        raise ManifestError(f"manifest {path}: profile {name!r} not found; profiles: {sorted(map(str, profiles))}")
+    tree = profiles[name] or {}
+    if not isinstance(tree, dict):
+        raise ManifestError(f"manifest {path}: profile {name!r}: expected a mapping of sections, got {tree!r}")
+    if "profile" in tree:  # the profile's name is the loader's to set, never a key
+        raise ManifestError(f"manifest {path}: profile {name!r}: unknown key 'profile' (pick a profile with --profile)")
+    tree = _resolve_paths(dict(tree), path.parent.resolve())
     for item in overrides or []:
         _apply_override(tree, item)
     manifest = _build(Manifest, {**tree, "profile": name}, "")
     manifest.validate()
     return manifest
+
+
+def _read_yaml(path: Path) -> Any:
+    """The manifest file parsed, or a ManifestError that says why it cannot be."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist") from None
+    except IsADirectoryError:
+        raise ManifestError(f"manifest {path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"manifest {path} is not UTF-8 text (byte {err.start}): is it the right file?") from None
+    except OSError as err:
+        raise ManifestError(f"manifest {path} cannot be read: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"manifest {path} is not valid YAML: {err}") from None
 
 
 def _resolve_paths(tree: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -401,6 +438,8 @@ def _apply_override(tree: dict[str, Any], item: str) -> None:
         raise ManifestError(f"--set {item!r}: expected dotted.key=value")
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
+    if parts == ["profile"]:
+        raise ManifestError(f"--set {item!r}: the profile is chosen with --profile, not set")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:

@@ -44,6 +44,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -124,9 +125,15 @@ class FeatureStore:
         return self.fs.exists(f"{self.root}/zarr.json")
 
     def check_path(self) -> FeatureStore:
-        """Refuse a cache.path that is a file (every command that opens a store asks this first)."""
-        if self.fs.isfile(fsspec.core.url_to_fs(self.cache_path)[1]):
+        """Refuse a cache.path that is a file, or a local one below a file (every command that opens a store
+        asks this first: a store there could never be created, and "not created yet" would mislead)."""
+        path = fsspec.core.url_to_fs(self.cache_path)[1]
+        if self.fs.isfile(path):
             raise StoreError(f"cache.path {self.cache_path} is a file, not a folder")
+        if "://" not in self.cache_path:  # object stores have no folders to be in the way
+            file = next((p for p in Path(path).parents if p.is_file()), None)
+            if file is not None:
+                raise StoreError(f"cache.path {self.cache_path}: {file} is a file, not a folder")
         return self
 
     def create(self) -> FeatureStore:

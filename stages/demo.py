@@ -37,7 +37,7 @@ class DemoSummary:
         if self.train.end_step == self.train.start_step and self.last_eval:  # nothing trained now
             lines.append(format_eval(self.last_eval))
         lines.append(f"\nResults: episodes {self.data_root}, feature store {self.extract.store}, run "
-                     f"{self.train.run_dir} (loss.png, eval.png, metrics.jsonl, eval.json, checkpoints/)")
+                     f"{self.train.run_dir} ({', '.join(self.train.outputs)})")
         return "\n".join(lines)
 
 

@@ -98,14 +98,15 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     scheduler = scheduler or m.extract.scheduler
     _check_device(m, scheduler)
     spec = fingerprint_spec(m)
-    store = FeatureStore(m.cache.path, spec).create()
+    store = FeatureStore(m.cache.path, spec).check_path()  # created once there is work and a cluster to do it
+    if store.exists():
+        store.check()
     views = store.committed_views()
     plans = plan_episodes(m, store, views)
     parts = make_parts(plans, m.extract.episodes_per_part, view_settings(m))
     summary = _summary_from_plan(store, plans)
     if not parts:
-        echo(f"Nothing to do: all {summary.views_skipped} planned views of {len(plans)} episodes are committed "
-             f"in {store.url}; no encoding.")
+        echo(_nothing_to_do(summary, len(plans)))
         return _with_timing(summary, views, m)
     todo = sum(len(p.episodes) for p in parts)
     echo(f"Extracting {todo} episodes in {len(parts)} parts into {store.url} "
@@ -116,7 +117,7 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     run_id = uuid.uuid4().hex
     with raise_on_signals():
         results = (_run_inline(m, store, parts, run_id, bar) if scheduler == "inline"
-                   else _run_dask(m, spec, parts, scheduler, run_id, bar, summary))
+                   else _run_dask(m, store, parts, scheduler, run_id, bar, summary))
         try:
             for result in results:
                 _add(summary, result)
@@ -124,7 +125,19 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - t0
-    return _with_timing(summary, store.committed_views(), m)  # read again: this run committed more
+    views = store.committed_views()  # read again: this run committed more
+    # planned again: an episode opened now has its distinct views known (identical crop draws are stored once)
+    summary.views_planned = sum(p.planned for p in plan_episodes(m, store, views))
+    return _with_timing(summary, views, m)
+
+
+def _nothing_to_do(summary: ExtractSummary, episodes: int) -> str:
+    """Why a run encodes nothing: all is committed, or what is not failed earlier under the same files."""
+    line = f"Nothing to do: {summary.views_skipped} of {summary.views_planned} planned views of {episodes} episodes "
+    if not summary.failed:
+        return line + f"are committed in {summary.store}; no encoding."
+    return (line + f"are committed in {summary.store}; the other {len(summary.failed)} episode(s) failed in an "
+            "earlier run with the same files and settings (listed below); no encoding.")
 
 
 def _with_timing(summary: ExtractSummary, views: dict[str, ViewRecord], m: Manifest) -> ExtractSummary:
@@ -176,6 +189,7 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Extract
 def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], run_id: str,
                 bar: tqdm) -> Iterator[PartResult]:
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
+    store.create()
     encoder = load_encoder(m, store.digest)
     settings = PartSettings.from_manifest(m)
     for part in parts:
@@ -196,10 +210,11 @@ def _worker_task(m: Manifest, spec: dict, part: PartTask, run_id: str) -> PartRe
     return run_part(part, store, load_encoder(m, store.digest), PartSettings.from_manifest(m), run_id, progress)
 
 
-def _run_dask(m: Manifest, spec: dict, parts: list[PartTask], scheduler: str, run_id: str, bar: tqdm,
+def _run_dask(m: Manifest, store: FeatureStore, parts: list[PartTask], scheduler: str, run_id: str, bar: tqdm,
               summary: ExtractSummary) -> Iterator[PartResult]:
     """One task per part on a dask cluster; results in completion order. A task whose worker dies is
-    retried on another (bounded); one that fails for good is reported as crashed."""
+    retried on another (bounded); one that fails for good is reported as crashed. The store is created
+    once the cluster is there (an unreachable scheduler leaves nothing behind)."""
     from distributed import as_completed
 
     from pipeline.cluster import dask_client, gpu_resources
@@ -217,10 +232,11 @@ def _run_dask(m: Manifest, spec: dict, parts: list[PartTask], scheduler: str, ru
 
     with dask_client(scheduler, m.extract.workers, torch.cuda.device_count(), m.extract.task_retries,
                      m.extract.scheduler_timeout) as client:
+        store.create()
         client.subscribe_topic(EVENT_TOPIC, on_event)
         resources = gpu_resources(client)
-        futures = [client.submit(_worker_task, m, spec, part, run_id, key=f"extract-part-{part.part_id}-{run_id[:8]}",
-                                 resources=resources, pure=False) for part in parts]
+        futures = [client.submit(_worker_task, m, store.spec, part, run_id, resources=resources, pure=False,
+                                 key=f"extract-part-{part.part_id}-{run_id[:8]}") for part in parts]
         by_key = {f.key: p for f, p in zip(futures, parts, strict=True)}
         for fut in as_completed(futures):
             part = by_key[fut.key]

@@ -69,10 +69,25 @@ class GcSummary:
 
 def collect_garbage(m: Manifest, yes: bool = False, grace_hours: float = 24.0,
                     other_stores: bool = False) -> GcSummary:
-    """List (and with `yes` remove) what nothing in the manifest's store needs any more."""
-    store = FeatureStore(m.cache.path, reader_spec(m)).check()
-    now, grace = time.time(), 3600.0 * grace_hours
+    """List (and with `yes` remove) what nothing in the manifest's store needs any more, and the other stores
+    under cache.path (also where the manifest's own store was never created)."""
+    store = FeatureStore(m.cache.path, reader_spec(m)).check_path()
     summary = GcSummary(store.url, yes)
+    if store.exists():
+        summary.found += _in_store(store.check(), time.time(), 3600.0 * grace_hours)
+    for url, attrs in store_specs(m.cache.path).items():
+        if url != store.url:
+            version = attrs.get("format_version")
+            note = f"format version {version}" + ("" if other_stores else "; remove with --yes --other-stores")
+            summary.found.append(Garbage("other-store", url, _size(url), other_stores, note))
+    if yes:
+        _remove(store, summary.found)
+    return summary
+
+
+def _in_store(store: FeatureStore, now: float, grace: float) -> list[Garbage]:
+    """What the store itself holds that no reader needs (removable once older than `grace` seconds)."""
+    found = []
     commits = store.commits()
     winners = store.committed_views()
     winner_time = {v.view_id: v.committed_at for v in winners.values()}
@@ -83,32 +98,25 @@ def collect_garbage(m: Manifest, yes: bool = False, grace_hours: float = 24.0,
             continue
         since = max(winner_time[v.view_id] for v in c.views)
         old = now - since > grace
-        summary.found.append(Garbage("superseded-commit", f"commits/{c.name}.json", store.path_bytes(
+        found.append(Garbage("superseded-commit", f"commits/{c.name}.json", store.path_bytes(
             f"commits/{c.name}.json"), old, "" if old else "superseded less than the grace period ago"))
         if not old:
             live.add((c.part, c.attempt))
     for name in store.quarantined():
-        summary.found.append(Garbage("quarantined-commit", f"quarantine/{name}.json",
-                                     store.path_bytes(f"quarantine/{name}.json"), True))
+        found.append(Garbage("quarantined-commit", f"quarantine/{name}.json",
+                             store.path_bytes(f"quarantine/{name}.json"), True))
     for part, attempt in store.attempts():
         if (part, attempt) in live:
             continue
         started = attempt_time(attempt)
         old = started is not None and now - started > grace
         note = "" if old else "younger than the grace period: an extract may still be writing it"
-        summary.found.append(Garbage("unreferenced-attempt", f"parts/{part}/{attempt}",
-                                     store.path_bytes(f"parts/{part}/{attempt}"), old, note))
+        found.append(Garbage("unreferenced-attempt", f"parts/{part}/{attempt}",
+                             store.path_bytes(f"parts/{part}/{attempt}"), old, note))
     for rel in store.stray_temp_files():
         old = now - store.modified(rel) > TEMP_FILE_AGE
-        summary.found.append(Garbage("temp-file", rel, store.path_bytes(rel), old, "" if old else "being written"))
-    for url, attrs in store_specs(m.cache.path).items():
-        if url != store.url:
-            version = attrs.get("format_version")
-            note = f"format version {version}" + ("" if other_stores else "; remove with --yes --other-stores")
-            summary.found.append(Garbage("other-store", url, _size(url), other_stores, note))
-    if yes:
-        _remove(store, summary.found)
-    return summary
+        found.append(Garbage("temp-file", rel, store.path_bytes(rel), old, "" if old else "being written"))
+    return found
 
 
 def _size(url: str) -> int:

@@ -17,6 +17,7 @@ manifest's resize and normalisation, the frozen encoder, rounded to `cache.dtype
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -143,8 +144,8 @@ def parse_state(text: str) -> Tensor:
         values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
         values = []
-    if len(values) != 7:
-        raise UsageError(f"--state {text!r}: expected 7 numbers: x y z (m) roll pitch yaw (rad) gripper (0..1)")
+    if len(values) != 7 or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"--state {text!r}: expected 7 finite numbers: x y z (m) roll pitch yaw (rad) gripper (0..1)")
     return torch.tensor(values)  # [7]
 
 

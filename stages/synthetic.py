@@ -59,6 +59,8 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from pipeline.errors import UsageError
+
 FPS = 15  # DROID control and camera rate
 LABS = ("AUTOLab", "CLVR", "GuptaLab", "ILIAD", "IPRL", "IRIS", "PennPAL", "RAD", "RAIL", "REAL", "RPL", "TRI")
 TASKS = (
@@ -128,16 +130,17 @@ def write_synthetic_dataset(
 def _check_args(
     episodes: int, width: int, height: int, min_s: float, max_s: float, short_every: int, scenes: int
 ) -> None:
-    if episodes < 0:
-        raise ValueError(f"episodes must be >= 0, got {episodes}")
+    """Named as the command line names them (`pipeline synth`, `demo` and `bench` take --episodes)."""
+    if episodes < 1:
+        raise UsageError(f"--episodes {episodes}: must be >= 1")
     if width < 16 or height < 16 or width % 2 or height % 2:
-        raise ValueError(f"width and height must be even and >= 16 (H.264 yuv420p), got {width}x{height}")
+        raise UsageError(f"--width/--height {width}x{height}: must be even and >= 16 (H.264 yuv420p)")
     if not 1.0 <= min_s <= max_s:
-        raise ValueError(f"need 1 <= min_seconds <= max_seconds, got {min_s}, {max_s}")
+        raise UsageError(f"--min-seconds/--max-seconds {min_s:g}, {max_s:g}: need 1 <= min <= max")
     if scenes < 0:
-        raise ValueError(f"scenes must be >= 0, got {scenes}")
+        raise UsageError(f"--scenes {scenes}: must be >= 0")
     if short_every < 0:
-        raise ValueError(f"short_video_every must be >= 0, got {short_every}")
+        raise UsageError(f"short_video_every {short_every}: must be >= 0")
 
 
 def _progress(items: range, enabled: bool) -> Any:

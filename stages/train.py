@@ -81,6 +81,7 @@ class TrainSummary:
     eval: dict[str, Any] = field(default_factory=dict)
     skipped_views: list[str] = field(default_factory=list)  # damaged views left out (train.on_bad_data: skip)
     online: bool = False  # features computed in the step from the videos (--online)
+    outputs: list[str] = field(default_factory=list)  # what the run folder holds (no eval files without held-out)
     rank: int = 0  # of the process that made this summary (only rank 0 prints it)
 
     def format(self) -> str:
@@ -94,7 +95,7 @@ class TrainSummary:
         if self.skipped_views:
             lines.append(f"skipped   {len(self.skipped_views)} damaged view(s), never trained on: run "
                          "`pipeline verify --repair`, then `pipeline extract` to redo them")
-        lines.append(f"results   {self.run_dir}: metrics.jsonl, loss.png, eval.json, eval.png, checkpoints/latest.pt")
+        lines.append(f"results   {self.run_dir}: {', '.join(self.outputs)}")
         return "\n".join(lines)
 
 
@@ -200,7 +201,8 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
                             echo(_log_line(row, last, time.perf_counter() - t_start, step - summary.start_step))
                 bar.update(1)
 
-                at_eval = bool(held) and ((cfg.eval_every and step % cfg.eval_every == 0) or step == last)
+                # evaluation (where there are held-out windows) and the plots; loss.png is drawn without them too
+                at_eval = bool(cfg.eval_every and step % cfg.eval_every == 0) or step == last
                 if at_eval:
                     summary.eval = _evaluate_and_plot(m, model, source, featurize, held, autocast, step, run_dir,
                                                       info, bad)
@@ -226,6 +228,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     summary.data_wait_share = totals["wait"] / max(totals["time"], 1e-9)
     summary.ranks_in_sync = params_in_sync(model, info)
     summary.skipped_views = sorted(bad.found)
+    summary.outputs = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if info.is_main:
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=1))
     shutdown(info)
@@ -251,6 +254,7 @@ def build_training(m: Manifest, pcfg: PredictorConfig, device: torch.device
     return model, optimizer, scaler, loss_fn
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "eval.json", "eval.png", "checkpoints/latest.pt", "tensorboard")
 Featurize = Callable[[Batch], Batch]  # a loader's batch -> a batch with features (online: encode the pixels)
 
 

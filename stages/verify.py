@@ -65,6 +65,7 @@ class VerifySummary:
     problems: list[Problem] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)  # what --repair did, one line each
     views_to_redo: int = 0
+    unparsed_to_redo: int = 0  # quarantined records that did not parse: their views are redone, their count unknown
 
     @property
     def sound(self) -> bool:
@@ -77,6 +78,14 @@ class VerifySummary:
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "sound": self.sound, "MBps": self.mb_per_second}
 
+    def _redo(self) -> str:
+        """What the next extract redoes after a repair, in words."""
+        what = [f"{self.views_to_redo} view(s)"] if self.views_to_redo else []
+        if self.unparsed_to_redo:
+            what.append(f"the views of {self.unparsed_to_redo} record(s) that did not parse (`pipeline status` "
+                        "counts them as pending)")
+        return " and ".join(what) or "the episodes whose failure records were removed"
+
     def format(self) -> str:
         lines = [f"problem  {p.where}: {p.what}" for p in self.problems]
         lines += [f"repair   {line}" for line in self.repaired]
@@ -87,7 +96,7 @@ class VerifySummary:
             lines.append(f"sound    {self.store}: every byte checked is what was committed")
         elif self.repaired:
             lines.append(f"found    {len(self.problems)} problem(s); repaired: run `pipeline extract` to redo "
-                         f"{self.views_to_redo} view(s)")
+                         f"{self._redo()}")
         else:
             lines.append(f"found    {len(self.problems)} problem(s) in {self.store}: run `pipeline verify --repair`, "
                          "then `pipeline extract`")
@@ -220,6 +229,7 @@ def _repair(store: FeatureStore, commits: list[CommitRecord], summary: VerifySum
             if "/commits/" in p.where and name not in by_name:  # a record that does not parse
                 store.quarantine(name, p.what)
                 summary.repaired.append(f"quarantined {p.where} (does not parse)")
+                summary.unparsed_to_redo += 1
             elif "/failures/" in p.where:
                 store.remove(p.where.split(store.root + "/", 1)[-1])
                 summary.repaired.append(f"removed {p.where} (the episode is retried)")

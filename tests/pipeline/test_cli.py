@@ -126,7 +126,7 @@ def _tiny(tmp_path: Path, **sections: dict) -> Path:
     runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), "--episodes", "2", "--width", "64", "--height", "48",
                         "--min-seconds", "5", "--max-seconds", "6"])
     manifest = tmp_path / "m.yaml"
-    profile = {k: {**v, **sections.get(k, {})} for k, v in {**PROFILE, "train": {}}.items()}
+    profile = {k: {**v, **sections.get(k, {})} for k, v in {**PROFILE, "train": {}, "predictor": {}}.items()}
     manifest.write_text(yaml.safe_dump({"default_profile": "t", "profiles": {"t": profile}}))
     return manifest
 
@@ -160,6 +160,7 @@ def test_user_mistakes_get_one_line_and_their_exit_code(tmp_path: Path, monkeypa
 
     line(["extract", "-m", str(manifest), "--scheduler", "tcp://127.0.0.1:9", "--set", "extract.scheduler_timeout=1"],
          2, "cannot reach the dask scheduler", "tcp://127.0.0.1:9")
+    assert not (tmp_path / "cache").exists()  # exit 2: nothing was done, not even an empty store
     if not torch.cuda.is_available():
         line(["extract", "-m", str(manifest), "--set", "encoder.device=cuda"], 2, "encoder.device", "no CUDA GPU")
     line(["extract", "-m", str(manifest), "--set", f"cache.path={tmp_path / 'a-file'}"], 2, "is a file")
@@ -167,6 +168,11 @@ def test_user_mistakes_get_one_line_and_their_exit_code(tmp_path: Path, monkeypa
     line(["train", "-m", str(manifest), "--set", f"cache.path={tmp_path / 'a-file'}"], 2, "is a file")
     assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
     line(["train", "-m", str(manifest), "--out", str(tmp_path / "a-file"), "--steps", "1"], 2, "is a file")
+    below = str(tmp_path / "a-file" / "sub")  # a folder asked for below a regular file
+    for command in (["extract"], ["status"], ["verify"], ["gc"]):
+        line([*command, "-m", str(manifest), "--set", f"cache.path={below}"], 2, f"{tmp_path / 'a-file'} is a file")
+    line(["train", "-m", str(manifest), "--out", below, "--steps", "1"], 2, f"{tmp_path / 'a-file'} is a file")
+    line(["synth", "--out", str(tmp_path / "a-file"), "--episodes", "1"], 2, "a-file: is a file, not a folder")
 
     from pipeline.part_writer import PartWriter
 
@@ -200,3 +206,68 @@ def test_a_gpu_asked_for_where_there_is_none_is_a_usage_error(tmp_path: Path) ->
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: train.device: 'cuda:0', but no CUDA GPU is visible here (torch.cuda.is_available() is False); "
         "use auto or cpu"]
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--episodes", "0"], "--episodes 0: must be >= 1"),
+    (["--width", "-5"], "--width/--height -5x180"),
+    (["--width", "65"], "must be even"),
+    (["--min-seconds", "0"], "--min-seconds/--max-seconds 0, 20"),
+    (["--min-seconds", "9", "--max-seconds", "3"], "need 1 <= min <= max"),
+    (["--scenes", "-1"], "--scenes -1"),
+])
+def test_synth_refuses_bad_arguments_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), *args])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["extract", "--bogus"], "error: No such option: --bogus (see `pipeline extract --help`)"),
+    (["bench", "--repeats", "x"], "error: Invalid value for '--repeats'"),
+    (["nope"], "error: No such command 'nope' (see `pipeline --help`)"),
+    (["eval"], "error: Missing argument 'checkpoint' (see `pipeline eval --help`)"),
+])
+def test_a_command_line_that_does_not_parse_is_one_error_line(args: list[str], says: str) -> None:
+    entry_point = Path(sys.executable).parent / "pipeline"  # the installed `pipeline` script (pyproject's)
+    result = subprocess.run([str(entry_point), *args], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(says), result.stderr
+    assert result.stdout == ""
+
+
+def test_runs_without_held_out_episodes_and_counts_of_deduplicated_views(tmp_path: Path) -> None:
+    """No held-out episode: loss.png is still drawn and the summary lists only what exists. Three identical
+    view draws per episode: planned = done (the plan is made again once the videos were opened)."""
+    manifest = _tiny(tmp_path, views={"per_episode": 3, "phase": "first"}, crop={"scale": [1.777, 1.777]},
+                     train={"heldout_fraction": 0.0, "global_batch_size": 2, "warmup_steps": 1, "constant_steps": 1,
+                            "decay_steps": 0, "loader_threads": 1, "eval_every": 0, "device": "cpu"},
+                     predictor={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    result = runner.invoke(app, ["extract", "-m", str(manifest), "--json"])
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert (summary["views_planned"], summary["views_done"]) == (2, 2), result.output
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "-m", str(manifest), "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "results   " + f"{run}: metrics.jsonl, loss.png, checkpoints/latest.pt" in result.output
+    assert (run / "loss.png").stat().st_size > 0 and not (run / "eval.json").exists()
+
+
+def test_nothing_to_do_where_every_episode_failed_says_so(tmp_path: Path) -> None:
+    manifest = _tiny(tmp_path)
+    for h5 in (tmp_path / "data").rglob("trajectory.h5"):
+        h5.write_bytes(b"not hdf5")
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 1
+    result = runner.invoke(app, ["extract", "-m", str(manifest)])
+    assert result.exit_code == 1, result.output
+    assert "Nothing to do: 0 of 2 planned views of 2 episodes are committed" in result.output
+    assert "the other 2 episode(s) failed in an earlier run with the same files" in result.output
+
+
+def test_gc_lists_other_stores_where_the_manifests_own_was_never_made(tmp_path: Path) -> None:
+    manifest = _tiny(tmp_path)
+    assert runner.invoke(app, ["extract", "-m", str(manifest)]).exit_code == 0
+    result = runner.invoke(app, ["gc", "-m", str(manifest), "--set", "encoder.seed=7"])
+    assert result.exit_code == 0 and "keeping      other-store" in result.output, result.output
+    result = runner.invoke(app, ["gc", "-m", str(manifest), "--set", "encoder.seed=7", "--yes", "--other-stores"])
+    assert result.exit_code == 0 and not list((tmp_path / "cache").iterdir()), result.output

@@ -60,6 +60,18 @@ def test_default_profile_and_overrides(tmp_path: Path) -> None:
         ("data.video_fps=fast", "data.video_fps: 'fast' is not valid"),
         ("encoder.mlp_ratio=48/0", "encoder.mlp_ratio: '48/0'"),
         ("train.window_range=most", "train.window_range: 'most'"),
+        ("cache.compression_level=99", "cache.compression_level: 99 must be a zstd level"),
+        ("train.eps=-1e-8", "train.eps: -1e-08 must be > 0"),
+        ("train.betas=[0.9, 1.0]", "train.betas: .0.9, 1.0. must both be in"),
+        ("train.loader_threads=0", "train.loader_threads: 0"),
+        ("train.prefetch_batches=-1", "train.prefetch_batches: -1"),
+        ("train.weight_decay=-0.1", "train.weight_decay: -0.1"),
+        ("train.start_lr=-1", "train.start_lr: -1.0"),
+        ("train.final_lr=-1", "train.final_lr: -1.0"),
+        ("train.eval_every=-5", "train.eval_every: -5"),
+        ("train.eval_windows=0", "train.eval_windows: 0"),
+        ("train.micro_batch_size=100000", "train.micro_batch_size: 100000 must be in [0, train.global_batch_size"),
+        ("profile=droid", "the profile is chosen with --profile"),
     ],
 )
 def test_bad_values_name_key_and_value(override: str, message: str) -> None:
@@ -93,3 +105,22 @@ def test_bad_files(tmp_path: Path) -> None:
     bad.write_text("profiles: {a: {}}\ndefault_profile: a\nextra: 1\n")
     with pytest.raises(ManifestError, match="unknown key 'extra'"):
         load_manifest(bad)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "is a folder, not a YAML file"),
+    (b"\xff\xfe profiles", "is not UTF-8 text"),
+    (b"profiles: {a: 5}\ndefault_profile: a\n", "profile 'a': expected a mapping of sections, got 5"),
+    (b"profiles: [a]\ndefault_profile: a\n", "profiles: expected a mapping of profile names"),
+    (b"profiles: {a: {}}\ndefault_profile: [a]\n", r"default_profile: \['a'\] must be the name of a profile"),
+    (b"profiles: {a: {}}\n", "no default_profile, and no --profile given"),
+    (b"profiles: {a: {profile: b}}\ndefault_profile: a\n", "unknown key 'profile'"),
+])
+def test_malformed_manifest_files_are_named(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "m.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)

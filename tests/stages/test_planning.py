@@ -217,6 +217,8 @@ def test_plan_from_image_files(trained: Path) -> None:
     (["--view", "{view}", "--start-frame", "-1", "--goal-frame", "1"], "--start-frame -1"),
     (["--view", "{view}", "--start-frame", "0"], "give a start and a goal"),
     (["--start-image", "a.png", "--goal-image", "b.png", "--state", "1 2 3"], "--state"),
+    (["--start-image", "a.png", "--goal-image", "b.png", "--state", "0 0 nan 0 0 0 1"], "7 finite numbers"),
+    (["--start-image", "a.png", "--goal-image", "b.png", "--state", "0 0 0 0 0 inf 1"], "7 finite numbers"),
     (["--closed-loop", "0"], "--closed-loop 0"),
     (["--closed-loop", "2", "--view", "{view}"], "--closed-loop draws its own"),
 ])

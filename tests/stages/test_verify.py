@@ -152,7 +152,9 @@ def test_a_truncated_or_empty_commit_record_stops_nothing(workdir: Path, content
     found = verify(m, show_progress=False)
     assert [p.where for p in found.problems] == [str(victim)]
     assert run(m).views_done == lost  # its views count as missing and are redone
-    verify(m, repair=True, show_progress=False)
+    repaired = verify(m, repair=True, show_progress=False)
+    assert repaired.unparsed_to_redo == 1 and repaired.views_to_redo == 0
+    assert "redo the views of 1 record(s) that did not parse" in repaired.format()
     assert not victim.exists() and verify(m, show_progress=False).sound
 
 
