@@ -17,9 +17,10 @@ turns it off.
 
 The training loader's reads (`read_many`) copy out of read-only maps of the shard files, kept open
 across reads (`MAPS`), rather than `pread`ing them: shard files are immutable once committed, and a copy
-out of a map whose pages are already mapped skips the kernel's per-call work and its slower copy; with
-AVX-512 each 64-byte vector is checksummed as it is copied (`COPY_KERNEL`), so the bytes are read once,
-not copied and read again (checked reads ~1.8x those with `preadv` here, README "Performance"). A map
+out of a map whose pages are already mapped skips the kernel's per-call work and its slower copy; each
+vector is checksummed as it is copied (`COPY_KERNEL`: AVX-512, AVX2 or SSE vectors), so the bytes are read
+once, not copied and read again (checked reads ~1.6-2x those with `preadv`, at the speed of an unchecked
+memcpy out of the same maps, README "Performance"). A map
 is reused while its file's identity (device, inode, size, mtime) is what it was when mapped, checked by
 one `stat` per file and call, so a file replaced, cut or deleted is mapped again or read as damage, as a
 read call would see it. A disk error or a file cut short after it was mapped answers with SIGBUS, which

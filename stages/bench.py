@@ -300,8 +300,10 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"{ld['loader_threads']} threads vs preadv of the same bytes into a batch buffer on as many threads "
              f"{ld['raw_MBps']:.0f} MB/s: loader_vs_raw {ld['loader_vs_raw']:.2f} "
              f"({ld['loader_vs_raw_spread']['min']:.2f}..{ld['loader_vs_raw_spread']['max']:.2f}; target >= 0.8); "
-             f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; memcpy out of a "
-             f"map of each file, unchecked {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}); reads "
+             f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; memcpy, unchecked, "
+             f"out of a fresh map of each file {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}), out of "
+             f"maps kept populated as the loader's {ld['raw_kept_maps_MBps']:.0f} MB/s (loader_vs_raw_kept_maps "
+             f"{ld['loader_vs_raw_kept_maps']:.2f}, checked reads {ld['checked_read_vs_raw_kept_maps']:.2f}); reads "
              f"into a cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s; the checked reads alone "
              f"(its read_windows calls on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
              f"{ld['checked_read_vs_raw']:.2f} of raw",

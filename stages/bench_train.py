@@ -182,15 +182,16 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     way when the clock starts as when it stops -- against plain reads of exactly the same bytes: `preadv` of
     the windows' rows in their shard files into a batch-sized buffer, on as many threads as the loader has
     (no checks, no batching) -- the least any loader must do to put the bytes in memory with read calls --
-    and memcpy of the same bytes out of a map of each file, mapped for each round (`raw_mmap`: the least with
-    a fresh map; the loader keeps its maps, see `shard_reader`).
+    memcpy of the same bytes out of a map of each file, mapped for each round (`raw_mmap`: the least with
+    a fresh map), and memcpy out of maps made once and populated before the rounds (`raw_kept_maps`: the least
+    the loader's own way of reading must do -- it keeps its maps, see `shard_reader` -- the strict baseline).
     Also timed each round: the checked reads alone (`checked_read`: the loader's `read_windows` calls for the
     same windows, each thread its share of each batch into one batch buffer -- the loader's reads without
     its prefetching, reader priority and buffer pool, which splits the loader's gap to the raw reads into
     the checks' share and the loader's own), and the loader and the checked reads with the direct reader's
     Python executor (`*_python`: what runs where the native one is not built), so that the native reader's
     gain is measured in the same run, and the checked reads with read calls instead of the kept maps
-    (`checked_read_preadv`: the maps' gain). `rounds` repeats of all seven, in an order that rotates every round (a
+    (`checked_read_preadv`: the maps' gain). `rounds` repeats of all eight, in an order that rotates every round (a
     kind timed right after another runs in its wake: measured here, up to ~10%); medians of per-round ratios.
     Also reported: the same reads into a small reused buffer (`raw_discard`: the page cache's copy rate into
     a cache-hot destination, which no loader can use), and plain single-thread zarr reads of the windows."""
@@ -214,11 +215,14 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
         "loader_python": lambda: _loader_reads(loaders["loader_python"], lead, batches),
         "raw": lambda: _raw_reads(ranges, batch_bytes, threads),
         "raw_mmap": lambda: _raw_reads(ranges, batch_bytes, threads, mapped=True),
+        "raw_kept_maps": lambda: _raw_reads(ranges, batch_bytes, threads, kept=kept),
         "checked_read": lambda: _checked_reads(store, windows, T, out, threads),
         "checked_read_python": lambda: _checked_reads(python, windows, T, out, threads),
         "checked_read_preadv": lambda: _checked_reads(preadv, windows, T, out, threads)}
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    kept = {path: _map(path) for path, _, _ in ranges}
     try:
+        kinds["raw_kept_maps"]()  # populates the kept maps, as the loader's warm-up populates its own
         for loader in loaders.values():
             for _ in range(prefetch + 3):  # warm-up: until its buffers are allocated (the steady state of training)
                 next(loader)
@@ -230,8 +234,11 @@ def bench_loader(m: Manifest, tmp: str, frames: int = 256, batches: int = 8, bat
     finally:
         for loader in loaders.values():
             loader.close()
+        for m in kept.values():
+            m.close()
     vs = {f"{a}_vs_{b}": [x / y for x, y in zip(rates[a], rates[b], strict=True)] for a, b in (
-        ("loader", "raw"), ("loader", "raw_mmap"), ("checked_read", "raw"), ("loader_python", "raw"),
+        ("loader", "raw"), ("loader", "raw_mmap"), ("loader", "raw_kept_maps"), ("checked_read", "raw_kept_maps"),
+        ("checked_read", "raw"), ("loader_python", "raw"),
         ("loader", "loader_python"), ("checked_read", "checked_read_python"),
         ("checked_read", "checked_read_preadv"))}
     loader_mbps, zarr_mbps = float(np.median(rates["loader"])), mb / _zarr_reads(store, windows, T)
@@ -312,9 +319,10 @@ def _chunk_ranges(store: FeatureStore, windows: list[Any], T: int) -> list[tuple
 
 
 def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: int, mapped: bool = False,
-               buffer: np.ndarray | None = None) -> float:
+               buffer: np.ndarray | None = None, kept: dict[str, mmap.mmap] | None = None) -> float:
     """Seconds to copy the ranges into consecutive places of a batch-sized buffer, on `threads` threads:
-    `preadv`, or (mapped) memcpy out of a read-only map of each file, mapped once for all its ranges.
+    `preadv`, or (mapped) memcpy out of a read-only map of each file, mapped once for all its ranges --
+    afresh for this call, or the `kept` maps (made once and populated by earlier calls, as the loader's are).
     The buffer comes from torch's allocator, as the loader's do: shard chunks sit at offsets that are not
     64-byte aligned (4 crc32c bytes follow each), and the copy's speed depends on how source and
     destination align (up to 1.8x apart on this machine between a numpy and a torch buffer). `buffer`: one
@@ -322,9 +330,10 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
     if buffer is None:
         buffer = torch.ones(batch_bytes + max(size for _, _, size in ranges), dtype=torch.uint8).numpy()  # touched
     places = _places(ranges, batch_bytes)
-    fds = {path: os.open(path, os.O_RDONLY) for path, _, _ in ranges}
-    maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped else {}
-    sources = {path: np.frombuffer(m, np.uint8) for path, m in maps.items()}
+    mapped = mapped or kept is not None
+    fds = {path: os.open(path, os.O_RDONLY) for path, _, _ in ranges} if kept is None else {}
+    maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped and kept is None else {}
+    sources = {path: np.frombuffer(m, np.uint8) for path, m in (kept or maps).items()}
 
     def read(part: list[tuple[int, tuple[str, int, int]]]) -> None:
         for at, (path, offset, size) in part:
@@ -341,6 +350,12 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
             m.close()
         for fd in fds.values():
             os.close(fd)
+
+
+def _map(path: str) -> mmap.mmap:
+    """A read-only map of the whole file (the descriptor is closed at once; the map stays valid)."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 
 
 def _places(ranges: list[tuple[str, int, int]], batch_bytes: int) -> list[tuple[int, tuple[str, int, int]]]:

@@ -19,12 +19,14 @@ try:
 except ImportError:  # built without a C compiler
     _shardio = None
 KERNEL = _shardio.kernel if _shardio else ""
-KERNELS = {"pclmul": ["pclmul"], "vpclmul-crc32": ["pclmul", "vpclmul", "vpclmul-crc32"]}.get(KERNEL, [])
+KERNELS = {"pclmul": ["pclmul"], "vpclmul256": ["pclmul", "vpclmul256"],
+           "vpclmul-crc32": ["pclmul", "vpclmul256", "vpclmul", "vpclmul-crc32"]}.get(KERNEL, [])
 native = pytest.mark.skipif(not KERNEL, reason="no native reader here (not built, or no crc32c kernel for this "
                                                "CPU): the Python executor runs")
 
 # Lengths around every boundary the kernels branch on (8-byte words, 64-byte xmm blocks, 128 and 512 minimums,
-# 256-byte zmm blocks, the hybrid's 25,600-byte blocks), a feature row, and a whole ViT-g chunk with its crc32c.
+# 256-byte ymm and zmm blocks, the hybrid's 25,600-byte blocks), a feature row, and a whole ViT-g chunk with its
+# crc32c.
 HYBRID_BLOCK = 256 * 64 + 3 * 48 * 64
 LENGTHS = [*range(0, 300), 511, 512, 513, 1023, 1024, 1025, 4095, 4096, 4097, 65_536 + 7, 720_896, 4 * 720_896 + 4,
            *(k * HYBRID_BLOCK + d for k in (1, 2, 3) for d in (-257, -1, 0, 1, 8, 255, 256))]
@@ -38,6 +40,30 @@ def test_every_kernel_computes_crc32c(kernel: str) -> None:
         for skew in (0, 1, 7, 33):  # not only 64-byte aligned starts
             part = data[skew : skew + n]
             assert _shardio.crc32c(part, 0, kernel) == google_crc32c.value(part.tobytes()), (n, skew)
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k in ("pclmul", "vpclmul256", "vpclmul")])
+def test_every_copy_kernel_copies_and_computes_crc32c(kernel: str) -> None:
+    """The one-pass copy and crc32c kernels (what the loader reads out of maps with), at every length around
+    their branch points, unaligned source and destination: the bytes arrive, the crc32c is google-crc32c's,
+    nothing past the end is written."""
+    data = np.random.default_rng(3).integers(0, 256, max(LENGTHS) + 64, np.uint8)
+    for n in LENGTHS:
+        for skew in (0, 1, 7, 33):
+            part, out = data[skew : skew + n], np.full(n + 9, 0xAB, np.uint8)
+            assert _shardio.copy_crc32c(out[1 + skew % 5 :], part, 0, kernel) == google_crc32c.value(part.tobytes())
+            assert bytes(out[1 + skew % 5 : 1 + skew % 5 + n]) == part.tobytes(), (n, skew)
+            assert set(out[: 1 + skew % 5].tolist()) <= {0xAB} and set(out[1 + skew % 5 + n :].tolist()) <= {0xAB}
+    assert _shardio.copy_crc32c(np.zeros(10, np.uint8), data[5:10], _shardio.crc32c(data[:5]), kernel) == \
+        google_crc32c.value(data[:10].tobytes())  # continues from a register like crc32c
+
+
+@native
+def test_the_copy_kernel_refuses_a_short_destination_and_unknown_names() -> None:
+    with pytest.raises(ValueError, match="smaller"):
+        _shardio.copy_crc32c(np.zeros(3, np.uint8), b"abcd")
+    with pytest.raises(ValueError, match="not available"):
+        _shardio.copy_crc32c(np.zeros(4, np.uint8), b"abcd", 0, "sse-nope")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

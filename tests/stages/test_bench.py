@@ -12,7 +12,7 @@ from pipeline import shard_reader
 from pipeline.manifest import CacheSection, load_manifest
 from pipeline.store import FeatureStore
 from stages.bench import run_bench
-from stages.bench_train import PAIRS, _chunk_ranges, _raw_reads, write_views
+from stages.bench_train import PAIRS, _chunk_ranges, _map, _raw_reads, write_views
 from stages.windows import WindowIndex, sample_batch
 
 TRAIN = ["predictor.embed_dim=32", "predictor.depth=1", "predictor.num_heads=1", "train.global_batch_size=2",
@@ -49,8 +49,9 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
                                    "loader_vs_raw", "loader_vs_raw_mmap", "checked_read_MBps", "checked_read_vs_raw",
                                    "loader_python_MBps", "checked_read_python_MBps", "loader_python_vs_raw",
                                    "loader_vs_loader_python", "checked_read_vs_checked_read_python",
-                                   "checked_read_preadv_MBps", "checked_read_vs_checked_read_preadv"))
-    for key in ("loader_vs_raw", "checked_read_vs_raw", "loader_vs_loader_python",
+                                   "checked_read_preadv_MBps", "checked_read_vs_checked_read_preadv",
+                                   "raw_kept_maps_MBps", "loader_vs_raw_kept_maps", "checked_read_vs_raw_kept_maps"))
+    for key in ("loader_vs_raw", "checked_read_vs_raw", "loader_vs_raw_kept_maps", "loader_vs_loader_python",
                 "checked_read_vs_checked_read_python", "checked_read_vs_checked_read_preadv"):
         assert ld[f"{key}_spread"]["min"] <= ld[key] <= ld[f"{key}_spread"]["max"], key
     assert ld["native_reads"] == (shard_reader.KERNEL if shard_reader.NATIVE else "")
@@ -62,8 +63,8 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     assert ("reader: native" if ld["native_reads"] else "reader: the Python executor") in text
 
 
-@pytest.mark.parametrize("mapped", [False, True])
-def test_the_raw_baseline_reads_exactly_the_bytes_the_loader_delivers(tmp_path: Path, mapped: bool) -> None:
+@pytest.mark.parametrize("mapped", [False, True, "kept"])
+def test_the_raw_baseline_reads_exactly_the_bytes_the_loader_delivers(tmp_path: Path, mapped: bool | str) -> None:
     """loader_vs_raw compares like with like: the baseline's ranges, copied in order, are the windows' rows
     as the checked read returns them (edge chunks in part, no crc bytes, across shard boundaries)."""
     cache = CacheSection(path="unused", dtype="bfloat16", chunk_frames=2, shard_frames=4)
@@ -74,6 +75,7 @@ def test_the_raw_baseline_reads_exactly_the_bytes_the_loader_delivers(tmp_path: 
     ranges = _chunk_ranges(store, windows, 5)
     total = sum(size for _, _, size in ranges)
     buffer = np.zeros(2 * total, np.uint8)
-    _raw_reads(ranges, total, threads=2, mapped=mapped, buffer=buffer)
+    kept = {path: _map(path) for path, _, _ in ranges} if mapped == "kept" else None
+    _raw_reads(ranges, total, threads=2, mapped=mapped is True, buffer=buffer, kept=kept)
     expect = torch.cat([store.read_features(w.view, w.start, 5) for w in windows])  # [windows * 5, 3, 8]
     assert np.array_equal(buffer[:total], expect.view(torch.uint8).reshape(-1).numpy())
