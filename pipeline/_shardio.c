@@ -94,47 +94,38 @@ __attribute__((target("sse4.2,pclmul"))) static __m128i fold128(__m128i x, __m12
 
 static __m128i pair128(const uint64_t k[2]) { return _mm_set_epi64x((long long)k[1], (long long)k[0]); }
 
-__attribute__((target("sse4.2,pclmul"))) static uint32_t crc_pclmul(uint32_t crc, const uint8_t *p, size_t n) {
-    uint64_t c = (uint32_t)~crc;
-    if (n >= 128) {
-        const __m128i k4 = pair128(k512), k1 = pair128(k128);
-        __m128i x0 = _mm_loadu_si128((const __m128i *)p), x1 = _mm_loadu_si128((const __m128i *)(p + 16));
-        __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32)), x3 = _mm_loadu_si128((const __m128i *)(p + 48));
-        x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)(uint32_t)c)); /* the register enters as the first 4 bytes */
-        for (p += 64, n -= 64; n >= 64; p += 64, n -= 64) {
-            x0 = fold128(x0, k4, _mm_loadu_si128((const __m128i *)p));
-            x1 = fold128(x1, k4, _mm_loadu_si128((const __m128i *)(p + 16)));
-            x2 = fold128(x2, k4, _mm_loadu_si128((const __m128i *)(p + 32)));
-            x3 = fold128(x3, k4, _mm_loadu_si128((const __m128i *)(p + 48)));
-        }
-        c = reduce_lane(fold128(fold128(fold128(x0, k1, x1), k1, x2), k1, x3));
-    }
-    return (uint32_t)~crc_bytes(c, p, n);
-}
-
-/* crc_pclmul's folding, with each 16-byte vector stored to dst as it is loaded from src (one pass). */
-__attribute__((target("sse4.2,pclmul"))) static uint32_t copy_crc_pclmul(uint32_t crc, uint8_t *dst, const uint8_t *src,
-                                                                        size_t n) {
-    if (n < 128) {
-        memcpy(dst, src, n);
-        return crc_pclmul(crc, dst, n);
-    }
+/* Four xmm accumulators folded over the `body` bytes of src (whole 64-byte blocks, at least two), each
+ * vector also stored to dst when `copy` (then the caller's constant, so each caller gets its own loop):
+ * the register after them. Shared by crc32c and the one-pass copy, so both fold the same way. */
+__attribute__((target("sse4.2,pclmul"), always_inline)) static inline uint64_t xmm_pass(uint32_t crc, uint8_t *dst,
+                                                                                     const uint8_t *src, size_t body,
+                                                                                     int copy) {
     const __m128i k4 = pair128(k512), k1 = pair128(k128);
-    size_t body = n / 64 * 64;
     __m128i x[4];
-    for (int i = 0; i < 4; i++) {
-        x[i] = _mm_loadu_si128((const __m128i *)(src + 16 * i));
-        _mm_storeu_si128((__m128i *)(dst + 16 * i), x[i]);
-    }
-    x[0] = _mm_xor_si128(x[0], _mm_cvtsi32_si128((int)~crc));
-    for (size_t at = 64; at < body; at += 64)
+    for (size_t at = 0; at < body; at += 64)
         for (int i = 0; i < 4; i++) {
             __m128i v = _mm_loadu_si128((const __m128i *)(src + at + 16 * i));
-            _mm_storeu_si128((__m128i *)(dst + at + 16 * i), v);
-            x[i] = fold128(x[i], k4, v);
+            if (copy) _mm_storeu_si128((__m128i *)(dst + at + 16 * i), v);
+            if (at == 0) /* the register enters as the first 4 bytes */
+                x[i] = i ? v : _mm_xor_si128(v, _mm_cvtsi32_si128((int)~crc));
+            else
+                x[i] = fold128(x[i], k4, v);
         }
+    return reduce_lane(fold128(fold128(fold128(x[0], k1, x[1]), k1, x[2]), k1, x[3]));
+}
+
+__attribute__((target("sse4.2,pclmul"))) static uint32_t crc_pclmul(uint32_t crc, const uint8_t *p, size_t n) {
+    size_t body = n < 128 ? 0 : n / 64 * 64;
+    uint64_t c = body ? xmm_pass(crc, NULL, p, body, 0) : (uint32_t)~crc;
+    return (uint32_t)~crc_bytes(c, p + body, n - body); /* the tail */
+}
+
+/* crc_pclmul with each 16-byte vector stored to dst as it is loaded from src (one pass). */
+__attribute__((target("sse4.2,pclmul"))) static uint32_t copy_crc_pclmul(uint32_t crc, uint8_t *dst, const uint8_t *src,
+                                                                        size_t n) {
+    size_t body = n < 128 ? 0 : n / 64 * 64;
+    uint64_t c = body ? xmm_pass(crc, dst, src, body, 1) : (uint32_t)~crc;
     memcpy(dst + body, src + body, n - body);
-    uint64_t c = reduce_lane(fold128(fold128(fold128(x[0], k1, x[1]), k1, x[2]), k1, x[3]));
     return (uint32_t)~crc_bytes(c, dst + body, n - body); /* the tail */
 }
 
@@ -146,10 +137,22 @@ __attribute__((target(AVX2V))) static __m256i fold256(__m256i x, __m256i k, __m2
     return _mm256_xor_si256(_mm256_xor_si256(hi, lo), next);
 }
 
-/* The register of eight ymm accumulators over 256 consecutive bytes: each folds 32 bytes forward into the
- * next, the last one's two lanes into one, and that lane is reduced. */
-__attribute__((target(AVX2V))) static uint64_t ymm_register(const __m256i x[8]) {
-    const __m256i k2 = _mm256_broadcastsi128_si256(pair128(k256));
+/* Eight ymm accumulators folded over the `body` bytes of src (whole 256-byte blocks, at least two), each
+ * vector also stored to dst when `copy` (as xmm_pass): the register after them. The accumulators fold 32
+ * bytes forward into each other in turn, the last one's two lanes into one, and that lane is reduced. */
+__attribute__((target(AVX2V), always_inline)) static inline uint64_t ymm_pass(uint32_t crc, uint8_t *dst,
+                                                                           const uint8_t *src, size_t body, int copy) {
+    const __m256i k16 = _mm256_broadcastsi128_si256(pair128(k2048)), k2 = _mm256_broadcastsi128_si256(pair128(k256));
+    __m256i x[8];
+    for (size_t at = 0; at < body; at += 256)
+        for (int i = 0; i < 8; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(src + at + 32 * i));
+            if (copy) _mm256_storeu_si256((__m256i *)(dst + at + 32 * i), v);
+            if (at == 0) /* the register enters as the first 4 bytes */
+                x[i] = i ? v : _mm256_xor_si256(v, _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)~crc)));
+            else
+                x[i] = fold256(x[i], k16, v);
+        }
     __m256i y = x[0];
     for (int i = 1; i < 8; i++) y = fold256(y, k2, x[i]);
     return reduce_lane(fold128(_mm256_castsi256_si128(y), pair128(k128), _mm256_extracti128_si256(y, 1)));
@@ -157,35 +160,16 @@ __attribute__((target(AVX2V))) static uint64_t ymm_register(const __m256i x[8]) 
 
 __attribute__((target(AVX2V))) static uint32_t crc_vpclmul256(uint32_t crc, const uint8_t *p, size_t n) {
     if (n < 512) return crc_pclmul(crc, p, n);
-    const __m256i k16 = _mm256_broadcastsi128_si256(pair128(k2048));
     size_t body = n / 256 * 256;
-    __m256i x[8];
-    for (int i = 0; i < 8; i++) x[i] = _mm256_loadu_si256((const __m256i *)(p + 32 * i));
-    x[0] = _mm256_xor_si256(x[0], _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)~crc)));
-    for (size_t at = 256; at < body; at += 256)
-        for (int i = 0; i < 8; i++) x[i] = fold256(x[i], k16, _mm256_loadu_si256((const __m256i *)(p + at + 32 * i)));
-    return crc_pclmul((uint32_t)~ymm_register(x), p + body, n - body); /* the tail, from the register */
+    return crc_pclmul((uint32_t)~ymm_pass(crc, NULL, p, body, 0), p + body, n - body); /* the tail */
 }
 
 /* crc_vpclmul256 with each 32-byte vector stored to dst as it is loaded from src (one pass). */
 __attribute__((target(AVX2V))) static uint32_t copy_crc_vpclmul256(uint32_t crc, uint8_t *dst, const uint8_t *src,
                                                                   size_t n) {
     if (n < 512) return copy_crc_pclmul(crc, dst, src, n);
-    const __m256i k16 = _mm256_broadcastsi128_si256(pair128(k2048));
     size_t body = n / 256 * 256;
-    __m256i x[8];
-    for (int i = 0; i < 8; i++) {
-        x[i] = _mm256_loadu_si256((const __m256i *)(src + 32 * i));
-        _mm256_storeu_si256((__m256i *)(dst + 32 * i), x[i]);
-    }
-    x[0] = _mm256_xor_si256(x[0], _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)~crc)));
-    for (size_t at = 256; at < body; at += 256)
-        for (int i = 0; i < 8; i++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(src + at + 32 * i));
-            _mm256_storeu_si256((__m256i *)(dst + at + 32 * i), v);
-            x[i] = fold256(x[i], k16, v);
-        }
-    return copy_crc_pclmul((uint32_t)~ymm_register(x), dst + body, src + body, n - body); /* the tail */
+    return copy_crc_pclmul((uint32_t)~ymm_pass(crc, dst, src, body, 1), dst + body, src + body, n - body);
 }
 
 __attribute__((target("avx512f,avx512vl,vpclmulqdq"))) static __m512i fold512(__m512i x, __m512i k, __m512i next) {

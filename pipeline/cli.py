@@ -398,7 +398,7 @@ def main() -> None:
     """The `pipeline` entry point: the app, with a command line that does not parse said in one `error:` line
     (exit 2) like every other mistake, instead of a boxed usage text; no arguments at all show the help."""
     if not sys.argv[1:]:
-        app(["--help"])
+        app(["--help"])  # prints the help and exits 0
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as err:  # click's errors (typer >= 0.20 carries its own click): parse errors

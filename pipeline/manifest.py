@@ -377,15 +377,13 @@ def load_manifest(path: str | Path, profile: str | None = None, overrides: list[
     profiles = raw["profiles"]
     if not isinstance(profiles, dict):
         raise ManifestError(f"manifest {path}: profiles: expected a mapping of profile names, got {profiles!r}")
-    name = profile or raw.get("default_profile")
+    name, names = profile or raw.get("default_profile"), sorted(map(str, profiles))
     if not isinstance(name, str | None):
-        raise ManifestError(f"manifest {path}: default_profile: {name!r} must be the name of a profile; profiles: "
-                            f"{sorted(map(str, profiles))}")
+        raise ManifestError(f"manifest {path}: default_profile: {name!r} must be a profile's name; profiles: {names}")
     if name is None:
-        raise ManifestError(f"manifest {path}: no default_profile, and no --profile given; profiles: "
-                            f"{sorted(map(str, profiles))}")
+        raise ManifestError(f"manifest {path}: no default_profile, and no --profile given; profiles: {names}")
     if name not in profiles:
-        raise ManifestError(f"manifest {path}: profile {name!r} not found; profiles: {sorted(map(str, profiles))}")
+        raise ManifestError(f"manifest {path}: profile {name!r} not found; profiles: {names}")
     tree = profiles[name] or {}
     if not isinstance(tree, dict):
         raise ManifestError(f"manifest {path}: profile {name!r}: expected a mapping of sections, got {tree!r}")

@@ -133,11 +133,10 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
 
 def _nothing_to_do(summary: ExtractSummary, episodes: int) -> str:
     """Why a run encodes nothing: all is committed, or what is not failed earlier under the same files."""
-    line = f"Nothing to do: {summary.views_skipped} of {summary.views_planned} planned views of {episodes} episodes "
-    if not summary.failed:
-        return line + f"are committed in {summary.store}; no encoding."
-    return (line + f"are committed in {summary.store}; the other {len(summary.failed)} episode(s) failed in an "
-            "earlier run with the same files and settings (listed below); no encoding.")
+    failed = (f"; the other {len(summary.failed)} episode(s) failed in an earlier run with the same files and "
+              "settings (listed below)" if summary.failed else "")
+    return (f"Nothing to do: {summary.views_skipped} of {summary.views_planned} planned views of {episodes} episodes "
+            f"are committed in {summary.store}{failed}; no encoding.")
 
 
 def _with_timing(summary: ExtractSummary, views: dict[str, ViewRecord], m: Manifest) -> ExtractSummary:

@@ -60,6 +60,9 @@ from stages.windows import (
     split_index,
 )
 
+# what a run folder may hold, in the order its summary lists them (eval files only with held-out episodes)
+RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "eval.json", "eval.png", "checkpoints/latest.pt", "tensorboard")
+
 
 @dataclass
 class TrainSummary:
@@ -254,7 +257,6 @@ def build_training(m: Manifest, pcfg: PredictorConfig, device: torch.device
     return model, optimizer, scaler, loss_fn
 
 
-RUN_OUTPUTS = ("metrics.jsonl", "loss.png", "eval.json", "eval.png", "checkpoints/latest.pt", "tensorboard")
 Featurize = Callable[[Batch], Batch]  # a loader's batch -> a batch with features (online: encode the pixels)
 
 

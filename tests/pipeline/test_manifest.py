@@ -112,7 +112,7 @@ def test_bad_files(tmp_path: Path) -> None:
     (b"\xff\xfe profiles", "is not UTF-8 text"),
     (b"profiles: {a: 5}\ndefault_profile: a\n", "profile 'a': expected a mapping of sections, got 5"),
     (b"profiles: [a]\ndefault_profile: a\n", "profiles: expected a mapping of profile names"),
-    (b"profiles: {a: {}}\ndefault_profile: [a]\n", r"default_profile: \['a'\] must be the name of a profile"),
+    (b"profiles: {a: {}}\ndefault_profile: [a]\n", r"default_profile: \['a'\] must be a profile's name"),
     (b"profiles: {a: {}}\n", "no default_profile, and no --profile given"),
     (b"profiles: {a: {profile: b}}\ndefault_profile: a\n", "unknown key 'profile'"),
 ])
