@@ -64,6 +64,10 @@ static uint32_t reflect32(uint32_t v) {
 static uint64_t fold_constant(unsigned n) { return (uint64_t)reflect32(xpow_mod(n - 1)) << 32; }
 
 #ifdef SHARDIO_X86
+/* Loops over a kernel's accumulators are unrolled, so that the compiler keeps them in registers: indexed
+ * by a loop counter, gcc -O2 kept them on the stack (a load and a store per fold). */
+#define UNROLL _Pragma("GCC unroll 8")
+
 static uint64_t k128[2], k256[2], k512[2], k2048[2]; /* {for the lane's first qword, for its second}, per distance */
 
 static void set_pair(uint64_t k[2], unsigned bits) {
@@ -102,14 +106,16 @@ __attribute__((target("sse4.2,pclmul"), always_inline)) static inline uint64_t x
                                                                                      int copy) {
     const __m128i k4 = pair128(k512), k1 = pair128(k128);
     __m128i x[4];
-    for (size_t at = 0; at < body; at += 64)
-        for (int i = 0; i < 4; i++) {
+    UNROLL for (int i = 0; i < 4; i++) {
+        x[i] = _mm_loadu_si128((const __m128i *)(src + 16 * i));
+        if (copy) _mm_storeu_si128((__m128i *)(dst + 16 * i), x[i]);
+    }
+    x[0] = _mm_xor_si128(x[0], _mm_cvtsi32_si128((int)~crc)); /* the register enters as the first 4 bytes */
+    for (size_t at = 64; at < body; at += 64)
+        UNROLL for (int i = 0; i < 4; i++) {
             __m128i v = _mm_loadu_si128((const __m128i *)(src + at + 16 * i));
             if (copy) _mm_storeu_si128((__m128i *)(dst + at + 16 * i), v);
-            if (at == 0) /* the register enters as the first 4 bytes */
-                x[i] = i ? v : _mm_xor_si128(v, _mm_cvtsi32_si128((int)~crc));
-            else
-                x[i] = fold128(x[i], k4, v);
+            x[i] = fold128(x[i], k4, v);
         }
     return reduce_lane(fold128(fold128(fold128(x[0], k1, x[1]), k1, x[2]), k1, x[3]));
 }
@@ -142,19 +148,22 @@ __attribute__((target(AVX2V))) static __m256i fold256(__m256i x, __m256i k, __m2
  * bytes forward into each other in turn, the last one's two lanes into one, and that lane is reduced. */
 __attribute__((target(AVX2V), always_inline)) static inline uint64_t ymm_pass(uint32_t crc, uint8_t *dst,
                                                                            const uint8_t *src, size_t body, int copy) {
-    const __m256i k16 = _mm256_broadcastsi128_si256(pair128(k2048)), k2 = _mm256_broadcastsi128_si256(pair128(k256));
+    const __m256i k16 = _mm256_broadcastsi128_si256(pair128(k2048));
     __m256i x[8];
-    for (size_t at = 0; at < body; at += 256)
-        for (int i = 0; i < 8; i++) {
+    UNROLL for (int i = 0; i < 8; i++) {
+        x[i] = _mm256_loadu_si256((const __m256i *)(src + 32 * i));
+        if (copy) _mm256_storeu_si256((__m256i *)(dst + 32 * i), x[i]);
+    }
+    x[0] = _mm256_xor_si256(x[0], _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)~crc))); /* the register enters */
+    for (size_t at = 256; at < body; at += 256)
+        UNROLL for (int i = 0; i < 8; i++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(src + at + 32 * i));
             if (copy) _mm256_storeu_si256((__m256i *)(dst + at + 32 * i), v);
-            if (at == 0) /* the register enters as the first 4 bytes */
-                x[i] = i ? v : _mm256_xor_si256(v, _mm256_zextsi128_si256(_mm_cvtsi32_si128((int)~crc)));
-            else
-                x[i] = fold256(x[i], k16, v);
+            x[i] = fold256(x[i], k16, v);
         }
+    const __m256i k2 = _mm256_broadcastsi128_si256(pair128(k256));
     __m256i y = x[0];
-    for (int i = 1; i < 8; i++) y = fold256(y, k2, x[i]);
+    UNROLL for (int i = 1; i < 8; i++) y = fold256(y, k2, x[i]);
     return reduce_lane(fold128(_mm256_castsi256_si128(y), pair128(k128), _mm256_extracti128_si256(y, 1)));
 }
 
@@ -194,10 +203,10 @@ __attribute__((target(AVX512))) static ZmmConstants zmm_constants(void) {
  * then folded over every further 256 bytes up to `end`. */
 __attribute__((target(AVX512))) static inline void fold_blocks(__m512i x[4], const uint8_t *p, const uint8_t *end,
                                                              uint32_t reg, __m512i k16) {
-    for (int i = 0; i < 4; i++) x[i] = _mm512_loadu_si512(p + 64 * i);
+    UNROLL for (int i = 0; i < 4; i++) x[i] = _mm512_loadu_si512(p + 64 * i);
     x[0] = _mm512_xor_si512(x[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)reg)));
     for (p += 256; p < end; p += 256)
-        for (int i = 0; i < 4; i++) x[i] = fold512(x[i], k16, _mm512_loadu_si512(p + 64 * i));
+        UNROLL for (int i = 0; i < 4; i++) x[i] = fold512(x[i], k16, _mm512_loadu_si512(p + 64 * i));
 }
 
 /* The register of four accumulators: they fold into one, its four lanes into one, that lane is reduced. */
@@ -230,13 +239,13 @@ __attribute__((target(AVX512))) static uint32_t copy_crc_vpclmul(uint32_t crc, u
     const ZmmConstants k = zmm_constants();
     size_t body = n / 256 * 256;
     __m512i x[4];
-    for (int i = 0; i < 4; i++) {
+    UNROLL for (int i = 0; i < 4; i++) {
         x[i] = _mm512_loadu_si512(src + 64 * i);
         _mm512_storeu_si512(dst + 64 * i, x[i]);
     }
     x[0] = _mm512_xor_si512(x[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
     for (size_t at = 256; at < body; at += 256)
-        for (int i = 0; i < 4; i++) {
+        UNROLL for (int i = 0; i < 4; i++) {
             __m512i v = _mm512_loadu_si512(src + at + 64 * i);
             _mm512_storeu_si512(dst + at + 64 * i, v);
             x[i] = fold512(x[i], k.k16, v);
