@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
+from pipeline.progress import Bar, progress
 from pipeline.records import ViewRecord
 from pipeline.report import human_bytes
 from pipeline.signals import raise_on_signals
@@ -113,7 +113,7 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
          f"({summary.views_skipped} views already committed, {len(summary.failed)} failed before)")
     echo(_encoder_line(m, scheduler))
     t0 = time.perf_counter()
-    bar = tqdm(total=None, unit="frame", desc="extract", disable=not show_progress, dynamic_ncols=True)
+    bar = progress("extract", "frame", show=show_progress)
     run_id = uuid.uuid4().hex
     with raise_on_signals():
         results = (_run_inline(m, store, parts, run_id, bar) if scheduler == "inline"
@@ -186,7 +186,7 @@ def _summary_from_plan(store: FeatureStore, plans: list[EpisodePlan]) -> Extract
 
 
 def _run_inline(m: Manifest, store: FeatureStore, parts: list[PartTask], run_id: str,
-                bar: tqdm) -> Iterator[PartResult]:
+                bar: Bar) -> Iterator[PartResult]:
     """Parts one after another in this process (tests, debugging, a single-GPU box without dask)."""
     store.create()
     encoder = load_encoder(m, store.digest)
@@ -209,7 +209,7 @@ def _worker_task(m: Manifest, spec: dict, part: PartTask, run_id: str) -> PartRe
     return run_part(part, store, load_encoder(m, store.digest), PartSettings.from_manifest(m), run_id, progress)
 
 
-def _run_dask(m: Manifest, store: FeatureStore, parts: list[PartTask], scheduler: str, run_id: str, bar: tqdm,
+def _run_dask(m: Manifest, store: FeatureStore, parts: list[PartTask], scheduler: str, run_id: str, bar: Bar,
               summary: ExtractSummary) -> Iterator[PartResult]:
     """One task per part on a dask cluster; results in completion order. A task whose worker dies is
     retried on another (bounded); one that fails for good is reported as crashed. The store is created

@@ -60,6 +60,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from pipeline.errors import UsageError
+from pipeline.progress import progress as progress_bar
 
 FPS = 15  # DROID control and camera rate
 LABS = ("AUTOLab", "CLVR", "GuptaLab", "ILIAD", "IPRL", "IRIS", "PennPAL", "RAD", "RAIL", "REAL", "RPL", "TRI")
@@ -118,10 +119,13 @@ def write_synthetic_dataset(
     out.mkdir(parents=True, exist_ok=True)
     folders: list[Path] = []
     used: set[str] = set()
-    for i in _progress(range(episodes), progress):
+    bar = progress_bar("synthetic episodes", "episode", episodes, progress)
+    for i in range(episodes):
         plan = episode_plan(seed, i, scenes, min_seconds, max_seconds, used)
         short = short_video_every > 0 and (i + 1) % short_video_every == 0
         folders.append(_write_episode(out, plan, width, height, short))
+        bar.update(1)
+    bar.close()
     lines = [str(f.relative_to(out)) for f in folders]
     (out / "episodes.txt").write_text("".join(f"{line}\n" for line in lines))
     return folders
@@ -141,14 +145,6 @@ def _check_args(
         raise UsageError(f"--scenes {scenes}: must be >= 0")
     if short_every < 0:
         raise UsageError(f"short_video_every {short_every}: must be >= 0")
-
-
-def _progress(items: range, enabled: bool) -> Any:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="synthetic episodes", unit="ep")
 
 
 # ----------------------------------------------------------------------------- the episode plan

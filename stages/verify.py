@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.errors import DamagedDataError
 from pipeline.manifest import Manifest
 from pipeline.part_writer import STATE_DIM, STORAGE_DTYPES, finite_rows
+from pipeline.progress import progress
 from pipeline.records import CommitRecord, ViewRecord
 from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
@@ -118,7 +118,7 @@ def verify(m: Manifest, repair: bool = False, sample: float = 1.0, seed: int | N
     summary.commits = len(commits)
     summary.views_total = sum(len(c.views) for c in commits)
     chosen = _sample(commits, sample, seed)
-    bar = tqdm(total=len(chosen), unit="view", desc="verify", disable=not show_progress, dynamic_ncols=True)
+    bar = progress("verify", "view", len(chosen), show_progress)
     layout = _expected_layout(store)
     for c in commits:
         whole = _check_arrays(store, c, layout)
