@@ -232,10 +232,7 @@ __attribute__((target(AVX512))) static uint32_t crc_vpclmul(uint32_t crc, const 
  * loaded, so the bytes are read once (out of a map, from memory) instead of copied and then read again. */
 __attribute__((target(AVX512))) static uint32_t copy_crc_vpclmul(uint32_t crc, uint8_t *dst, const uint8_t *src,
                                                                size_t n) {
-    if (n < 512) {
-        memcpy(dst, src, n);
-        return crc_pclmul(crc, dst, n);
-    }
+    if (n < 512) return copy_crc_pclmul(crc, dst, src, n);
     const ZmmConstants k = zmm_constants();
     size_t body = n / 256 * 256;
     __m512i x[4];
@@ -250,8 +247,7 @@ __attribute__((target(AVX512))) static uint32_t copy_crc_vpclmul(uint32_t crc, u
             _mm512_storeu_si512(dst + at + 64 * i, v);
             x[i] = fold512(x[i], k.k16, v);
         }
-    memcpy(dst + body, src + body, n - body);
-    return crc_pclmul((uint32_t)~accumulators_register(x, k), dst + body, n - body); /* the tail */
+    return copy_crc_pclmul((uint32_t)~accumulators_register(x, k), dst + body, src + body, n - body); /* the tail */
 }
 
 /* -- the hybrid kernel: vector folding and three scalar crc32 streams side by side ----------------- */

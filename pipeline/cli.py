@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.errors import EXIT_FAILED, EXIT_USAGE, DamagedDataError, Interrupted, UsageError
+from pipeline.errors import EXIT_FAILED, EXIT_USAGE, DamagedDataError, Interrupted, UsageError, file_in_the_way
 from pipeline.manifest import Manifest, ManifestError, load_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -89,7 +89,7 @@ def _os_message(err: OSError) -> str:
     path = Path(err.filename)
     what = (err.strerror or str(err)).lower()
     if isinstance(err, NotADirectoryError | FileExistsError):
-        file = next((p for p in (path, *path.parents) if p.is_file()), None)
+        file = file_in_the_way(path)
         what = ("is a file, not a folder" if file == path else f"{file} is a file, not a folder") if file else what
     elif isinstance(err, IsADirectoryError):
         what = "is a folder, not a file"

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -43,3 +44,10 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return EXIT_SIGNAL.get(signal.Signals(self.signum), 143)
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The regular file that keeps `path` from being a folder: the path itself, or the nearest of its parents
+    that is a file (a folder asked for below a file); None if there is none. For error messages."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.is_file()), None)

@@ -44,7 +44,6 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -56,7 +55,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from pipeline.checksums import crc32c, row_crcs
 from pipeline.durable import replace_durably
-from pipeline.errors import DamagedDataError, StoreError, UsageError
+from pipeline.errors import DamagedDataError, StoreError, UsageError, file_in_the_way
 from pipeline.manifest import CacheSection
 from pipeline.part_writer import TORCH_DTYPES, PartWriter
 from pipeline.records import (
@@ -130,10 +129,9 @@ class FeatureStore:
         path = fsspec.core.url_to_fs(self.cache_path)[1]
         if self.fs.isfile(path):
             raise StoreError(f"cache.path {self.cache_path} is a file, not a folder")
-        if "://" not in self.cache_path:  # object stores have no folders to be in the way
-            file = next((p for p in Path(path).parents if p.is_file()), None)
-            if file is not None:
-                raise StoreError(f"cache.path {self.cache_path}: {file} is a file, not a folder")
+        file = file_in_the_way(path) if "://" not in self.cache_path else None  # object stores have no folders
+        if file is not None:
+            raise StoreError(f"cache.path {self.cache_path}: {file} is a file, not a folder")
         return self
 
     def create(self) -> FeatureStore:

@@ -330,14 +330,13 @@ def _raw_reads(ranges: list[tuple[str, int, int]], batch_bytes: int, threads: in
     if buffer is None:
         buffer = torch.ones(batch_bytes + max(size for _, _, size in ranges), dtype=torch.uint8).numpy()  # touched
     places = _places(ranges, batch_bytes)
-    mapped = mapped or kept is not None
     fds = {path: os.open(path, os.O_RDONLY) for path, _, _ in ranges} if kept is None else {}
-    maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped and kept is None else {}
-    sources = {path: np.frombuffer(m, np.uint8) for path, m in (kept or maps).items()}
+    maps = {path: mmap.mmap(fd, 0, prot=mmap.PROT_READ) for path, fd in fds.items()} if mapped else {}
+    sources = {path: np.frombuffer(m, np.uint8) for path, m in (maps if kept is None else kept).items()}
 
     def read(part: list[tuple[int, tuple[str, int, int]]]) -> None:
         for at, (path, offset, size) in part:
-            if mapped:
+            if sources:
                 np.copyto(buffer[at : at + size], sources[path][offset : offset + size])
             else:
                 os.preadv(fds[path], [buffer[at : at + size]], offset)
