@@ -32,12 +32,6 @@ run)
         "$WHEELS"/*.whl
     export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
     nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-    # the native shard reader (pipeline/_shardio.c), built in place for this Python (no pip install here);
-    # if it does not build, the reader's Python executor runs and the bench says so
-    include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-    suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-    cc -O2 -shared -fPIC -I"$include" pipeline/_shardio.c -o "pipeline/_shardio$suffix" > "$out/build.log" 2>&1 \
-        || echo "native reader not built: see build.log" | tee -a "$out/build.log"
     # preflight, in the log: the project imports, and Triton can compile (it needs a C compiler and Python.h)
     python3 -c "import pipeline.cli, torch; print('torch', torch.__version__, torch.cuda.get_device_name(0)); \
 print('compile ok', torch.compile(lambda x: x + 1)(torch.ones(1, device='cuda')).item())" 2>&1 \

@@ -32,6 +32,8 @@ from pipeline.errors import UsageError
 
 PRESETS = ("vit_large", "vit_huge", "vit_giant")
 ZSTD_LEVELS = (-131072, 22)  # the levels zstd accepts (ZSTD_minCLevel, ZSTD_maxCLevel)
+MAX_SHARD_FRAMES = 4096  # the most rows per shard a store accepts (pipeline.store.MAX_SHARD_FRAMES; not imported:
+                         # the manifest loads before any heavy import, so that `--help` stays fast)
 _SIGNALS = [s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM")]
 
 
@@ -159,6 +161,8 @@ class CacheSection:
         _require(self.chunk_frames >= 1, "cache.chunk_frames", self.chunk_frames, "must be >= 1")
         _require(self.shard_frames >= self.chunk_frames and self.shard_frames % self.chunk_frames == 0,
                  "cache.shard_frames", self.shard_frames, "must be a multiple of cache.chunk_frames")
+        _require(self.shard_frames <= MAX_SHARD_FRAMES, "cache.shard_frames", self.shard_frames,
+                 f"must be at most {MAX_SHARD_FRAMES}")
         _require(ZSTD_LEVELS[0] <= self.compression_level <= ZSTD_LEVELS[1], "cache.compression_level",
                  self.compression_level, f"must be a zstd level in [{ZSTD_LEVELS[0]}, {ZSTD_LEVELS[1]}] (0: zstd's "
                  "default, negative: faster)")

@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -57,7 +58,7 @@ from pipeline.checksums import crc32c, row_crcs
 from pipeline.durable import replace_durably
 from pipeline.errors import DamagedDataError, StoreError, UsageError, file_in_the_way
 from pipeline.manifest import CacheSection
-from pipeline.part_writer import TORCH_DTYPES, PartWriter
+from pipeline.part_writer import STATE_DIM, STORAGE_DTYPES, TORCH_DTYPES, PartWriter
 from pipeline.records import (
     COMMIT_VERSION,
     CommitRecord,
@@ -69,9 +70,14 @@ from pipeline.records import (
     parse_commit,
     parse_failure,
 )
-from pipeline.shard_reader import Request, ShardedRowReader, read_many
+from pipeline.shard_reader import ShardedRowReader, file_kind
 
 FORMAT_VERSION = COMMIT_VERSION
+MAX_SHARD_FRAMES = 4096  # feature rows per shard a store may declare: bounds what reading one shard index costs
+MAX_ATTEMPT_FRAMES = 1 << 22  # rows of one attempt's arrays (the per-frame ones are one chunk): bounds one read
+# What a read raises for bytes that are not what was written (zarr and its codecs: ValueError for a checksum or
+# a shard index, RuntimeError for a codec, JSONDecodeError for metadata): damage. An OSError is the machine's.
+DAMAGE = (ValueError, RuntimeError, KeyError, IndexError, TypeError)
 log = logging.getLogger("pipeline.store")
 _WARNED: set[str] = set()  # record paths already named in a warning by this process
 
@@ -96,6 +102,41 @@ def store_specs(cache_path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (shape after the row axis, storage dtype)
+
+
+def expected_layout(spec: dict[str, Any]) -> Layout:
+    """The arrays a store of this fingerprint spec holds: shape after the row axis and storage dtype of each
+    (features only where the spec names the encoder's grid and width, as every manifest's does)."""
+    layout: Layout = {"states": ((STATE_DIM,), "float32"), "actions": ((STATE_DIM,), "float32"),
+                      "frame_index": ((), "int32")}
+    arch, features = spec.get("encoder", {}).get("arch"), spec.get("features", {})
+    if isinstance(arch, dict) and features.get("dtype") in STORAGE_DTYPES:
+        tokens = (arch["img_size"] // arch["patch_size"]) ** 2
+        layout["features"] = ((tokens, arch["embed_dim"]), STORAGE_DTYPES[features["dtype"]])
+    return layout
+
+
+def geometry_problem(arr: zarr.Array, expected: tuple[tuple[int, ...], str] | None, rows: int) -> str | None:
+    """What is wrong with an array's declared geometry, or None: its rows must hold `rows` (and at most
+    MAX_ATTEMPT_FRAMES), its row shape and dtype be the fingerprint's (`expected`, where known), every axis but
+    time whole in a chunk and a shard, and a sharded array's shard at most MAX_SHARD_FRAMES rows of whole
+    chunks: reading one shard's index, or one chunk, then stays small whatever a zarr.json says."""
+    shape, chunks = tuple(arr.shape), tuple(arr.chunks)
+    shards = tuple(arr.shards) if arr.shards else chunks
+    if expected is not None and (shape[1:] != expected[0] or str(arr.dtype) != expected[1]):
+        return (f"zarr.json declares {shape[1:]} {arr.dtype} rows, the fingerprint says {expected[0]} "
+                f"{expected[1]}")
+    if not rows <= shape[0] <= MAX_ATTEMPT_FRAMES:
+        return f"zarr.json declares {shape[0]} rows, the commit record needs {rows} (at most {MAX_ATTEMPT_FRAMES})"
+    bound = MAX_SHARD_FRAMES if arr.shards else MAX_ATTEMPT_FRAMES
+    if chunks[1:] != shape[1:] or shards[1:] != shape[1:] or not 1 <= chunks[0] <= shards[0] <= bound \
+            or shards[0] % chunks[0]:
+        return (f"zarr.json declares chunks {chunks} in shards {shards} of a {shape} array: not the store's layout "
+                f"(whole rows, at most {bound} per shard)")
+    return None
+
+
 def _warn_once(path: str, message: str) -> None:
     if path not in _WARNED:
         _WARNED.add(path)
@@ -105,17 +146,15 @@ def _warn_once(path: str, message: str) -> None:
 class FeatureStore:
     """One fingerprint's store under a cache path: create/open with checks, the index, checked reads, writes."""
 
-    def __init__(self, cache_path: str, spec: dict[str, Any], native_reads: bool | None = None,
-                 mapped_reads: bool | None = None):
-        self.spec, self.native_reads = spec, native_reads  # None: the direct reader's default (shard_reader.NATIVE)
-        self.mapped_reads = mapped_reads  # None: the default (shard_reader.MAPPED); the bench compares the two
+    def __init__(self, cache_path: str, spec: dict[str, Any]):
+        self.spec = spec
+        self.layout = expected_layout(spec)  # name -> (shape after the row axis, storage dtype), where the spec says
         self.digest = fingerprint_digest(spec)
         self.cache_path = cache_path.rstrip("/")
         self.url = f"{self.cache_path}/{self.digest[:16]}"
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        self._readers: dict[str, ShardedRowReader | None] = {}  # attempt location -> fast features reader
-        self._direct_readers: dict[tuple[str, torch.dtype, tuple[int, ...]], ShardedRowReader | None] = {}
+        self._readers: dict[str, ShardedRowReader | None] = {}  # attempt location -> direct features reader
         self.bad_records: dict[str, str] = {}  # path -> what is wrong, for the records met so far
 
     # -- open / create -------------------------------------------------------------------------
@@ -241,38 +280,65 @@ class FeatureStore:
 
     # -- checked reads -------------------------------------------------------------------------
     def array(self, view: ViewRecord, name: str) -> zarr.Array:
+        """A view's array `name`, opened once per attempt, its geometry checked: bytes a reader is asked to
+        trust are only ever read through metadata that agrees with the fingerprint (and bounds the work)."""
         key = (view.location, name)
         if key not in self._arrays:
+            where = self.where(view, name)
             try:
-                self._arrays[key] = zarr.open_array(store=f"{self.url}/{view.location}", path=name, mode="r")
-            except Exception as err:
-                raise DamagedDataError(self.where(view, name), f"array cannot be opened ({_short(err)})") from err
+                if self.is_local:
+                    self._regular(f"{self.root}/{view.location}/{name}/zarr.json", view)
+                arr = zarr.open_array(store=f"{self.url}/{view.location}", path=name, mode="r")
+            except DamagedDataError:
+                raise
+            except FileNotFoundError as err:
+                raise DamagedDataError(where, f"array is missing ({_short(err)})") from None
+            except DAMAGE as err:
+                raise DamagedDataError(where, f"array cannot be opened ({_short(err)})") from err
+            problem = geometry_problem(arr, self.layout.get(name), view.start + view.length)
+            if problem:
+                raise DamagedDataError(where, problem)
+            self._arrays[key] = arr
         return self._arrays[key]
+
+    @staticmethod
+    def _regular(path: str, view: ViewRecord) -> None:
+        """Refuse a local file of the store that is there but not a regular file (a FIFO would hang any reader
+        that opens it); a missing one is left to the read, which names what it misses."""
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(mode):
+            raise DamagedDataError(f"{path} {context(view)}", f"is {file_kind(mode)}, not a file of the store")
 
     def read_features(self, view: ViewRecord, start: int, length: int, out: torch.Tensor | None = None,
                       whole_chunks: bool = False) -> torch.Tensor:
         """Rows start..start+length of a view's features, exactly as committed: [length, tokens, D].
 
-        With `out` (a contiguous CPU tensor of the stored dtype) zarr decodes straight into it: no
-        temporary array, which is ~40% of the read time of a ViT-g window (11.5 MB). Every row's crc32c
-        is compared with the commit record's: damage raises DamagedDataError, never returns. The chunks
-        around the rows are checked whole where zarr reads them and, on the direct path, with
-        `whole_chunks` (verify); training's reads check the chunks they read whole, and the rows.
+        With `out` (a contiguous CPU tensor of the stored dtype) the rows are read straight into it. Every
+        row's crc32c is compared with the commit record's: damage raises DamagedDataError, never returns; an
+        error of the machine (EMFILE, EIO) is an OSError naming the file, never damage. The chunks around the
+        rows are checked whole where zarr reads them and, on the direct path, with `whole_chunks` (verify);
+        training's reads check the chunks they read whole, and the rows.
         """
         arr, out, target = self._target(view, start, length, out)
         rows = slice(view.start + start, view.start + start + length)
         fast = self._fast_reader(view, arr)
         want = view.digests["features"][start : start + length]
         try:
-            if fast is not None:  # local, uncompressed: straight from the shard files (GIL released)
+            if fast is not None:  # local, uncompressed: straight from the shard files
                 bad = fast.read(rows.start, rows.stop, target, want, whole_chunks)  # checked in the same pass
             else:
+                if self.is_local:
+                    for path in self._shard_files(arr, view, rows):
+                        self._regular(path, view)
                 arr.get_basic_selection(rows, out=NDBuffer.from_numpy_array(target))
                 bad = next((i for i, (got, w) in enumerate(zip(row_crcs(target), want, strict=True)) if got != w),
                            None)
         except DamagedDataError as err:
             raise DamagedDataError(f"{err.where} {context(view)}", err.what) from err
-        except Exception as err:  # a checksum, an index or a file that is not what was written
+        except DAMAGE as err:  # a checksum, an index or a file that is not what was written
             raise DamagedDataError(self.where(view, "features", rows), _short(err)) from err
         if bad is not None:
             raise DamagedDataError(self.where(view, "features", slice(rows.start + bad, rows.start + bad + 1)),
@@ -298,76 +364,51 @@ class FeatureStore:
 
     def read_windows(self, out: torch.Tensor, windows: Sequence[tuple[int, ViewRecord, int]],
                      length: int) -> list[DamagedDataError | None]:
-        """Windows (row of `out`, view, start) of `length` rows each into out[row]: for each, what
-        `read_features` gives, or the `DamagedDataError` it raises (then out[row] holds nothing usable).
-
-        `out` is a contiguous CPU tensor [rows, length, tokens, D] of the stored dtype (a batch buffer).
-        The windows on the direct path are read together, in one read plan (`shard_reader.read_many`: the
-        loader's reads cost ~10% less so); any other window, and any that is not read clean, goes through
-        `read_features` alone, so that its damage is named exactly as there.
-        """
+        """Windows (row of `out`, view, start) of `length` rows each into out[row]: for each, None, or the
+        `DamagedDataError` that `read_features` raised for it (then out[row] holds nothing usable). Any other
+        error (an OSError of the machine) is raised: it says nothing about the view, so it must not cost one."""
         if not out.is_contiguous() or out.dim() < 2 or out.shape[1] != length:
             raise ValueError(f"read_windows reads {length}-row windows into a contiguous [rows, {length}, ...] "
                              f"tensor, not {tuple(out.shape)}")
-        flat = _stored_bits(out).reshape(-1).view(np.uint8)
-        window_bytes = flat.nbytes // max(len(out), 1)
-        requests, together = [], []
-        for k, (row, view, start) in enumerate(windows):
-            fast = self._direct(view, out)
-            if fast is not None and 0 <= start <= view.length - length and 0 <= row < len(out):
-                a = view.start + start
-                requests.append(Request(fast, a, a + length, row * window_bytes,
-                                        view.digests["features"][start : start + length]))
-                together.append(k)
-        try:
-            done = read_many(flat, requests)
-        except Exception:  # an I/O error, say: each window read alone below raises it, named
-            done = [False] * len(requests)
-        clean = {k for k, d in zip(together, done, strict=True) if d}
-        errors: list[DamagedDataError | None] = [None] * len(windows)
-        for k, (row, view, start) in enumerate(windows):
-            if k not in clean:
-                try:
-                    self.read_features(view, start, length, out=out[row])
-                except DamagedDataError as err:
-                    errors[k] = err
-        return errors
-
-    def _direct(self, view: ViewRecord, out: torch.Tensor) -> ShardedRowReader | None:
-        """The direct reader of a view's features where they can be read into `out`'s rows as they are, else
-        None (then `read_features` reads them, or says why not). Looked up once per attempt and buffer
-        layout: these checks ran for every window before, and cost more than its reading's own Python."""
-        key = (view.location, out.dtype, tuple(out.shape[2:]))
-        if key not in self._direct_readers:
+        errors: list[DamagedDataError | None] = []
+        for row, view, start in windows:
             try:
-                arr, _, _ = self._target(view, 0, 0, out[0])
-                self._direct_readers[key] = self._fast_reader(view, arr)
-            except (DamagedDataError, StoreError):
-                self._direct_readers[key] = None
-        return self._direct_readers[key]
+                self.read_features(view, start, length, out=out[row])
+                errors.append(None)
+            except DamagedDataError as err:
+                errors.append(err)
+        return errors
 
     def _fast_reader(self, view: ViewRecord, arr: zarr.Array) -> ShardedRowReader | None:
         """The direct shard reader of a view's features, where the layout and a local disk allow it."""
         if view.location not in self._readers:
             folder = f"{self.root}/{view.location}/features"
-            reader = ShardedRowReader.for_array(folder, arr) if self.is_local else None
-            if reader is not None and self.native_reads is not None:
-                reader.use_native(self.native_reads)
-            if reader is not None and self.mapped_reads is not None:
-                reader.use_maps(self.mapped_reads)
-            self._readers[view.location] = reader
+            self._readers[view.location] = ShardedRowReader.for_array(folder, arr) if self.is_local else None
         return self._readers[view.location]
+
+    def _shard_files(self, arr: zarr.Array, view: ViewRecord, rows: slice) -> list[str]:
+        """The local files holding `rows` of a view's array (its shards, or its chunks where unsharded)."""
+        per = arr.shards[0] if arr.shards else arr.chunks[0]
+        keys = (arr.metadata.encode_chunk_key((k, *[0] * (arr.ndim - 1)))
+                for k in range(rows.start // per, max(rows.stop - 1, rows.start) // per + 1))
+        return [f"{self.root}/{view.location}/{arr.path}/{key}" for key in keys]
 
     def read_rows(self, view: ViewRecord, name: str) -> np.ndarray:
         """A small per-frame array (states, actions, frame_index) of a whole view, checked against its digest."""
         arr = self.array(view, name)
+        rows = slice(view.start, view.start + view.length)
         try:
-            rows = arr[view.start : view.start + view.length]
-        except Exception as err:
+            if self.is_local:
+                for path in self._shard_files(arr, view, rows):
+                    self._regular(path, view)
+            data = arr[rows]
+        except DamagedDataError:
+            raise
+        except DAMAGE as err:
             raise DamagedDataError(self.where(view, name), _short(err)) from err
-        if crc32c(rows) != view.digests.get(name):
+        if crc32c(data) != view.digests.get(name):
             raise DamagedDataError(self.where(view, name), "rows are not what was committed (crc32c)")
-        return rows
+        return data
 
     def where(self, view: ViewRecord, name: str, rows: slice | None = None) -> str:
         """Which file (the shard of `rows`, where given), view and episode a problem is in, for messages."""

@@ -30,13 +30,14 @@ import torch
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
+from pipeline.checksums import crc32c
 from pipeline.manifest import Manifest
 from pipeline.part_writer import encode_features
 from pipeline.records import ViewRecord
-from pipeline.shard_reader import reader_crc32c
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
-from stages.bench_train import bench_loader, bench_training, write_views
+from stages.bench_loader import bench_loader, bench_s3_loader, write_views
+from stages.bench_train import bench_training
 from stages.droid import episode_id_for, iter_frames, list_episodes
 from stages.encoder import load_encoder
 from stages.extract import extract
@@ -48,6 +49,7 @@ from stages.synthetic import write_synthetic_dataset
 
 WINDOW = 16  # frames per read in the window benchmark
 VITG_FRAMES = 64  # frames of 256 x 1408 written for the ViT-g sized store figures (46 MB in bf16)
+LOADER_FRAMES = 2048  # frames of the loader's store (1.5 GB): larger than a round reads, so cold reads are cold
 
 
 @dataclass
@@ -79,9 +81,11 @@ def ensure_data(m: Manifest, episodes: int, echo: Callable[[str], None] = print)
 
 
 def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeats: int = 5, steps: int = 20,
-              gpu_tflops: float = H100_BF16_TFLOPS, echo: Callable[[str], None] = print) -> BenchReport:
-    """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows);
-    the training figures from `repeats` interleaved rounds of `steps` steps each (0 repeats: skip them)."""
+              gpu_tflops: float = H100_BF16_TFLOPS, echo: Callable[[str], None] = print,
+              loader_frames: int = LOADER_FRAMES) -> BenchReport:
+    """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows, a
+    loader store of `loader_frames`); the training figures from `repeats` interleaved rounds of `steps` steps
+    each (0 repeats: skip them)."""
     folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
     crops, decode_s = decode_views(m, folders)
     frames = sum(len(c) for c in crops)
@@ -106,7 +110,9 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
         if repeats:
             os.sync()  # the store figures' writes go to disk now, not as writeback during the timed steps
             trained = bench_training(e2e_m, repeats, steps, gpu_tflops, echo)
-            trained["loader"] = bench_loader(e2e_m, tmp, frames=max(64, vitg_frames))
+            threads, prefetch = m.train.loader_threads, m.train.prefetch_batches
+            trained["loader"] = bench_loader(m.cache, tmp, threads, prefetch, frames=loader_frames)
+            trained["loader"]["s3"] = bench_s3_loader(m.cache, threads, prefetch)
             trained["break_even"] = _break_even(summary.seconds, summary.frames, trained)
     return BenchReport({**trained,
         "device": str(encoder.device), "threads": torch.get_num_threads(), "episodes": len(folders),
@@ -200,13 +206,12 @@ def _checksum_cost(m: Manifest, feats: torch.Tensor, tmp: str, repeats: int = 3,
 
 
 def _crc_seconds(like: torch.Tensor, n: int) -> float:
-    """The checks' own time in the 32 window reads: crc32c over every byte once, by the kernel the reader
-    uses (the native one where it runs, else fastcrc), from the cache (the reader checks each piece in L2)."""
+    """The checks' own time in the 32 window reads: crc32c over every byte once (fastcrc, as the reader)."""
     rows = np.zeros((WINDOW, like[0].numel() * like.element_size()), np.uint8)
     t0 = time.perf_counter()
     for _ in range(32):
         for row in rows:
-            reader_crc32c(row)
+            crc32c(row)
     return time.perf_counter() - t0
 
 
@@ -256,20 +261,6 @@ def format_bench(f: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _reader_line(ld: dict[str, Any]) -> str:
-    """Which executor the direct reader ran, and the native one against the Python one in the same run."""
-    python = (f"Python executor: loader {ld['loader_python_MBps']:.0f} MB/s ({ld['loader_python_vs_raw']:.2f} of raw), "
-              f"checked reads {ld['checked_read_python_MBps']:.0f} MB/s")
-    if not ld["native_reads"]:
-        return f"the Python executor (pipeline._shardio not built, off, or no kernel for this CPU); {python}"
-    pass_ = "copied and checksummed in one pass" if ld["copy_kernel"] else "checksummed per piece"
-    maps = f"out of kept maps, {pass_}" if ld["mapped_reads"] else "with read calls"
-    return (f"native ({ld['native_reads']} crc32c, reads checked in the same pass, {maps}); against the "
-            f"{python}: loader {ld['loader_vs_loader_python']:.2f}x, "
-            f"checked reads {ld['checked_read_vs_checked_read_python']:.2f}x; against its own reads with read calls "
-            f"({ld['checked_read_preadv_MBps']:.0f} MB/s): {ld['checked_read_vs_checked_read_preadv']:.2f}x")
-
-
 def format_training(f: dict[str, Any]) -> list[str]:
     """The training half of the report: clips/s, ratios with their targets, the FLOP model, the loader."""
     t, fm, ld, be = f["training"], f["flop_model"], f["loader"], f["break_even"]
@@ -296,18 +287,7 @@ def format_training(f: dict[str, Any]) -> list[str]:
              f"  encoder share of an online step: {100 * fm['configured']['encoder_share']:.1f}% here, "
              f"{100 * fm['released_16_frames']['encoder_share']:.1f}% released (16 frames), "
              f"{100 * fm['released_8_frames']['encoder_share']:.1f}% (8 frames)",
-             f"  loader (ViT-g windows of {ld['window_MB']:.1f} MB) {ld['loader_MBps']:.0f} MB/s with "
-             f"{ld['loader_threads']} threads vs preadv of the same bytes into a batch buffer on as many threads "
-             f"{ld['raw_MBps']:.0f} MB/s: loader_vs_raw {ld['loader_vs_raw']:.2f} "
-             f"({ld['loader_vs_raw_spread']['min']:.2f}..{ld['loader_vs_raw_spread']['max']:.2f}; target >= 0.8); "
-             f"vs plain zarr {ld['plain_zarr_MBps']:.0f} MB/s: {ld['loader_vs_plain_zarr']:.2f}x; memcpy, unchecked, "
-             f"out of a fresh map of each file {ld['raw_mmap_MBps']:.0f} MB/s ({ld['loader_vs_raw_mmap']:.2f}), out of "
-             f"maps kept populated as the loader's {ld['raw_kept_maps_MBps']:.0f} MB/s (loader_vs_raw_kept_maps "
-             f"{ld['loader_vs_raw_kept_maps']:.2f}, checked reads {ld['checked_read_vs_raw_kept_maps']:.2f}); reads "
-             f"into a cache-hot discard buffer {ld['raw_discard_MBps']:.0f} MB/s; the checked reads alone "
-             f"(its read_windows calls on as many threads, no loader) {ld['checked_read_MBps']:.0f} MB/s: "
-             f"{ld['checked_read_vs_raw']:.2f} of raw",
-             f"  reader: {_reader_line(ld)}",
+             *format_loader(ld),
              f"  break-even: extracting these {be['extract_frames']} frames took {be['extract_seconds']:.1f} s, "
              f"saving {be['saving_seconds_per_step']:.3f} s per step: paid back after {be['steps']:.0f} steps"]
     for frames, r in f["released_rate_needed"].items():
@@ -315,3 +295,22 @@ def format_training(f: dict[str, Any]) -> list[str]:
                      f"{r['clips_per_s_per_gpu']:.1f} clips/s per GPU = {r['MBps_per_gpu']:.0f} MB/s of cached "
                      f"features per GPU, {r['MBps_per_8_gpu_node'] / 1000:.2f} GB/s per 8-GPU node")
     return lines
+
+
+def format_loader(ld: dict[str, Any]) -> list[str]:
+    """The loader's lines: warm, cold against a sequential read, zarr-python, object storage."""
+    def mbps(kind: str) -> str:
+        r = ld[f"{kind}_MBps"]
+        return f"{r['median']:.0f} MB/s ({r['min']:.0f}..{r['max']:.0f})"
+
+    cold, zarr = ld["cold_vs_sequential"], ld["warm_vs_zarr"]
+    s3 = ld.get("s3", {})
+    s3_line = (f"{s3['loader_MBps']:.0f} MB/s ({s3['threads']} threads, moto's server on loopback)"
+               if "loader_MBps" in s3 else f"skipped: {s3.get('skipped', 'not measured')}")
+    return [f"  loader (ViT-g windows of {ld['window_MB']:.1f} MB, {ld['threads']} reader threads, every byte "
+            f"checked; store {ld['store_MB'] / 1000:.1f} GB, {ld['round_MB']:.0f} MB a round)",
+            f"    warm (page cache)   {mbps('warm')}  target >= 3000;  through zarr-python {mbps('zarr_warm')}: "
+            f"{zarr['median']:.2f}x",
+            f"    cold (dropped)      {mbps('cold')}  vs a sequential read of the same files {mbps('sequential_cold')}"
+            f": {cold['median']:.2f} ({cold['min']:.2f}..{cold['max']:.2f}; target >= 0.8)",
+            f"    object storage      {s3_line}"]

@@ -34,10 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
-from pipeline.shard_reader import KERNEL, NATIVE
 from pipeline.store import FeatureStore
 from stages.bench import BenchReport, decode_views
-from stages.bench_train import write_views
+from stages.bench_loader import write_views
 from stages.droid import list_episodes
 from stages.encoder import build_runtime, release_encoders
 from stages.extract import extract
@@ -108,8 +107,7 @@ def _format_predictor(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _format_loader(ld: dict[str, Any]) -> list[str]:
-    reader = f"native reader, {ld['native_reads']} crc32c" if ld.get("native_reads") else "Python reader"
-    return [f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads, {reader})"]
+    return [f"loader ViT-g windows into pinned memory: {ld['GBps']:.2f} GB/s ({ld['threads']} threads)"]
 
 
 def _format_ddp(d: dict[str, Any]) -> list[str]:
@@ -388,8 +386,7 @@ def _loader(m: Manifest, device: torch.device, sizes: GpuBenchSizes, echo: Echo)
             secs = time.perf_counter() - t0
     nbytes = batches * B * T * pcfg.tokens_per_frame * pcfg.embed_dim * 2
     echo(f"loader: {nbytes / secs / 1e9:.2f} GB/s")
-    return {"GBps": nbytes / secs / 1e9, "threads": threads, "pinned": device.type == "cuda",
-            "native_reads": KERNEL if NATIVE else ""}
+    return {"GBps": nbytes / secs / 1e9, "threads": threads, "pinned": device.type == "cuda"}
 
 
 # -- DDP ------------------------------------------------------------------------------------------------

@@ -94,20 +94,3 @@ def assert_same_features(a: FeatureStore, b: FeatureStore, exact: bool = True) -
 def same_features() -> Callable[..., None]:
     """assert_same_features(store_a, store_b, exact=True): the two stores hold the same views, bit for bit."""
     return assert_same_features
-
-
-@pytest.fixture(params=["native", "native-preadv", "python"])
-def executor(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each executor of the direct shard reader's read plans in turn (pipeline/shard_reader.py): the native
-    one where it is built, copying the loader's reads out of kept maps of the files (the default) or with
-    read calls, and the Python one it falls back to; they must deliver and refuse the same. The native one
-    reads in pieces of 24 bytes here, so that the tests' small chunks are read in several pieces that end
-    inside rows, as a ViT-g chunk is in 256 KiB pieces."""
-    from pipeline import shard_reader
-
-    if request.param != "python" and not shard_reader.KERNEL:
-        pytest.skip("no native reader here (not built, or no crc32c kernel for this CPU)")
-    monkeypatch.setattr(shard_reader, "NATIVE", request.param != "python")
-    monkeypatch.setattr(shard_reader, "MAPPED", request.param == "native")
-    monkeypatch.setattr(shard_reader, "PIECE", 24)
-    return request.param

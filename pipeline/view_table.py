@@ -1,0 +1,245 @@
+"""The store's views as columns: what a command holds in memory of every committed view, and its snapshot file.
+
+Why columns: a store of all of DROID holds ~740k views (92k episodes x cameras x phases), each with one crc32c
+per stored frame. As one Python object per view that is ~5 KB each -- gigabytes per training rank, and
+minutes to build. As columns it is the digests (4 bytes a frame) plus a few numbers per view: string fields
+are dictionary-encoded (an int32 code per view into a sorted list of distinct values, so codes order as
+the strings do), numbers are numpy arrays, and the per-row feature digests are one flat uint32 array with
+offsets. A `ViewRecord` is made only for the views a caller asks for (a training batch, one command's view).
+
+The same columns are what a store's index snapshot holds on disk (`to_parquet` / `from_parquet`: Parquet,
+zstd, page checksums written and verified), so opening a large store reads one file instead of one commit
+record per part.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.records import CommitRecord, ViewRecord, canonical_json
+
+STRINGS = ("record", "view_id", "episode_id", "episode_path", "camera", "serial", "source", "part", "attempt")
+INTS = ("phase", "stride", "start", "length", "frame_h", "frame_w", "box_top", "box_left", "box_height",
+        "box_width", "digest_states", "digest_actions", "digest_frame_index")  # digests: -1 where a record has none
+FLOATS = ("video_fps", "capture_fps", "committed_at")  # capture_fps: NaN where not recorded
+SMALL_DIGESTS = ("states", "actions", "frame_index")
+
+
+@dataclass(frozen=True)
+class RecordInfo:
+    """What a commit record says besides its views (kept per record; its views are rows of the table)."""
+
+    name: str
+    part: str
+    attempt: str
+    frames: int
+    committed_at: float
+    repaired_from: str | None = None
+
+
+class ViewTable:
+    """Views as columns (see the module's docstring); row i is one view of one commit record."""
+
+    def __init__(self, codes: dict[str, np.ndarray], categories: dict[str, list[str]], numbers: dict[str, np.ndarray],
+                 crcs: np.ndarray, offsets: np.ndarray) -> None:
+        self.codes = codes  # name -> [n] int32 into categories[name] (sorted)
+        self.categories = categories
+        self.numbers = numbers  # name -> [n] int64 / float64
+        self.crcs = crcs  # [sum of lengths] uint32: every view's feature rows, one after another
+        self.offsets = offsets  # [n + 1] int64: view i's digests are crcs[offsets[i]:offsets[i + 1]]
+
+    # -- building ------------------------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, records: Iterable[CommitRecord]) -> ViewTable:
+        """Every view of the records, in their order (each view's `commit` is its record's name)."""
+        strings: dict[str, list[str]] = {k: [] for k in STRINGS}
+        numbers: dict[str, list[float]] = {k: [] for k in INTS + FLOATS}
+        crcs: list[Sequence[int]] = []
+        for rec in records:
+            for v in rec.views:
+                for key, value in _view_fields(v, rec.name).items():
+                    (strings if key in strings else numbers)[key].append(value)
+                crcs.append(v.digests["features"])
+        lengths = np.array([len(c) for c in crcs], np.int64)
+        flat = np.fromiter((c for rows in crcs for c in rows), np.uint32, int(lengths.sum()))
+        return cls._build(strings, numbers, flat, np.concatenate([[0], np.cumsum(lengths)]))
+
+    @classmethod
+    def _build(cls, strings: dict[str, list[str]], numbers: dict[str, list[float]], crcs: np.ndarray,
+               offsets: np.ndarray) -> ViewTable:
+        codes, categories = {}, {}
+        for key, values in strings.items():
+            cats, inverse = np.unique(np.asarray(values, dtype=object), return_inverse=True)
+            codes[key], categories[key] = inverse.astype(np.int32).reshape(-1), [str(c) for c in cats]
+        nums = {k: np.asarray(numbers[k], np.int64 if k in INTS else np.float64).reshape(-1) for k in INTS + FLOATS}
+        return cls(codes, categories, nums, crcs, offsets.astype(np.int64))
+
+    @classmethod
+    def empty(cls) -> ViewTable:
+        return cls.from_records([])
+
+    @classmethod
+    def concat(cls, tables: Sequence[ViewTable]) -> ViewTable:
+        """The rows of the tables one after another (categories merged)."""
+        tables = [t for t in tables if len(t)] or [cls.empty()]
+        if len(tables) == 1:
+            return tables[0]
+        codes, categories = {}, {}
+        for key in STRINGS:
+            merged = sorted(set().union(*(t.categories[key] for t in tables)))
+            where = {c: i for i, c in enumerate(merged)}
+            codes[key] = np.concatenate([np.array([where[c] for c in t.categories[key]], np.int32)[t.codes[key]]
+                                         if len(t.categories[key]) else t.codes[key] for t in tables])
+            categories[key] = merged
+        numbers = {k: np.concatenate([t.numbers[k] for t in tables]) for k in INTS + FLOATS}
+        lengths = np.concatenate([np.diff(t.offsets) for t in tables])
+        return cls(codes, categories, numbers, np.concatenate([t.crcs for t in tables]),
+                   np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    def take(self, rows: np.ndarray | Sequence[int]) -> ViewTable:
+        """These rows, in this order (categories kept)."""
+        rows = np.asarray(rows, np.int64)
+        lengths = np.diff(self.offsets)[rows]
+        starts = self.offsets[:-1][rows]
+        gather = (np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+                  + np.arange(int(lengths.sum())))  # [sum of lengths] positions in self.crcs
+        return ViewTable({k: c[rows] for k, c in self.codes.items()}, self.categories,
+                         {k: x[rows] for k, x in self.numbers.items()}, self.crcs[gather],
+                         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+    # -- reading -------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def strings(self, key: str) -> np.ndarray:
+        """[n] object array of a string column's values."""
+        return np.asarray(self.categories[key], dtype=object)[self.codes[key]] if len(self) else np.array([], object)
+
+    def value(self, key: str, i: int) -> str:
+        return self.categories[key][self.codes[key][i]]
+
+    def record(self, i: int) -> ViewRecord:
+        """Row i as a `ViewRecord` (its feature digests are a view of the table's array, not a copy)."""
+        n = self.numbers
+        digests: dict[str, Any] = {"features": self.crcs[self.offsets[i] : self.offsets[i + 1]]}
+        for name in SMALL_DIGESTS:
+            if (d := int(n[f"digest_{name}"][i])) >= 0:
+                digests[name] = d
+        capture = float(n["capture_fps"][i])
+        return ViewRecord(
+            self.value("view_id", i), self.value("episode_id", i), self.value("episode_path", i),
+            self.value("camera", i), self.value("serial", i), int(n["phase"][i]), int(n["stride"][i]),
+            float(n["video_fps"][i]), [int(n["frame_h"][i]), int(n["frame_w"][i])],
+            [int(n[f"box_{k}"][i]) for k in ("top", "left", "height", "width")], json.loads(self.value("source", i)),
+            self.value("part", i), self.value("attempt", i), int(n["start"][i]), int(n["length"][i]), digests,
+            None if np.isnan(capture) else capture, float(n["committed_at"][i]), self.value("record", i))
+
+    def records(self) -> Iterator[ViewRecord]:
+        return (self.record(i) for i in range(len(self)))
+
+    def winners(self) -> np.ndarray:
+        """[k] rows: for each view id, the row readers use -- the newest `committed_at`, then the greatest
+        record name (the store's one rule for a view committed more than once), in view-id order."""
+        if not len(self):
+            return np.zeros(0, np.int64)
+        order = np.lexsort((self.codes["record"], self.numbers["committed_at"], self.codes["view_id"]))
+        ids = self.codes["view_id"][order]
+        last = np.append(ids[1:] != ids[:-1], True)  # the last of each view id in the sorted order
+        return order[last]
+
+    # -- the snapshot file ---------------------------------------------------------------------------
+    def to_parquet(self, records: Iterable[RecordInfo]) -> bytes:
+        """This table and the records it covers as one Parquet file (zstd, page checksums)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {k: pa.DictionaryArray.from_arrays(pa.array(self.codes[k], pa.int32()),
+                                                     pa.array(self.categories[k], pa.string()))
+                   for k in STRINGS}
+        columns |= {k: pa.array(self.numbers[k]) for k in INTS + FLOATS}
+        columns["features"] = pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()),
+                                                            pa.array(self.crcs, pa.uint32()))
+        meta = {"records": json.dumps([[r.name, r.part, r.attempt, r.frames, r.committed_at, r.repaired_from]
+                                       for r in records])}
+        table = pa.table(columns).replace_schema_metadata(meta)
+        out = io.BytesIO()
+        pq.write_table(table, out, compression="zstd", write_page_checksum=True, row_group_size=max(1, len(self)))
+        return out.getvalue()
+
+    @classmethod
+    def from_parquet(cls, data: bytes) -> tuple[ViewTable, list[RecordInfo]]:
+        """A table and its records from `to_parquet`'s bytes; damage (a page checksum, a missing column) raises."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+        codes, categories = {}, {}
+        for key in STRINGS:
+            col = table.column(key).combine_chunks()
+            if not pa.types.is_dictionary(col.type):
+                col = col.dictionary_encode()
+            codes[key], categories[key] = _sorted_codes(col.indices.to_numpy(zero_copy_only=False),
+                                                        col.dictionary.to_pylist())
+        numbers = {k: table.column(k).to_numpy().astype(np.int64 if k in INTS else np.float64) for k in INTS + FLOATS}
+        features = table.column("features").combine_chunks()
+        crcs = features.values.to_numpy(zero_copy_only=False).astype(np.uint32)
+        offsets = features.offsets.to_numpy().astype(np.int64)
+        records = [RecordInfo(*r) for r in json.loads(table.schema.metadata[b"records"])]
+        return cls(codes, categories, numbers, crcs, offsets - offsets[0]), records
+
+
+def _sorted_codes(codes: np.ndarray, categories: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Codes into sorted categories (a file written by another writer may hold them in any order)."""
+    order = sorted(range(len(categories)), key=categories.__getitem__)
+    if order == list(range(len(categories))):
+        return codes.astype(np.int32), categories
+    rank = np.empty(len(order), np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank[codes], [categories[k] for k in order]
+
+
+def _view_fields(v: ViewRecord, record: str) -> dict[str, Any]:
+    """One view's values of the table's columns (everything but its feature digests)."""
+    return {"record": record, "view_id": v.view_id, "episode_id": v.episode_id, "episode_path": v.episode_path,
+            "camera": v.camera, "serial": v.serial, "source": canonical_json(v.source), "part": v.part,
+            "attempt": v.attempt, "phase": v.phase, "stride": v.stride, "start": v.start, "length": v.length,
+            "frame_h": v.frame_hw[0], "frame_w": v.frame_hw[1], "box_top": v.box[0], "box_left": v.box[1],
+            "box_height": v.box[2], "box_width": v.box[3],
+            **{f"digest_{k}": int(v.digests.get(k, -1)) for k in SMALL_DIGESTS},
+            "video_fps": v.video_fps, "capture_fps": np.nan if v.capture_fps is None else v.capture_fps,
+            "committed_at": v.committed_at}
+
+
+class CommittedViews(Mapping[str, ViewRecord]):
+    """view id -> the `ViewRecord` readers use (one per view id, `ViewTable.winners`): a read-only mapping over
+    the table's columns that makes records only for the views asked for. `table` holds just those rows."""
+
+    def __init__(self, table: ViewTable) -> None:
+        self.table = table
+        self._rows: dict[str, int] | None = None
+
+    def _lookup(self) -> dict[str, int]:
+        if self._rows is None:
+            self._rows = {vid: i for i, vid in enumerate(self.table.strings("view_id"))}
+        return self._rows
+
+    def __getitem__(self, view_id: str) -> ViewRecord:
+        return self.table.record(self._lookup()[view_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table.strings("view_id").tolist())
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __contains__(self, view_id: object) -> bool:
+        return view_id in self._lookup()
+
+    def values(self) -> Iterator[ViewRecord]:  # type: ignore[override]
+        return self.table.records()
