@@ -1,8 +1,11 @@
 """The `pipeline` command: load the manifest, apply overrides, call a stage, print its summary.
 
 Stages are imported inside their command so that `pipeline --help` stays fast. Every mistake a user
-can make ends in one line on stderr and a documented exit code (`pipeline/errors.py`), not a traceback:
-0 success; 1 work failed or problems found; 2 usage or configuration; 130 / 143 interrupted.
+can make, and every error of the machine, ends in one line on stderr and a documented exit code
+(`pipeline/errors.py`), not a traceback: 0 success; 1 work failed or problems found; 2 usage or
+configuration; 130 / 143 interrupted. Those are the project's typed errors (usage, manifest, store,
+damage, episode, checkpoint) and OSError; anything else is a bug and keeps its traceback (exit 1).
+`PIPELINE_DEBUG=1` prints the traceback of every error.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +24,7 @@ from typing import Annotated
 import typer
 
 from pipeline.errors import EXIT_FAILED, EXIT_USAGE, DamagedDataError, Interrupted, UsageError, file_in_the_way
-from pipeline.manifest import Manifest, ManifestError, load_manifest
+from pipeline.manifest import Manifest, load_manifest
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="V-JEPA 2-AC post-training pipeline: cache encoder features of DROID episodes "
@@ -56,7 +61,12 @@ def _user_errors(command: str = "") -> Iterator[None]:
     from stages.models.release_weights import CheckpointError
 
     try:
-        yield
+        try:
+            yield
+        except BaseException:
+            if os.environ.get("PIPELINE_DEBUG", "") not in ("", "0"):
+                traceback.print_exc()
+            raise
     except Interrupted as err:
         detail = f"{err.detail}; " if err.detail else ""
         typer.secho(f"interrupted ({err}): {detail}{RESUME_HINT.get(command, 're-run to resume')}", err=True)
@@ -74,7 +84,7 @@ def _user_errors(command: str = "") -> Iterator[None]:
             raise _fail(f"disk full (no space left on device) writing {err.filename or 'the output'}: free space "
                         "or point the path elsewhere, then re-run to resume", EXIT_FAILED) from None
         raise _fail(_os_message(err), EXIT_USAGE if isinstance(err, PATH_ERRORS) else EXIT_FAILED) from None
-    except (StoreError, CheckpointError, UsageError, ValueError) as err:
+    except (StoreError, CheckpointError, UsageError) as err:
         raise _fail(str(err), EXIT_USAGE) from None
 
 
@@ -97,10 +107,8 @@ def _os_message(err: OSError) -> str:
 
 
 def _load(manifest: Path, profile: str | None, overrides: list[str] | None) -> Manifest:
-    try:
+    with _user_errors():
         return load_manifest(manifest, profile, overrides or [])
-    except ManifestError as err:
-        raise _fail(str(err), EXIT_USAGE) from None
 
 
 @app.command()

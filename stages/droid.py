@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from pipeline.errors import UsageError
 from pipeline.manifest import DataSection
 
 MP4_DIR = Path("recordings") / "MP4"
@@ -147,11 +148,11 @@ def list_episodes(spec: str, root: str | Path) -> list[Path]:
     if spec_path.is_file():
         folders = _read_list_file(spec_path, root)
         if not folders:
-            raise ValueError(f"episode list {spec_path} names no episodes")
+            raise UsageError(f"episode list {spec_path} names no episodes")
     else:
         folders = _glob_folders(spec, root)
         if not folders:
-            raise ValueError(
+            raise UsageError(
                 f"episode spec {spec!r}: no such list file ({spec_path}) and, read as a glob "
                 f"pattern under {root}, it matches nothing"
             )

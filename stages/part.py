@@ -46,6 +46,7 @@ from stages.droid import (
     source_identity,
 )
 from stages.encoder import LoadedEncoder
+from stages.models.release_weights import CheckpointError
 from stages.plan import EpisodeTask, PartTask, episode_settings
 
 Progress = Callable[[int], None]  # called with the number of frames just encoded
@@ -404,7 +405,7 @@ def _encode_batch(pending: list[Frames], encoder: LoadedEncoder, crop: CropSecti
     feats = encoder.encode_crops([f.crops for f in pending], crop)  # [B, tokens, D]
     result.encode_seconds += time.perf_counter() - t0
     if not torch.isfinite(feats).all():  # never commit what no reader may train on
-        raise RuntimeError("the encoder produced non-finite features (NaN/inf): check encoder.checkpoint and "
+        raise CheckpointError("the encoder produced non-finite features (NaN/inf): check encoder.checkpoint and "
                            "encoder.precision")
     row = 0
     for f in pending:

@@ -125,7 +125,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"train.out {run_dir} is a file, not a run folder")
     if cfg.global_batch_size % info.world_size:
-        raise ValueError(f"train.global_batch_size {cfg.global_batch_size} must divide by the world size "
+        raise UsageError(f"train.global_batch_size {cfg.global_batch_size} must divide by the world size "
                          f"{info.world_size}")
 
     # -- data: committed views of the store that matches the fingerprint (or, online, the episodes) -------
@@ -134,7 +134,7 @@ def train(m: Manifest, out: Path | None = None, steps: int | None = None, resume
     train_idx, held_idx = (split_index(m, data.views, split) for split in ("train", "heldout"))
     if not train_idx.episodes:
         other = len(data.views) - len(manifest_views(data.views, m.data))
-        raise ValueError(f"no training windows of {T} frames (data.frames_per_clip) in {data.where}: "
+        raise UsageError(f"no training windows of {T} frames (data.frames_per_clip) in {data.where}: "
                          f"{train_idx.dropped_views} views are too short, {other} of {len(data.views)} committed views "
                          f"are of other cameras or another stride than data.cameras {m.data.cameras} at data.fps "
                          f"{m.data.fps:g} (data.video_fps {m.data.video_fps}) ask for: run `pipeline extract` with "

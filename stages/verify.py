@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import DamagedDataError
+from pipeline.errors import DamagedDataError, UsageError
 from pipeline.manifest import Manifest
 from pipeline.part_writer import STATE_DIM, STORAGE_DTYPES, finite_rows
 from pipeline.progress import progress
@@ -107,7 +107,7 @@ def verify(m: Manifest, repair: bool = False, sample: float = 1.0, seed: int | N
            show_progress: bool = True) -> VerifySummary:
     """Check the manifest's store (a random `sample` fraction of its views); with `repair`, quarantine."""
     if not 0 < sample <= 1:
-        raise ValueError(f"--sample {sample} must be in (0, 1]")
+        raise UsageError(f"--sample {sample} must be in (0, 1]")
     store = FeatureStore(m.cache.path, reader_spec(m)).check()
     seed = random.randrange(1 << 31) if seed is None else seed
     summary = VerifySummary(store.url, sample, seed)

@@ -271,3 +271,36 @@ def test_gc_lists_other_stores_where_the_manifests_own_was_never_made(tmp_path: 
     assert result.exit_code == 0 and "keeping      other-store" in result.output, result.output
     result = runner.invoke(app, ["gc", "-m", str(manifest), "--set", "encoder.seed=7", "--yes", "--other-stores"])
     assert result.exit_code == 0 and not list((tmp_path / "cache").iterdir()), result.output
+
+
+_BUG = """
+import sys
+import stages.status
+stages.status.status_report = lambda m: __import__("numpy").zeros(2).reshape(3)  # a ValueError deep in numpy
+sys.argv = ["pipeline", "status", "-m", {manifest!r}]
+from pipeline.cli import main
+main()
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_every_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Only the project's typed errors (and OSError) are one line: a ValueError raised deep inside a library is
+    a bug, not a usage error -- its traceback is kept and the exit is 1. PIPELINE_DEBUG=1 adds the traceback
+    to every error's line, with the same exit code."""
+    from pipeline.cli import main
+
+    manifest = _tiny(tmp_path)
+    bug = subprocess.run([sys.executable, "-c", _BUG.format(manifest=str(manifest))], capture_output=True, text=True)
+    assert bug.returncode == 1 and "Traceback" in bug.stderr and "ValueError: cannot reshape" in bug.stderr
+    assert "error:" not in bug.stderr
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(sys, "argv", ["pipeline", "status", "-m", str(manifest), "--set",
+                                      f"cache.path={tmp_path / 'a-file'}"])
+    for debug in ("", "1"):
+        monkeypatch.setenv("PIPELINE_DEBUG", debug)
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.rstrip().splitlines()[-1].startswith("error: cache.path"), err
+        assert ("Traceback" in err) == bool(debug), err
