@@ -148,7 +148,7 @@ def extract(
     with _user_errors("extract"):
         s = run_extract(m, scheduler=scheduler, echo=lambda line: typer.echo(line, err=json_out))
     typer.echo(json.dumps(s.to_dict(), indent=1) if json_out else "\n" + s.format())
-    if s.failed:
+    if s.incomplete:
         raise typer.Exit(EXIT_FAILED)
 
 

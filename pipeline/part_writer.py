@@ -76,6 +76,7 @@ class PartWriter:
         # `local`: the attempt's folder on a local disk, where uncompressed shards are written straight to files
         self._direct = ShardedRowWriter.for_array(os.path.join(local, "features"), self.features) if local else None
         self.bytes_written = 0
+        self._shard_bytes: dict[int, int | None] = {}  # shard -> bytes of its file (None: zarr wrote it)
 
     def write(self, offset: int, features: torch.Tensor) -> None:
         """Rows offset..offset+len(features) of the encoder's output, converted to the storage dtype here."""
@@ -111,9 +112,12 @@ class PartWriter:
         self._filled.pop(idx)
         lo = idx * self.shard
         if self._direct is not None:
-            self._direct.write(idx, buf, self.skipped[lo : lo + len(buf)])
+            self._shard_bytes[idx] = self._direct.write(idx, buf, self.skipped[lo : lo + len(buf)]) or None
         else:
             self.features[lo : lo + len(buf)] = buf
+            self._shard_bytes[idx] = None
+        if self.skipped[lo : lo + len(buf)].all():  # nothing but fill: zarr (and the direct writer) write no file
+            del self._shard_bytes[idx]
         self.bytes_written += buf.nbytes
 
     def finish(self, states: np.ndarray, actions: np.ndarray, frame_index: np.ndarray) -> None:
@@ -129,6 +133,18 @@ class PartWriter:
                                           fill_value=-1 if dtype == "int32" else float("nan"))
             arr[...] = stored
             self.small[name] = stored
+
+    def files(self) -> dict[str, int | None]:
+        """Every file this attempt's arrays must have, relative to its folder -> its size where known (the shard
+        files written straight), else None: the writer checks they are all there before it commits."""
+        out: dict[str, int | None] = {"zarr.json": None}
+        for name in ("features", *self.small):
+            out[f"{name}/zarr.json"] = None
+        key = self.features.metadata.encode_chunk_key
+        out |= {f"features/{key((idx, 0, 0))}": size for idx, size in self._shard_bytes.items()}
+        for name, data in self.small.items():
+            out[f"{name}/{self.group[name].metadata.encode_chunk_key((0,) * data.ndim)}"] = None
+        return out
 
     def digests(self, start: int, length: int) -> dict[str, object]:
         """What a commit record holds for the view at rows start..start+length: crc32c per feature row and

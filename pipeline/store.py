@@ -426,6 +426,15 @@ class FeatureStore:
         return PartWriter(f"{self.url}/{where}", frames, tokens, dim, cache,
                           local=f"{self.root}/{where}" if self.is_local else None)
 
+    def missing_files(self, part_id: str, attempt: str, files: dict[str, int | None]) -> list[str]:
+        """Which of an attempt's files (`PartWriter.files`) are not there, or not of their size: one listing.
+        Housekeeping never removes an attempt a live claim covers, but a claim can expire under a slow part,
+        and a user can delete anything: a writer asks this before it commits."""
+        root = f"{self.root}/parts/{part_id}/{attempt}"
+        self.fs.invalidate_cache(root)
+        found = {path[len(root) + 1 :]: info.get("size") for path, info in self.fs.find(root, detail=True).items()}
+        return sorted(rel for rel, size in files.items() if rel not in found or size not in (None, found[rel]))
+
     def commit(self, record: CommitRecord) -> None:
         """Write an attempt's commit record; until this file exists the attempt is not data."""
         self._write_json(f"commits/{record.name}.json", record.to_json(self.digest))
@@ -462,6 +471,12 @@ class FeatureStore:
             return rec
         except (FileNotFoundError, KeyError, TypeError, ValueError, OSError):
             return None
+
+    def live_claims(self, ttl_seconds: float) -> dict[str, dict[str, Any]]:
+        """part -> the claim of a run still working on it (not expired, and its process alive where it is on
+        this host): gc never removes what such a run may be writing."""
+        parts = [p.rsplit("/", 1)[-1][: -len(".json")] for p in self._glob(f"{self.root}/claims/*.json")]
+        return {part: holder for part in parts if (holder := self.claim_holder(part, "", ttl_seconds)) is not None}
 
     def release_claim(self, part_id: str, attempt: str) -> None:
         """Remove the part's claim if it is still this attempt's."""

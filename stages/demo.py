@@ -30,7 +30,7 @@ class DemoSummary:
 
     @property
     def failed(self) -> bool:
-        return bool(self.extract.failed)
+        return self.extract.incomplete
 
     def format(self) -> str:
         lines = [self.train.format()]

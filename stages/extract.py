@@ -56,8 +56,14 @@ class ExtractSummary:
     failed: list[dict[str, str]] = field(default_factory=list)  # {episode, path, reason}
     parts_left: list[dict[str, str]] = field(default_factory=list)  # {part, why}: committed/claimed by others
     parts_retried: dict[str, int] = field(default_factory=dict)  # part -> extra attempts after a worker died
+    attempts_lost: list[dict[str, Any]] = field(default_factory=list)  # {part, why, redone}: files removed early
     timing: list[CameraTiming] = field(default_factory=list)  # video fps and stride per camera (stages/timing.py)
     warnings: list[str] = field(default_factory=list)  # e.g. trajectory timestamps that disagree with the fps
+
+    @property
+    def incomplete(self) -> bool:
+        """Work this run was asked to do and did not: failed episodes, or a part given up (exit 1)."""
+        return bool(self.failed) or any(not a["redone"] for a in self.attempts_lost)
 
     @property
     def frames_per_second(self) -> float:
@@ -83,6 +89,8 @@ class ExtractSummary:
             lines.append(f"retried    {len(self.parts_retried)} part(s) whose worker died: "
                          + ", ".join(f"{p} (+{n})" for p, n in sorted(self.parts_retried.items())))
         lines += [f"left       part {p['part']}: {p['why']}" for p in self.parts_left]
+        lines += [f"lost       part {a['part']}, {a['why']}: " + ("done again in a new attempt" if a["redone"] else
+                  "given up, not committed: re-run `pipeline extract` to redo it") for a in self.attempts_lost]
         lines += [f"failed     {f['episode']}: {f['reason']}" for f in self.failed]
         if self.failed:
             lines.append("           (a fixed or changed episode is retried by the next run; to retry unchanged "
@@ -165,8 +173,11 @@ def _encoder_line(m: Manifest, scheduler: str) -> str:
 
 
 def _add(summary: ExtractSummary, r: PartResult) -> None:
-    if r.skipped:
-        summary.parts_left.append({"part": r.part_id, "why": r.skipped})
+    summary.attempts_lost += [{"part": r.part_id, "why": why, "redone": bool(r.attempt) or k < len(r.lost) - 1}
+                              for k, why in enumerate(r.lost)]
+    if r.skipped or not r.attempt:
+        if r.skipped:
+            summary.parts_left.append({"part": r.part_id, "why": r.skipped})
         return
     summary.parts += 1
     summary.views_done += r.views

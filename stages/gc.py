@@ -4,7 +4,10 @@ Only this module (and `verify --repair`, which only moves records aside) removes
 every other command only adds. What gc may remove, and why it is safe:
 
 - attempts no commit record references, older than the grace period (a younger one may be an extract
-  that is still writing: attempts are named by their start time);
+  that is still writing: attempts are named by their start time), and never one of a part that a running
+  extract has claimed, whatever the grace period: attempts are listed first, then the claims, then the
+  commit records, so an attempt seen here was either still being written when the claims were read
+  (kept), or committed before the records were read (referenced), or abandoned;
 - commit records all of whose views were committed again later (superseded), once the newer commit is
   older than the grace period (a training run started before it may still read the old one), with
   their attempts;
@@ -74,7 +77,7 @@ def collect_garbage(m: Manifest, yes: bool = False, grace_hours: float = 24.0,
     store = FeatureStore(m.cache.path, reader_spec(m)).check_path()
     summary = GcSummary(store.url, yes)
     if store.exists():
-        summary.found += _in_store(store.check(), time.time(), 3600.0 * grace_hours)
+        summary.found += _in_store(store.check(), time.time(), 3600.0 * grace_hours, 60.0 * m.extract.claim_minutes)
     for url, attrs in store_specs(m.cache.path).items():
         if url != store.url:
             version = attrs.get("format_version")
@@ -85,9 +88,12 @@ def collect_garbage(m: Manifest, yes: bool = False, grace_hours: float = 24.0,
     return summary
 
 
-def _in_store(store: FeatureStore, now: float, grace: float) -> list[Garbage]:
-    """What the store itself holds that no reader needs (removable once older than `grace` seconds)."""
+def _in_store(store: FeatureStore, now: float, grace: float, claim_ttl: float) -> list[Garbage]:
+    """What the store itself holds that no reader needs (removable once older than `grace` seconds; never an
+    attempt of a part another run holds a live claim on)."""
     found = []
+    attempts = store.attempts()  # first: see the module's docstring for why this order
+    claimed = store.live_claims(claim_ttl)
     commits = store.commits()
     winners = store.committed_views()
     winner_time = {v.view_id: v.committed_at for v in winners.values()}
@@ -105,12 +111,14 @@ def _in_store(store: FeatureStore, now: float, grace: float) -> list[Garbage]:
     for name in store.quarantined():
         found.append(Garbage("quarantined-commit", f"quarantine/{name}.json",
                              store.path_bytes(f"quarantine/{name}.json"), True))
-    for part, attempt in store.attempts():
+    for part, attempt in attempts:
         if (part, attempt) in live:
             continue
         started = attempt_time(attempt)
-        old = started is not None and now - started > grace
-        note = "" if old else "younger than the grace period: an extract may still be writing it"
+        old = started is not None and now - started > grace and part not in claimed
+        note = ("" if old else f"its part is claimed by a running extract ({claimed[part]['host']} pid "
+                f"{claimed[part]['pid']})" if part in claimed else
+                "younger than the grace period: an extract may still be writing it")
         found.append(Garbage("unreferenced-attempt", f"parts/{part}/{attempt}",
                              store.path_bytes(f"parts/{part}/{attempt}"), old, note))
     for rel in store.stray_temp_files():

@@ -98,6 +98,14 @@ class PartResult:
     encode_seconds: float = 0.0
     seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (episode_id, path, reason)
+    lost: list[str] = field(default_factory=list)  # attempts that lost files before their commit, and what
+
+
+class AttemptLost(Exception):
+    """An attempt's files were removed (or cut) before its commit: it is not committed, and is done again."""
+
+
+LOST_ATTEMPTS = 2  # attempts of a part in one task before it is given up (named; the next run redoes it)
 
 
 # -- messages between the threads ----------------------------------------------------------------
@@ -167,11 +175,18 @@ def run_part(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, settin
     if holder is not None:
         result.skipped = f"being extracted by another run ({holder['host']} pid {holder['pid']})"
         return result
-    store.claim(part.part_id, run_id, result.attempt)
-    try:
-        _run_attempt(part, store, encoder, settings, result, progress)
-    finally:
-        store.release_claim(part.part_id, result.attempt)
+    for _ in range(LOST_ATTEMPTS):
+        store.claim(part.part_id, run_id, result.attempt)
+        try:
+            _run_attempt(part, store, encoder, settings, result, progress)
+            break
+        except AttemptLost as err:
+            result.lost.append(str(err))
+        finally:
+            store.release_claim(part.part_id, result.attempt)
+        result.attempt, result.failures = new_attempt_id(), []
+    else:
+        result.attempt = ""  # nothing of this part was committed by this task
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -189,6 +204,10 @@ def _run_attempt(part: PartTask, store: FeatureStore, encoder: LoadedEncoder, se
         good = [j.record for j in jobs if j.record.episode_id not in failed]
         for rec in good:
             rec.digests = writer.digests(rec.start, rec.length)
+        missing = store.missing_files(part.part_id, result.attempt, writer.files())
+        if missing:
+            raise AttemptLost(f"attempt {result.attempt}: {len(missing)} of its files went missing before its "
+                              f"commit (e.g. {missing[0]}; removed by someone else?)")
         store.commit(CommitRecord(f"{part.part_id}.{result.attempt}", part.part_id, result.attempt, frames,
                                   time.time(), good))
         result.views, result.frames = len(good), sum(r.length for r in good)

@@ -105,3 +105,69 @@ def test_a_dask_worker_killed_mid_task_is_retried_and_the_store_stays_consistent
     extract(inline, show_progress=False, echo=lambda _: None)
     same_features(FeatureStore(m.cache.path, fingerprint_spec(m)), FeatureStore(inline.cache.path,
                                                                                 fingerprint_spec(inline)))
+
+
+# -- housekeeping beside a writer ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["inline", "local"])
+def test_gc_at_no_grace_beside_an_extract_never_costs_a_view(workdir: Path, scheduler: str) -> None:
+    """`pipeline gc --yes --grace-hours 0` over and over while an extract (inline, or on a dask cluster) writes:
+    gc keeps every attempt of a claimed part, the extract commits everything, and each view once."""
+    import json
+
+    from stages.gc import collect_garbage
+
+    overrides = [f"extract.scheduler={scheduler}", "extract.episodes_per_part=1"]
+    m = load(workdir, *overrides)
+    sets = [x for o in (*SMALL_BATCHES, *overrides) for x in ("--set", o)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "-m", str(workdir / "manifest.yaml"),
+                             *sets, "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    root = Path(FeatureStore(m.cache.path, fingerprint_spec(m)).root)
+    collections, removed_during_writes = 0, 0
+    while proc.poll() is None:
+        if (root / "zarr.json").exists():
+            found = collect_garbage(m, yes=True, grace_hours=0.0).found
+            collections += 1
+            removed_during_writes += sum(g.removable and g.kind == "unreferenced-attempt" for g in found)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=60)
+    summary = json.loads(out[out.index("{"):])
+    assert proc.returncode == 0 and not summary["failed"] and not summary["attempts_lost"], summary
+    assert collections >= 3 and removed_during_writes == 0
+    assert verify(m, show_progress=False).sound
+    store = FeatureStore(m.cache.path, fingerprint_spec(m))
+    ids = [v.view_id for c in store.commits() for v in c.views]
+    assert len(ids) == len(set(ids)) == summary["views_done"] == 6  # every view committed, and once
+
+
+def test_an_attempt_that_loses_files_before_its_commit_is_done_again_or_given_up_named(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer checks its attempt is whole before it commits: a shard removed under it (here just before the
+    check) means no commit of that attempt -- the part is done again in a new attempt, or, lost every time,
+    given up and named, with no failure record (its episodes are not at fault)."""
+    from pipeline.store import FeatureStore as Store
+
+    real = Store.missing_files
+    losses = {"left": 1}
+
+    def remove_a_shard_first(self: Store, part: str, attempt: str, files: dict) -> list[str]:
+        if losses["left"]:
+            losses["left"] -= 1
+            shard = next(rel for rel in files if rel.startswith("features/c/"))
+            Path(self.root, "parts", part, attempt, shard).unlink()
+        return real(self, part, attempt, files)
+
+    monkeypatch.setattr(Store, "missing_files", remove_a_shard_first)
+    m = load(workdir, "extract.episodes_per_part=3")  # one part
+    summary = extract(m, show_progress=False, echo=lambda _: None)
+    assert [a["redone"] for a in summary.attempts_lost] == [True] and not summary.incomplete
+    assert "features/c/0/0/0" in summary.attempts_lost[0]["why"] and summary.views_done == 6
+    assert verify(m, show_progress=False).sound
+    losses["left"] = 10**6  # every attempt loses a file
+    again = load(workdir, "extract.episodes_per_part=3", f"cache.path={workdir}/again")
+    summary = extract(again, show_progress=False, echo=lambda _: None)
+    assert summary.incomplete and not summary.failed and [a["redone"] for a in summary.attempts_lost] == [True, False]
+    assert "given up, not committed" in summary.format() and summary.views_done == 0
+    store = FeatureStore(again.cache.path, fingerprint_spec(again))
+    assert not store.commits() and not store.failures()
