@@ -44,7 +44,9 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -71,8 +73,13 @@ from pipeline.records import (
     parse_failure,
 )
 from pipeline.shard_reader import ShardedRowReader, file_kind
+from pipeline.view_table import CommittedViews, RecordInfo, ViewTable
 
 FORMAT_VERSION = COMMIT_VERSION
+INDEX_DIR = "index"  # index snapshots: every commit record at some moment, one Parquet file (`compact`)
+COMPACT_RECORDS = 256  # records read one by one at open before a housekeeping command writes a snapshot
+FETCH_THREADS = 8  # records read at once from a local disk
+FETCH_CONNECTIONS = 64  # records read at once from S3 (the client's connection pool)
 MAX_SHARD_FRAMES = 4096  # feature rows per shard a store may declare: bounds what reading one shard index costs
 MAX_ATTEMPT_FRAMES = 1 << 22  # rows of one attempt's arrays (the per-frame ones are one chunk): bounds one read
 # What a read raises for bytes that are not what was written (zarr and its codecs: ValueError for a checksum or
@@ -152,8 +159,9 @@ class FeatureStore:
         self.digest = fingerprint_digest(spec)
         self.cache_path = cache_path.rstrip("/")
         self.url = f"{self.cache_path}/{self.digest[:16]}"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **_client_options(self.url))
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._index: StoreIndex | None = None
         self._readers: dict[str, ShardedRowReader | None] = {}  # attempt location -> direct features reader
         self.bad_records: dict[str, str] = {}  # path -> what is wrong, for the records met so far
 
@@ -209,46 +217,140 @@ class FeatureStore:
         return self.fs.glob(pattern)
 
     # -- the index -----------------------------------------------------------------------------
-    def commits(self, part_id: str = "*") -> list[CommitRecord]:
-        """Every commit record (of one part, or of all) that parses, oldest first; the others are named once
-        and skipped."""
-        records = []
-        pattern = "*.json" if part_id == "*" else f"{part_id}.*.json"
-        for path in self._glob(f"{self.root}/commits/{pattern}"):
-            name = path.rsplit("/", 1)[-1][: -len(".json")]
-            try:
-                records.append(parse_commit(name, self._read_json(path), self.digest))
-            except (RecordError, ValueError, UnicodeDecodeError, OSError) as err:
-                self._bad(path, f"commit record skipped, its views count as missing: {err}")
-        for rec in records:
-            for v in rec.views:
-                v.commit = rec.name
-        return sorted(records, key=lambda r: (r.committed_at, r.name))
+    def index(self, refresh: bool = False) -> StoreIndex:
+        """The commit records of the store, read once per process (`refresh`: read them again, e.g. after this
+        process committed more). One listing of commits/ (and of index/), the newest readable index snapshot,
+        then every record the snapshot does not hold, fetched concurrently; records that do not parse are named
+        once and skipped."""
+        if self._index is None or refresh:
+            self._index = self._read_index()
+        return self._index
 
-    def committed_views(self, commits: list[CommitRecord] | None = None) -> dict[str, ViewRecord]:
-        """view_id -> the one record readers use: the newest commit, then the greatest record name (of
-        `commits`, as `commits()` returned them, where the caller has read them already)."""
-        views: dict[str, ViewRecord] = {}
-        for record in self.commits() if commits is None else commits:  # sorted by the rule: the last one wins
-            for v in record.views:
-                views[v.view_id] = v
-        return views
+    def _read_index(self) -> StoreIndex:
+        listed = set(self._names("commits", ".json"))
+        table, infos, snapshot = self._read_snapshot()
+        covered = {r.name for r in infos} & listed
+        if snapshot is not None:
+            keep = np.flatnonzero(np.isin(table.codes["record"], [i for i, name in enumerate(
+                table.categories["record"]) if name in covered]))
+            table = table.take(keep)  # a record moved aside (verify --repair) or removed (gc) is gone from the listing
+        rest = sorted(listed - covered)
+        fetched = zip(rest, self._fetch([f"commits/{name}.json" for name in rest]), strict=True)
+        parsed = [rec for name, raw in fetched if (rec := self._parse_commit(name, raw)) is not None]
+        records = {r.name: r for r in infos if r.name in covered}
+        records |= {r.name: RecordInfo(r.name, r.part, r.attempt, r.frames, r.committed_at, r.repaired_from)
+                    for r in parsed}
+        views = ViewTable.concat([table, ViewTable.from_records(parsed)])
+        return StoreIndex(records, views, snapshot, len(rest))
+
+    def _read_snapshot(self) -> tuple[ViewTable, list[RecordInfo], str | None]:
+        """The newest index snapshot that reads whole (a damaged one is named and passed over), or nothing."""
+        for name in sorted(self._names(INDEX_DIR, ".parquet"), reverse=True):
+            path = f"{self.root}/{INDEX_DIR}/{name}.parquet"
+            try:
+                (raw,) = self._fetch([f"{INDEX_DIR}/{name}.parquet"])
+                if isinstance(raw, BaseException):
+                    raise raw
+                table, infos = ViewTable.from_parquet(raw)
+                return table, infos, name
+            except (OSError, *DAMAGE) as err:  # pyarrow's errors are ValueErrors (ArrowInvalid, ArrowIOError: OSError)
+                self._bad(path, f"index snapshot passed over, the records are read one by one: {_short(err)}")
+        return ViewTable.empty(), [], None
+
+    def compact(self, min_records: int = COMPACT_RECORDS) -> str | None:
+        """Write an index snapshot of every commit record this process has read, where at least `min_records`
+        of them had to be read one by one: the next open reads one file instead. A snapshot is a cache of
+        immutable records, keyed by their names; the listing of commits/ stays the truth (a record moved aside
+        or removed since is left out at open). Returns the snapshot's name, or None."""
+        idx = self.index()
+        if idx.read_one_by_one < max(min_records, 1):
+            return None
+        name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:10]}"
+        self._write_bytes(f"{INDEX_DIR}/{name}.parquet", idx.views.to_parquet(idx.records.values()))
+        self._index = StoreIndex(idx.records, idx.views, name, 0)
+        return name
+
+    def snapshots(self) -> list[str]:
+        """Names of the index snapshots, oldest first (gc removes all but the newest once they are old)."""
+        return sorted(self._names(INDEX_DIR, ".parquet"))
+
+    def commits(self) -> list[CommitRecord]:
+        """Every commit record that parses, oldest first (by the rule: committed_at, then name), each with its
+        views as `ViewRecord`s (for commands that look at every record; training reads `committed_views`)."""
+        idx = self.index()
+        rows: dict[str, list[int]] = {name: [] for name in idx.records}
+        for i, code in enumerate(idx.views.codes["record"].tolist()):
+            rows[idx.views.categories["record"][code]].append(i)
+        out = [CommitRecord(r.name, r.part, r.attempt, r.frames, r.committed_at,
+                            [idx.views.record(i) for i in rows[r.name]], r.repaired_from) for r in idx.records.values()]
+        return sorted(out, key=lambda r: (r.committed_at, r.name))
+
+    def committed_views(self) -> CommittedViews:
+        """view_id -> the one record readers use: the newest commit, then the greatest record name."""
+        return CommittedViews(self.index().committed())
 
     def part_committed(self, part_id: str) -> bool:
-        """True if some attempt of this part (its content, by its id) is committed already."""
-        return bool(self.commits(part_id))
+        """True if some attempt of this part (its content, by its id) is committed already, by a record that
+        parses (one that does not counts as missing): one listing of the part's own records (on an object
+        store, of its prefix only), and a read of each."""
+        names = self._names("commits", ".json", prefix=f"{part_id}.")
+        return any(self._parse_commit(name, raw) is not None
+                   for name, raw in zip(names, self._fetch([f"commits/{n}.json" for n in names]), strict=True))
+
+    def _parse_commit(self, name: str, raw: bytes | BaseException) -> CommitRecord | None:
+        """A commit record from its bytes, or None (named in one warning) where it does not parse."""
+        try:
+            if isinstance(raw, BaseException):
+                raise raw
+            return parse_commit(name, json.loads(raw.decode("utf-8")), self.digest)
+        except (RecordError, ValueError, UnicodeDecodeError, OSError) as err:
+            self._bad(f"{self.root}/commits/{name}.json", f"commit record skipped, its views count as missing: {err}")
+            return None
 
     def failures(self) -> dict[str, FailureRecord]:
         """episode_id -> failure record (records that do not parse are named once and ignored)."""
         out = {}
-        for path in self._glob(f"{self.root}/failures/*.json"):
+        names = self._names("failures", ".json")
+        for name, raw in zip(names, self._fetch([f"failures/{n}.json" for n in names]), strict=True):
             try:
-                rec = parse_failure(self._read_json(path))
+                if isinstance(raw, BaseException):
+                    raise raw
+                rec = parse_failure(json.loads(raw.decode("utf-8")))
             except (RecordError, ValueError, UnicodeDecodeError, OSError) as err:
-                self._bad(path, f"failure record ignored, its episode will be retried: {err}")
+                self._bad(f"{self.root}/failures/{name}.json", f"failure record ignored, its episode will be "
+                                                                f"retried: {err}")
                 continue
             out[rec.episode_id] = rec
         return out
+
+    def _names(self, folder: str, suffix: str, prefix: str = "") -> list[str]:
+        """Names (without `suffix`) of the files of one flat folder of the store that start with `prefix`: one
+        listing (an object store pages it, 1000 names a request), never cached (others write all the time)."""
+        path = f"{self.root}/{folder}"
+        if self.is_local:
+            try:
+                with os.scandir(path) as entries:
+                    found = [e.name for e in entries]
+            except FileNotFoundError:
+                return []
+        else:
+            self.fs.invalidate_cache(path)
+            try:
+                found = [p.rsplit("/", 1)[-1] for p in self.fs.find(path, prefix=prefix)]
+            except FileNotFoundError:
+                return []
+        return sorted(n[: -len(suffix)] for n in found if n.endswith(suffix) and n.startswith(prefix))
+
+    def _fetch(self, rels: list[str]) -> list[bytes | BaseException]:
+        """The bytes of these files of the store (or the error reading each), fetched concurrently."""
+        if not rels:
+            return []
+        paths = [f"{self.root}/{rel}" for rel in rels]
+        if self.is_local:
+            with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                return list(pool.map(_read_local, paths))
+        got = self.fs.cat(paths, on_error="return")
+        return [got.get(p, FileNotFoundError(p)) for p in paths]
 
     def attempts(self) -> list[tuple[str, str]]:
         """(part, attempt) of every attempt folder, committed or not."""
@@ -438,6 +540,7 @@ class FeatureStore:
     def commit(self, record: CommitRecord) -> None:
         """Write an attempt's commit record; until this file exists the attempt is not data."""
         self._write_json(f"commits/{record.name}.json", record.to_json(self.digest))
+        self._index = None  # this process sees what it committed
 
     def write_failure(self, record: FailureRecord) -> None:
         self._write_json(f"failures/{episode_key(record.episode_id)}.json", record.to_json())
@@ -453,6 +556,7 @@ class FeatureStore:
         self._write_json(f"quarantine/{name}.json", {"quarantined_at": time.time(), "reason": reason,
                                                      "record": text})
         self.remove(f"commits/{name}.json")
+        self._index = None
 
     # -- claims (advisory) -----------------------------------------------------------------------
     def claim(self, part_id: str, run_id: str, attempt: str) -> None:
@@ -492,6 +596,8 @@ class FeatureStore:
         path = f"{self.root}/{rel}"
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+        if rel.startswith("commits/"):
+            self._index = None
 
     def remove_attempt(self, part_id: str, attempt: str) -> None:
         """Delete an attempt's arrays, and its part's folder once no attempt is left in it."""
@@ -506,13 +612,48 @@ class FeatureStore:
             return json.loads(f.read().decode("utf-8"))
 
     def _write_json(self, rel: str, obj: dict[str, Any]) -> None:
+        self._write_bytes(rel, json.dumps(obj, indent=1).encode())
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
         """Atomic write: temp file + fsync + rename on a local disk; a single PUT (atomic) on object stores."""
         path = f"{self.root}/{rel}"
-        data = json.dumps(obj, indent=1).encode()
         if self.is_local:
             replace_durably(path, lambda f: f.write(data), f"{path}.{uuid.uuid4().hex[:8]}.tmp")
         else:
             self.fs.pipe_file(path, data)
+
+
+@dataclass
+class StoreIndex:
+    """What a process knows of a store's commit records (`FeatureStore.index`): read once, at its start."""
+
+    records: dict[str, RecordInfo]  # every listed commit record that parses, by name
+    views: ViewTable  # every view of those records (a view committed twice is two rows)
+    snapshot: str | None  # the index snapshot the records came from, where one was read
+    read_one_by_one: int  # records not in the snapshot, read from their own files
+    _committed: ViewTable | None = None
+
+    def committed(self) -> ViewTable:
+        """The rows readers use: one per view id (`ViewTable.winners`)."""
+        if self._committed is None:
+            self._committed = self.views.take(self.views.winners())
+        return self._committed
+
+
+def _client_options(url: str) -> dict[str, Any]:
+    """fsspec options for the store's own client: on S3, a connection pool wide enough for the record reads
+    at open (botocore's default of 10 connections would make them wait for each other's latency)."""
+    if url.startswith(("s3://", "s3a://")):
+        return {"config_kwargs": {"max_pool_connections": FETCH_CONNECTIONS}}
+    return {}
+
+
+def _read_local(path: str) -> bytes | BaseException:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        return err
 
 
 def context(view: ViewRecord) -> str:
@@ -520,7 +661,7 @@ def context(view: ViewRecord) -> str:
     return f"(view {view.view_id} of episode {view.episode_id}, commit {view.commit})"
 
 
-def find_view(views: dict[str, ViewRecord], prefix: str) -> ViewRecord:
+def find_view(views: Mapping[str, ViewRecord], prefix: str) -> ViewRecord:
     """The committed view (of `committed_views()`) whose id is `prefix` or starts with it, like git's short
     hashes: the one rule for every command that takes a view id (UsageError when none or several match)."""
     key = prefix.strip().lower()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,14 +59,18 @@ class ViewTable:
     @classmethod
     def from_records(cls, records: Iterable[CommitRecord]) -> ViewTable:
         """Every view of the records, in their order (each view's `commit` is its record's name)."""
+        return cls.from_views((rec.name, rec.committed_at, v) for rec in records for v in rec.views)
+
+    @classmethod
+    def from_views(cls, views: Iterable[tuple[str, float, ViewRecord]]) -> ViewTable:
+        """A table of (record name, commit time, view) triples, in their order."""
         strings: dict[str, list[str]] = {k: [] for k in STRINGS}
         numbers: dict[str, list[float]] = {k: [] for k in INTS + FLOATS}
         crcs: list[Sequence[int]] = []
-        for rec in records:
-            for v in rec.views:
-                for key, value in _view_fields(v, rec.name).items():
-                    (strings if key in strings else numbers)[key].append(value)
-                crcs.append(v.digests["features"])
+        for record, committed_at, v in views:
+            for key, value in _view_fields(v, record, committed_at).items():
+                (strings if key in strings else numbers)[key].append(value)
+            crcs.append(v.digests.get("features", ()))
         lengths = np.array([len(c) for c in crcs], np.int64)
         flat = np.fromiter((c for rows in crcs for c in rows), np.uint32, int(lengths.sum()))
         return cls._build(strings, numbers, flat, np.concatenate([[0], np.cumsum(lengths)]))
@@ -117,6 +122,12 @@ class ViewTable:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the table holds: its arrays, and its distinct strings."""
+        arrays = sum(a.nbytes for a in (*self.codes.values(), *self.numbers.values(), self.crcs, self.offsets))
+        return arrays + sum(sys.getsizeof(c) for values in self.categories.values() for c in values)
+
     def strings(self, key: str) -> np.ndarray:
         """[n] object array of a string column's values."""
         return np.asarray(self.categories[key], dtype=object)[self.codes[key]] if len(self) else np.array([], object)
@@ -125,9 +136,9 @@ class ViewTable:
         return self.categories[key][self.codes[key][i]]
 
     def record(self, i: int) -> ViewRecord:
-        """Row i as a `ViewRecord` (its feature digests are a view of the table's array, not a copy)."""
+        """Row i as a `ViewRecord`, as its commit record holds it."""
         n = self.numbers
-        digests: dict[str, Any] = {"features": self.crcs[self.offsets[i] : self.offsets[i + 1]]}
+        digests: dict[str, Any] = {"features": self.crcs[self.offsets[i] : self.offsets[i + 1]].tolist()}
         for name in SMALL_DIGESTS:
             if (d := int(n[f"digest_{name}"][i])) >= 0:
                 digests[name] = d
@@ -204,7 +215,7 @@ def _sorted_codes(codes: np.ndarray, categories: list[str]) -> tuple[np.ndarray,
     return rank[codes], [categories[k] for k in order]
 
 
-def _view_fields(v: ViewRecord, record: str) -> dict[str, Any]:
+def _view_fields(v: ViewRecord, record: str, committed_at: float) -> dict[str, Any]:
     """One view's values of the table's columns (everything but its feature digests)."""
     return {"record": record, "view_id": v.view_id, "episode_id": v.episode_id, "episode_path": v.episode_path,
             "camera": v.camera, "serial": v.serial, "source": canonical_json(v.source), "part": v.part,
@@ -213,24 +224,29 @@ def _view_fields(v: ViewRecord, record: str) -> dict[str, Any]:
             "box_height": v.box[2], "box_width": v.box[3],
             **{f"digest_{k}": int(v.digests.get(k, -1)) for k in SMALL_DIGESTS},
             "video_fps": v.video_fps, "capture_fps": np.nan if v.capture_fps is None else v.capture_fps,
-            "committed_at": v.committed_at}
+            "committed_at": committed_at}
 
 
 class CommittedViews(Mapping[str, ViewRecord]):
     """view id -> the `ViewRecord` readers use (one per view id, `ViewTable.winners`): a read-only mapping over
-    the table's columns that makes records only for the views asked for. `table` holds just those rows."""
+    the table's columns (`table` holds just those rows) that makes a record only for a view asked for, once
+    (the same object on every access, as a dict would give)."""
 
     def __init__(self, table: ViewTable) -> None:
         self.table = table
         self._rows: dict[str, int] | None = None
+        self._made: dict[str, ViewRecord] = {}
 
     def _lookup(self) -> dict[str, int]:
         if self._rows is None:
-            self._rows = {vid: i for i, vid in enumerate(self.table.strings("view_id"))}
+            self._rows = {vid: i for i, vid in enumerate(self.table.strings("view_id").tolist())}
         return self._rows
 
     def __getitem__(self, view_id: str) -> ViewRecord:
-        return self.table.record(self._lookup()[view_id])
+        made = self._made.get(view_id)
+        if made is None:
+            made = self._made[view_id] = self.table.record(self._lookup()[view_id])
+        return made
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.table.strings("view_id").tolist())
@@ -240,6 +256,3 @@ class CommittedViews(Mapping[str, ViewRecord]):
 
     def __contains__(self, view_id: object) -> bool:
         return view_id in self._lookup()
-
-    def values(self) -> Iterator[ViewRecord]:  # type: ignore[override]
-        return self.table.records()

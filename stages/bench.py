@@ -36,6 +36,7 @@ from pipeline.part_writer import encode_features
 from pipeline.records import ViewRecord
 from pipeline.store import FeatureStore
 from stages.augment import CropBox, crop_frames
+from stages.bench_index import bench_index
 from stages.bench_loader import bench_loader, bench_s3_loader, write_views
 from stages.bench_train import bench_training
 from stages.droid import episode_id_for, iter_frames, list_episodes
@@ -124,6 +125,29 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
         "decode_workers": m.extract.decode_workers, "store": codecs, "store_vitg_size": codecs_vitg,
         "checksums_vitg_size": checksums,
     })
+
+
+def run_index_bench(records: int, views_per_record: int, echo: Callable[[str], None] = print) -> BenchReport:
+    """`pipeline bench --index`: opening a store of many commit records (stages/bench_index.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return BenchReport({"index": bench_index(tmp, records, views_per_record, echo=echo)}, format_index)
+
+
+def format_index(f: dict[str, Any]) -> str:
+    ix = f["index"]
+    lines = [f"opening a store of {ix['records']} commit records of {ix['views_per_record']} view(s) each "
+             f"({ix['record_MB']:.0f} MB of JSON); open = listing, records, view columns, winners, window index"]
+    lo = ix["local"]
+    lines.append(f"  local disk   {lo['open_seconds']:.2f} s one record at a time, {lo['open_seconds_snapshot']:.2f} s "
+                 f"from an index snapshot; {lo['views']} views, index {lo['index_MB']:.0f} MB")
+    s3 = ix["s3"]
+    if "open_seconds" in s3:
+        lines.append(f"  S3 (moto on loopback, +{1000 * s3['delay_per_request_s']:.0f} ms a request)  "
+                     f"{s3['open_seconds']:.1f} s and {s3['requests']} requests one record at a time, "
+                     f"{s3['open_seconds_snapshot']:.2f} s and {s3['requests_snapshot']} requests from the snapshot")
+    else:
+        lines.append(f"  S3           skipped: {s3['skipped']}")
+    return "\n".join(lines)
 
 
 def decode_views(m: Manifest, folders: list[Path]) -> tuple[list[torch.Tensor], float]:

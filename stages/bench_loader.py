@@ -189,7 +189,6 @@ def _s3_loader(cache: CacheSection, endpoint: str, threads: int, prefetch: int, 
 @contextmanager
 def s3_server() -> Iterator[str]:
     """moto's S3 server on a free loopback port, with the AWS variables a cluster job would set, for this block."""
-    import s3fs
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -200,7 +199,7 @@ def s3_server() -> Iterator[str]:
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
+    fresh_s3_clients()
     try:
         yield env["AWS_ENDPOINT_URL"]
     finally:
@@ -210,4 +209,15 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        s3fs.S3FileSystem.clear_instance_cache()
+        fresh_s3_clients()
+
+
+def fresh_s3_clients() -> None:
+    """Close the S3 clients fsspec keeps for reuse, so that the next ones read the AWS variables as they are now
+    (an endpoint changed), and none is left to be closed at exit."""
+    import s3fs
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        if getattr(fs, "_s3", None) is not None:
+            s3fs.S3FileSystem.close_session(fs.loop, fs._s3)
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -15,7 +15,6 @@ import dataclasses
 import errno
 import json
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 from pipeline.distributed import local_device
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
-from pipeline.records import ViewRecord
+from pipeline.view_table import ViewTable
 from stages.checkpoints import resolve_checkpoint
 from stages.evaluate import evaluate_windows
 from stages.fingerprint import reader_spec
@@ -44,7 +43,7 @@ log = logging.getLogger(__name__)
 CELL = 38  # characters of a table cell: "0.7784 (0.0124; 0.7677 0.7754 0.7922)"
 
 
-def split_windows(m: Manifest, views: Iterable[ViewRecord], split: str) -> tuple[list[Window], int]:
+def split_windows(m: Manifest, views: ViewTable, split: str) -> tuple[list[Window], int]:
     """The evaluation windows of `split` among a store's committed views, chosen as `pipeline train` chooses
     them (its views, split rule and window choice), and the split's episode count."""
     cfg, T = m.train, m.data.frames_per_clip
@@ -139,7 +138,7 @@ def evaluate_checkpoint(m: Manifest, checkpoint: Path, split: str = "heldout", o
     if pf.data_fingerprint not in (None, store.digest):
         notes.append(f"the run trained on other features (store {pf.data_fingerprint[:16]}; this manifest's store "
                      f"is {store.digest[:16]})")
-    windows, split_episodes = split_windows(m, store.committed_views().values(), split)
+    windows, split_episodes = split_windows(m, store.index().committed(), split)
     device = local_device(m.train.device, "train.device")
     model = predictor_from_file(pf, device)
     T = m.data.frames_per_clip

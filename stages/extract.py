@@ -25,10 +25,10 @@ import torch
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest
 from pipeline.progress import Bar, progress
-from pipeline.records import ViewRecord
 from pipeline.report import human_bytes
 from pipeline.signals import raise_on_signals
 from pipeline.store import FeatureStore
+from pipeline.view_table import ViewTable
 from stages.encoder import load_encoder
 from stages.fingerprint import fingerprint_spec, vit_config
 from stages.part import PartResult, PartSettings, run_part
@@ -109,7 +109,7 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
     store = FeatureStore(m.cache.path, spec).check_path()  # created once there is work and a cluster to do it
     if store.exists():
         store.check()
-    views = store.committed_views()
+    views = store.index().committed()
     plans = plan_episodes(m, store, views)
     parts = make_parts(plans, m.extract.episodes_per_part, view_settings(m))
     summary = _summary_from_plan(store, plans)
@@ -133,7 +133,9 @@ def extract(m: Manifest, scheduler: str | None = None, show_progress: bool = Tru
         finally:
             bar.close()
     summary.seconds = time.perf_counter() - t0
-    views = store.committed_views()  # read again: this run committed more
+    store.index(refresh=True)  # read again: this run committed more
+    store.compact()  # where many records had to be read one by one, the next open reads one snapshot instead
+    views = store.index().committed()
     # planned again: an episode opened now has its distinct views known (identical crop draws are stored once)
     summary.views_planned = sum(p.planned for p in plan_episodes(m, store, views))
     return _with_timing(summary, views, m)
@@ -147,10 +149,10 @@ def _nothing_to_do(summary: ExtractSummary, episodes: int) -> str:
             f"are committed in {summary.store}{failed}; no encoding.")
 
 
-def _with_timing(summary: ExtractSummary, views: dict[str, ViewRecord], m: Manifest) -> ExtractSummary:
+def _with_timing(summary: ExtractSummary, views: ViewTable, m: Manifest) -> ExtractSummary:
     """The video fps and stride found per camera over the committed views, and a warning where the
     trajectory files' timestamps disagree with the rate the strides came from."""
-    summary.timing, summary.warnings = manifest_timing(views.values(), m.data)
+    summary.timing, summary.warnings = manifest_timing(views, m.data)
     return summary
 
 

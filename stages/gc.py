@@ -12,6 +12,8 @@ every other command only adds. What gc may remove, and why it is safe:
   older than the grace period (a training run started before it may still read the old one), with
   their attempts;
 - quarantined commit records (moved aside by `verify --repair`), and then their attempts;
+- index snapshots but the newest (older than the grace period: a command may be reading one); with --yes, gc
+  first writes a new snapshot where many commit records had to be read one by one;
 - temp files of killed record writes (older than an hour: a live write keeps one for milliseconds);
 - other stores under cache.path (other fingerprints or format versions): listed always, removed only
   with --other-stores as well, since another manifest or profile may still use them.
@@ -25,11 +27,13 @@ import time
 from dataclasses import dataclass, field
 
 import fsspec
+import numpy as np
 
 from pipeline.manifest import Manifest
 from pipeline.records import attempt_time
 from pipeline.report import human_bytes
-from pipeline.store import FeatureStore, store_specs
+from pipeline.store import INDEX_DIR, FeatureStore, StoreIndex, store_specs
+from pipeline.view_table import RecordInfo
 from stages.fingerprint import reader_spec
 
 TEMP_FILE_AGE = 3600.0  # seconds: a temp file older than this belongs to a killed write
@@ -39,7 +43,7 @@ TEMP_FILE_AGE = 3600.0  # seconds: a temp file older than this belongs to a kill
 class Garbage:
     """One thing gc found: what it is, where (relative to the store, or a URL for other stores), its size."""
 
-    kind: str  # unreferenced-attempt | superseded-commit | quarantined-commit | temp-file | other-store
+    kind: str  # unreferenced-attempt, superseded-commit, quarantined-commit, index-snapshot, temp-file, other-store
     path: str
     bytes: int
     removable: bool  # False: listed only (too young, or another store without --other-stores)
@@ -77,6 +81,8 @@ def collect_garbage(m: Manifest, yes: bool = False, grace_hours: float = 24.0,
     store = FeatureStore(m.cache.path, reader_spec(m)).check_path()
     summary = GcSummary(store.url, yes)
     if store.exists():
+        if yes:  # where many commit records had to be read one by one, the next open reads one snapshot instead
+            store.check().compact()
         summary.found += _in_store(store.check(), time.time(), 3600.0 * grace_hours, 60.0 * m.extract.claim_minutes)
     for url, attrs in store_specs(m.cache.path).items():
         if url != store.url:
@@ -94,20 +100,15 @@ def _in_store(store: FeatureStore, now: float, grace: float, claim_ttl: float) -
     found = []
     attempts = store.attempts()  # first: see the module's docstring for why this order
     claimed = store.live_claims(claim_ttl)
-    commits = store.commits()
-    winners = store.committed_views()
-    winner_time = {v.view_id: v.committed_at for v in winners.values()}
-    live: set[tuple[str, str]] = set()
-    for c in commits:
-        if any(winners[v.view_id].commit == c.name for v in c.views):
-            live.add((c.part, c.attempt))
-            continue
-        since = max(winner_time[v.view_id] for v in c.views)
+    index = store.index(refresh=True)
+    superseded = _superseded(index)
+    live = {(r.part, r.attempt) for r in index.records.values() if r not in superseded}
+    for record, since in superseded.items():
         old = now - since > grace
-        found.append(Garbage("superseded-commit", f"commits/{c.name}.json", store.path_bytes(
-            f"commits/{c.name}.json"), old, "" if old else "superseded less than the grace period ago"))
+        found.append(Garbage("superseded-commit", f"commits/{record.name}.json", store.path_bytes(
+            f"commits/{record.name}.json"), old, "" if old else "superseded less than the grace period ago"))
         if not old:
-            live.add((c.part, c.attempt))
+            live.add((record.part, record.attempt))
     for name in store.quarantined():
         found.append(Garbage("quarantined-commit", f"quarantine/{name}.json",
                              store.path_bytes(f"quarantine/{name}.json"), True))
@@ -121,10 +122,37 @@ def _in_store(store: FeatureStore, now: float, grace: float, claim_ttl: float) -
                 "younger than the grace period: an extract may still be writing it")
         found.append(Garbage("unreferenced-attempt", f"parts/{part}/{attempt}",
                              store.path_bytes(f"parts/{part}/{attempt}"), old, note))
+    for name in store.snapshots()[:-1]:  # every index snapshot but the newest
+        made = attempt_time(name)
+        old = made is not None and now - made > grace
+        found.append(Garbage("index-snapshot", f"{INDEX_DIR}/{name}.parquet",
+                             store.path_bytes(f"{INDEX_DIR}/{name}.parquet"), old,
+                             "" if old else "younger than the grace period: a command may be reading it"))
     for rel in store.stray_temp_files():
         old = now - store.modified(rel) > TEMP_FILE_AGE
         found.append(Garbage("temp-file", rel, store.path_bytes(rel), old, "" if old else "being written"))
     return found
+
+
+def _superseded(index: StoreIndex) -> dict[RecordInfo, float]:
+    """The commit records none of whose views readers use (each was committed again later), with the time the
+    last of them was: readers that started before then may still read the record's attempt. A record with no
+    views at all holds nothing a reader needs (since its own commit)."""
+    t = index.views
+    win = t.winners()
+    views, records = t.codes["view_id"], t.codes["record"]
+    winner_time = np.zeros(len(t.categories["view_id"]))
+    winner_time[views[win]] = t.numbers["committed_at"][win]
+    latest = np.full(len(t.categories["record"]), -np.inf)
+    np.maximum.at(latest, records, winner_time[views])  # per record: when its views were last committed
+    winning = set(records[win].tolist())
+    code = {name: i for i, name in enumerate(t.categories["record"])}
+    out = {}
+    for r in index.records.values():
+        c = code.get(r.name)
+        if c is None or c not in winning:
+            out[r] = r.committed_at if c is None or latest[c] == -np.inf else float(latest[c])
+    return out
 
 
 def _size(url: str) -> int:
@@ -134,7 +162,8 @@ def _size(url: str) -> int:
 
 def _remove(store: FeatureStore, found: list[Garbage]) -> None:
     """Records first (readers stop seeing them), then data; other stores last."""
-    order = ("superseded-commit", "quarantined-commit", "temp-file", "unreferenced-attempt", "other-store")
+    order = ("superseded-commit", "quarantined-commit", "index-snapshot", "temp-file", "unreferenced-attempt",
+             "other-store")
     for kind in order:
         for g in found:
             if g.kind == kind and g.removable:

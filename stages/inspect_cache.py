@@ -26,6 +26,7 @@ import os
 import random
 import textwrap
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,7 @@ def png_name(view: ViewRecord) -> str:
     return f"inspect_{view.view_id}.png"
 
 
-def pick_views(committed: dict[str, ViewRecord], count: int, seed: int | None) -> list[ViewRecord]:
+def pick_views(committed: Mapping[str, ViewRecord], count: int, seed: int | None) -> list[ViewRecord]:
     """`count` distinct committed views drawn with `seed`, from the sorted ids (so the draw does not depend
     on the order in which records were listed)."""
     ids = sorted(committed)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from pipeline.manifest import Manifest
-from pipeline.records import FailureRecord, ViewRecord, canonical_json
+from pipeline.records import FailureRecord, canonical_json
 from pipeline.store import FeatureStore
+from pipeline.view_table import ViewTable
 from stages.augment import draw_views
 from stages.droid import Source, data_stride, episode_id_for, list_episodes, source_identity
 
@@ -83,46 +86,81 @@ def failure_applies(failure: FailureRecord, source: Source, m: Manifest) -> bool
     return failure.source == source and failure.settings == episode_settings(m)
 
 
-def plan_episodes(m: Manifest, store: FeatureStore, views: dict[str, ViewRecord] | None = None
-                  ) -> list[EpisodePlan]:
+class Seen(NamedTuple):
+    """What planning needs of one committed view (a few fields, not the whole record: planning looks at every
+    view of every episode of the manifest)."""
+
+    view_id: str
+    camera: str
+    source: str  # canonical JSON of the view's input files' identity
+    frame_hw: tuple[int, int]
+    video_fps: float
+
+
+def plan_episodes(m: Manifest, store: FeatureStore, views: ViewTable | None = None) -> list[EpisodePlan]:
     """Classify every episode of the manifest against the store (`views`: its committed views, when the
-    caller has read them already; reading every commit record is the expensive part at scale)."""
+    caller has read them already)."""
     root = Path(m.data.root)
-    by_episode: dict[str, list[ViewRecord]] = defaultdict(list)
-    for rec in (store.committed_views() if views is None else views).values():
-        if rec.camera in m.data.cameras:
-            by_episode[rec.episode_id].append(rec)
+    table = store.index().committed() if views is None else views
+    rows = np.flatnonzero(np.isin(table.codes["camera"], _codes(table, "camera", m.data.cameras)))
+    folders = list_episodes(m.data.episodes, root)
+    ids = [episode_id_for(folder, root) for folder in folders]
+    seen = _seen_by_episode(table, rows, ids)
     failures = store.failures()
-    strides = unopened_strides(m, (r for recs in by_episode.values() for r in recs))
-    return [_plan_one(m, folder, episode_id_for(folder, root), by_episode, failures, strides)
-            for folder in list_episodes(m.data.episodes, root)]
+    strides = unopened_strides(m, table, rows)
+    return [_plan_one(m, folder, eid, seen.get(eid, []), failures, strides) for folder, eid in zip(folders, ids,
+                                                                                                   strict=True)]
 
 
-def unopened_strides(m: Manifest, views: Iterable[ViewRecord]) -> dict[str, int]:
+def _codes(table: ViewTable, key: str, values: Iterable[str]) -> list[int]:
+    """The codes of those of `values` the table's column `key` holds."""
+    wanted = set(values)
+    return [i for i, c in enumerate(table.categories[key]) if c in wanted]
+
+
+def _seen_by_episode(table: ViewTable, rows: np.ndarray, episodes: list[str]) -> dict[str, list[Seen]]:
+    """episode id -> its views among `rows` (only the episodes listed)."""
+    rows = rows[np.isin(table.codes["episode_id"][rows], _codes(table, "episode_id", episodes))]
+    rows = rows[np.argsort(table.codes["episode_id"][rows], kind="stable")]
+    n = table.numbers
+    columns = zip(table.strings("episode_id")[rows].tolist(), table.strings("view_id")[rows].tolist(),
+                  table.strings("camera")[rows].tolist(), table.strings("source")[rows].tolist(),
+                  n["frame_h"][rows].tolist(), n["frame_w"][rows].tolist(), n["video_fps"][rows].tolist(), strict=True)
+    out: dict[str, list[Seen]] = defaultdict(list)
+    for eid, vid, camera, source, h, w, fps in columns:
+        out[eid].append(Seen(vid, camera, source, (h, w), fps))
+    return out
+
+
+def unopened_strides(m: Manifest, table: ViewTable, rows: np.ndarray) -> dict[str, int]:
     """Per camera, the stride the views of an episode not yet opened will most likely have: the one
-    data.video_fps gives, else the one the rate most of the camera's committed views report gives (only
-    opening a video tells its own rate). A camera with neither is left out."""
-    rates: dict[str, Counter[float]] = defaultdict(Counter)
-    for v in views:
-        rates[v.camera][v.video_fps] += 1
+    data.video_fps gives, else the one the rate most of the camera's committed views (`rows` of the table)
+    report gives (only opening a video tells its own rate). A camera with neither is left out."""
     override = m.data.fps_override()
-    return {cam: data_stride(m.data, override or rates[cam].most_common(1)[0][0])
-            for cam in m.data.cameras if override or rates[cam]}
+    out = {}
+    for cam in m.data.cameras:
+        codes = _codes(table, "camera", [cam])
+        fps = table.numbers["video_fps"][rows[np.isin(table.codes["camera"][rows], codes)]]
+        if override or len(fps):
+            rates, first, counts = np.unique(fps, return_index=True, return_counts=True)
+            common = float(rates[np.lexsort((first, -counts))[0]]) if len(fps) else 0.0  # ties: the first seen
+            out[cam] = data_stride(m.data, override or common)
+    return out
 
 
-def _plan_one(m: Manifest, folder: Path, eid: str, by_episode: dict[str, list[ViewRecord]],
-              failures: dict[str, FailureRecord], strides: dict[str, int]) -> EpisodePlan:
+def _plan_one(m: Manifest, folder: Path, eid: str, recs: list[Seen], failures: dict[str, FailureRecord],
+              strides: dict[str, int]) -> EpisodePlan:
     cams = m.data.cameras
     per_camera = {c: source_identity(folder, c) for c in cams}  # a view's files: its own camera's
     src = {name: ident for one in per_camera.values() for name, ident in one.items()}  # the episode's: all of them
-    recs = by_episode.get(eid, [])
-    current = [r for r in recs if r.source == per_camera[r.camera]]
+    identity = {c: canonical_json(per_camera[c]) for c in cams}
+    current = [r for r in recs if r.source == identity[r.camera]]
     stale = len(recs) - len(current)
     planned, missing = [], []  # missing: cameras without current views (drawn when the episode is opened)
     for cam in cams:
         seen = [r for r in current if r.camera == cam]
         if seen:
-            planned += planned_view_ids(m, eid, cam, seen[0].frame_hw, seen[0].video_fps)
+            planned += planned_view_ids(m, eid, cam, list(seen[0].frame_hw), seen[0].video_fps)
         else:
             missing.append(cam)
     have = {r.view_id for r in current}

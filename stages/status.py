@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from pipeline.manifest import Manifest
-from pipeline.records import ViewRecord
 from pipeline.report import human_bytes
 from pipeline.store import FeatureStore
+from pipeline.view_table import ViewTable
 from stages.fingerprint import reader_spec
 from stages.plan import EpisodePlan, plan_episodes, unopened_strides
 from stages.timing import CameraTiming, format_timings, manifest_timing
@@ -76,8 +77,8 @@ def status_report(m: Manifest) -> StatusReport:
     report = StatusReport(m.profile, store.digest, store.url, store.exists())
     if report.store_exists:
         store.check()
-    commits = store.commits() if report.store_exists else []  # read once: planning, timing and attempts use them
-    views = store.committed_views(commits)
+    index = store.index()  # read once: planning, timing and attempts use it
+    views = index.committed()
     plans = plan_episodes(m, store, views)
     states = Counter(p.state for p in plans)
     failed = [p for p in plans if p.state == "failed"]
@@ -91,20 +92,20 @@ def status_report(m: Manifest) -> StatusReport:
     report.episodes_failed = [{"episode": p.episode_id, "path": p.path, "reason": p.reason} for p in failed]
     report.bytes_on_disk = store.bytes_on_disk()
     if report.store_exists:
-        live = {(c.part, c.attempt) for c in commits}
+        live = {(r.part, r.attempt) for r in index.records.values()}
         report.unreferenced_attempts = len(set(store.attempts()) - live)
         report.quarantined = store.quarantined()
-        report.timing, report.warnings = manifest_timing(views.values(), m.data)
-    report.warnings += _lower_bound(m, views.values(), plans)
+        report.timing, report.warnings = manifest_timing(views, m.data)
+    report.warnings += _lower_bound(m, views, plans)
     report.bad_records = dict(store.bad_records)
     return report
 
 
-def _lower_bound(m: Manifest, views: Iterable[ViewRecord], plans: list[EpisodePlan]) -> list[str]:
+def _lower_bound(m: Manifest, views: ViewTable, plans: list[EpisodePlan]) -> list[str]:
     """A warning where "planned" counts one view per draw for episodes not yet opened: `views.phase: all`
     stores one per phase, and without data.video_fps or a committed view of the camera the rate, so the
     number of phases, is known only once a video is opened."""
-    known = unopened_strides(m, views)
+    known = unopened_strides(m, views, np.arange(len(views)))
     unknown = [cam for cam in m.data.cameras if cam not in known]
     if m.views.phase != "all" or not unknown or not plans:  # no view of the camera: every episode lacks it
         return []

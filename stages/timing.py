@@ -11,14 +11,13 @@ says what it finds, for `pipeline extract`'s summary and `pipeline status`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.manifest import DataSection
-from pipeline.records import ViewRecord
+from pipeline.view_table import ViewTable
 from stages.windows import manifest_views
 
 DISAGREEMENT = 0.10  # relative difference between capture rate and the rate the stride used that is flagged
@@ -52,36 +51,46 @@ class CameraTiming:
                 f"the videos' reported rate is wrong, set data.video_fps: {round(capture, 2):g} (vjepa2 issue #183).")
 
 
-def manifest_timing(views: Iterable[ViewRecord], data: DataSection) -> tuple[list[CameraTiming], list[str]]:
+def manifest_timing(views: ViewTable, data: DataSection) -> tuple[list[CameraTiming], list[str]]:
     """Per camera of the manifest, over the views it trains on (its cameras and stride), the timing figures
     and the warnings they raise: what `pipeline extract`'s summary and `pipeline status` print."""
-    timings = camera_timings(manifest_views(views, data), data.cameras, data.fps_override())
+    timings = camera_timings(views, manifest_views(views, data), data.cameras, data.fps_override())
     return timings, timing_warnings(timings, data.fps)
 
 
-def camera_timings(views: Iterable[ViewRecord], cameras: list[str], video_fps: float | None) -> list[CameraTiming]:
-    """Per camera, over one view per episode; `video_fps` is the manifest's override (None = reported)."""
-    per: dict[str, dict[str, ViewRecord]] = {c: {} for c in cameras}
-    for v in views:
-        if v.camera in per:
-            per[v.camera].setdefault(v.episode_id, v)
-    return [_timing(c, list(per[c].values()), video_fps) for c in cameras if per[c]]
+def camera_timings(views: ViewTable, rows: np.ndarray, cameras: list[str], video_fps: float | None
+                   ) -> list[CameraTiming]:
+    """Per camera, over one view per episode (of `rows` of the table); `video_fps` is the manifest's override
+    (None = reported). The views of one episode and camera share their video, so any one of them serves."""
+    out = []
+    for camera in cameras:
+        if camera not in views.categories["camera"]:
+            continue
+        mine = rows[views.codes["camera"][rows] == views.categories["camera"].index(camera)]
+        _, first = np.unique(views.codes["episode_id"][mine], return_index=True)
+        if len(first):
+            out.append(_timing(camera, views, mine[first], video_fps))
+    return out
 
 
-def _timing(camera: str, views: list[ViewRecord], override: float | None) -> CameraTiming:
-    used = np.array([override or v.video_fps for v in views])  # [E]
-    t = CameraTiming(camera, len(views), _spread([v.video_fps for v in views]), _spread([v.stride for v in views]),
+def _timing(camera: str, views: ViewTable, rows: np.ndarray, override: float | None) -> CameraTiming:
+    """One camera's figures over `rows`, one view per episode."""
+    fps, stride = views.numbers["video_fps"][rows], views.numbers["stride"][rows]  # [E]
+    capture = views.numbers["capture_fps"][rows]  # [E], NaN where not recorded
+    used = np.full(len(rows), override) if override else fps  # [E] the rates strides came from
+    t = CameraTiming(camera, len(rows), _spread(fps.tolist()), _spread(stride.tolist()),
                      rate_used=_spread(used.tolist()))
-    timed = [(v, u) for v, u in zip(views, used, strict=True) if v.capture_fps]
-    if timed:
-        t.capture_fps = _spread([v.capture_fps for v, _ in timed])
+    timed = np.flatnonzero(~np.isnan(capture) & (capture > 0))
+    if len(timed):
+        t.capture_fps = _spread(capture[timed].tolist())
         t.with_timestamps = len(timed)
-        off = [(v, u) for v, u in timed if abs(v.capture_fps / u - 1) > DISAGREEMENT]
-        t.disagreeing, t.examples = len(off), [v.episode_id for v, _ in off[:3]]
-        if off:
-            t.disagreeing_fps = float(np.median([v.capture_fps for v, _ in off]))
-            t.disagreeing_rate = float(np.median([u for _, u in off]))
-            t.disagreeing_stride = int(np.median([v.stride for v, _ in off]))
+        off = timed[np.abs(capture[timed] / used[timed] - 1) > DISAGREEMENT]
+        t.disagreeing = len(off)
+        t.examples = [views.value("episode_id", int(r)) for r in rows[off[:3]]]
+        if len(off):
+            t.disagreeing_fps = float(np.median(capture[off]))
+            t.disagreeing_rate = float(np.median(used[off]))
+            t.disagreeing_stride = int(np.median(stride[off]))
     return t
 
 

@@ -31,6 +31,7 @@ from pipeline.manifest import Manifest
 from pipeline.records import ViewRecord
 from pipeline.signals import StopRequest
 from pipeline.store import fingerprint_digest
+from pipeline.view_table import ViewTable
 from stages.checkpoints import (
     RankRNG,
     Stateful,
@@ -265,7 +266,7 @@ class TrainingData:
     """Where stage two's windows come from: their views, a source of their rows, and what turns a loaded
     batch into features (nothing for the cache; the frozen encoder online)."""
 
-    views: list[ViewRecord]
+    views: ViewTable  # every view it may draw from (`split_index` keeps the manifest's)
     where: str  # for messages
     source: Callable[[ViewRecord], WindowSource]  # given one view (for the feature layout)
     featurize: Featurize
@@ -277,7 +278,7 @@ def cached_data(m: Manifest, pcfg: PredictorConfig) -> TrainingData:
     the manifest's cameras and stride)."""
     store = open_training_store(m.cache.path, reader_spec(m), pcfg.tokens_per_frame, pcfg.embed_dim)
     T = m.data.frames_per_clip
-    return TrainingData(list(store.committed_views().values()), store.url,
+    return TrainingData(store.index().committed(), store.url,
                          lambda view: CachedSource(store, T, view), lambda batch: batch, store.digest)
 
 
@@ -287,8 +288,8 @@ def online_data(m: Manifest, info: DistInfo) -> TrainingData:
 
     views, rows = online_views(m)
     source = OnlineSource(m, rows)
-    return TrainingData(views, f"the episodes of {m.data.episodes}", lambda _: source, OnlineEncoder(m, info.device),
-                        fingerprint_digest(fingerprint_spec(m)))
+    return TrainingData(ViewTable.from_views(("", 0.0, v) for v in views), f"the episodes of {m.data.episodes}",
+                        lambda _: source, OnlineEncoder(m, info.device), fingerprint_digest(fingerprint_spec(m)))
 
 
 class _LossModule(torch.nn.Module):

@@ -31,7 +31,7 @@ from pipeline.part_writer import STATE_DIM, STORAGE_DTYPES, finite_rows
 from pipeline.progress import progress
 from pipeline.records import CommitRecord, ViewRecord
 from pipeline.report import human_bytes
-from pipeline.store import FeatureStore
+from pipeline.store import INDEX_DIR, FeatureStore
 from stages.droid import MAX_ABS_POSITION, actions_from_states
 from stages.fingerprint import reader_spec
 
@@ -233,6 +233,9 @@ def _repair(store: FeatureStore, commits: list[CommitRecord], summary: VerifySum
             elif "/failures/" in p.where:
                 store.remove(p.where.split(store.root + "/", 1)[-1])
                 summary.repaired.append(f"removed {p.where} (the episode is retried)")
+            elif f"/{INDEX_DIR}/" in p.where:  # a cache of the records: the next open reads them one by one
+                store.remove(p.where.split(store.root + "/", 1)[-1])
+                summary.repaired.append(f"removed {p.where} (an index snapshot; `pipeline gc --yes` writes another)")
             continue
         broken.setdefault(p.commit, set()).add(p.view_id)
     for name, views in broken.items():

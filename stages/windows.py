@@ -32,7 +32,7 @@ import os
 import threading
 import time
 import weakref
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from pipeline.manifest import DataSection, Manifest
 from pipeline.part_writer import STATE_DIM, TORCH_DTYPES
 from pipeline.records import ViewRecord
 from pipeline.store import FORMAT_VERSION, FeatureStore, store_specs
+from pipeline.view_table import ViewTable
 from stages.buffer_pool import Allocator, BufferPool, pinned, plain
 from stages.droid import data_stride
 
@@ -70,13 +71,18 @@ def split_of(episode_id: str, heldout_fraction: float, salt: str = "") -> str:
     return "heldout" if u < heldout_fraction else "train"
 
 
-def manifest_views(views: Iterable[ViewRecord], data: DataSection) -> list[ViewRecord]:
-    """The committed views a manifest trains on: of its cameras, on the frame grid its rates give.
+def manifest_views(views: ViewTable, data: DataSection) -> np.ndarray:
+    """[k] rows of the committed views a manifest trains on: of its cameras, on the frame grid its rates give.
 
     A store keeps every view it was ever asked for. Views of another stride (made under another
     data.fps or data.video_fps) stay in it for the runs that want them, but would mix clip durations
     into this run's windows, so they are left out here."""
-    return [v for v in views if v.camera in data.cameras and v.stride == data_stride(data, v.video_fps)]
+    cameras = [i for i, c in enumerate(views.categories["camera"]) if c in data.cameras]
+    fps = views.numbers["video_fps"]
+    rates, inverse = np.unique(fps, return_inverse=True)
+    strides = np.array([data_stride(data, float(r)) for r in rates], np.int64)[inverse.reshape(-1)]  # [n]
+    keep = np.isin(views.codes["camera"], cameras) & (views.numbers["stride"] == strides)
+    return np.flatnonzero(keep)
 
 
 # -- the index ---------------------------------------------------------------------------------------
@@ -93,71 +99,46 @@ class Window:
 WINDOW_RANGES = ("release", "full")
 
 
-def window_starts(length: int, frames_per_clip: int, window_range: str = "release") -> int:
-    """How many T-frame windows a view of `length` stored frames offers.
+def window_starts(length: int | np.ndarray, frames_per_clip: int, window_range: str = "release") -> int | np.ndarray:
+    """How many T-frame windows a view of `length` stored frames offers (element-wise for an array).
 
     "release": the release draws a raw start in [0, num_frames - 1 - T * stride], so one more frame of the
     grid must follow the window (length - T starts); "full": every window that fits (length - T + 1)."""
-    return max(0, length - frames_per_clip + (window_range == "full"))
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """The views of one episode and camera on the same frame grid (stride, phase): their windows start at
-    the same raw frames, so a drawn start is shared by them and one of them is picked for it."""
-
-    views: tuple[ViewRecord, ...]
-    starts: tuple[int, ...]  # window starts of each view (equal unless a stale view is shorter)
-
-
-@dataclass(frozen=True)
-class _Camera:
-    """One camera of one episode: its grids and the cumulative count of their distinct raw starts."""
-
-    grids: tuple[_Grid, ...]
-    cumulative: np.ndarray  # [grids] int64: starts of grids 0..k
-
-    @classmethod
-    def of(cls, views: list[ViewRecord], starts: Callable[[ViewRecord], int]) -> _Camera:
-        by_grid: dict[tuple[int, int], list[ViewRecord]] = defaultdict(list)
-        for v in sorted(views, key=lambda v: v.view_id):
-            by_grid[(v.stride, v.phase)].append(v)
-        grids = tuple(_Grid(tuple(vs), tuple(map(starts, vs))) for _, vs in sorted(by_grid.items()))
-        return cls(grids, np.cumsum([max(g.starts) for g in grids]))
-
-    def draw(self, rng: np.random.Generator) -> Window:
-        """A raw start uniformly over this camera's distinct starts, then one view holding it uniformly."""
-        u = int(rng.integers(self.cumulative[-1]))
-        k = int(np.searchsorted(self.cumulative, u, side="right"))
-        start = u - (int(self.cumulative[k - 1]) if k else 0)
-        grid = self.grids[k]
-        holders = [v for v, n in zip(grid.views, grid.starts, strict=True) if n > start]
-        return Window(holders[int(rng.integers(len(holders)))], start)
+    return np.maximum(0, length - frames_per_clip + (window_range == "full"))
 
 
 class WindowIndex:
-    """The committed views of one split, grouped by episode and camera, that hold at least one T-frame window.
+    """The committed views of one split, grouped by episode, camera and frame grid, that hold at least one
+    T-frame window: what the release's draw needs, as arrays over a `ViewTable`'s rows.
 
-    Built once at start-up from the commit records (no array is opened). Views too short for a window
-    are dropped and counted; an episode none of whose views is long enough is dropped with them.
+    Built once at start-up from the store's index (no array is opened), in a few vectorised passes however
+    many views there are. Views too short for a window are dropped and counted; an episode none of whose
+    views is long enough is dropped with them. Within an episode the views are ordered by camera, then frame
+    grid (stride, phase), then view id: a camera's grids share nothing, the views of one grid start their
+    windows at the same raw frames, so a drawn start is shared by them and one of them is picked for it.
     """
 
     def __init__(self, store: FeatureStore, *, split: str, frames_per_clip: int, heldout_fraction: float = 0.0,
                  salt: str = "", cameras: Sequence[str] | None = None, window_range: str = "release"):
-        self._build(store.committed_views().values(), split, frames_per_clip, heldout_fraction, salt, cameras,
+        self._build(store.index().committed(), None, split, frames_per_clip, heldout_fraction, salt, cameras,
                     window_range)
 
     @classmethod
-    def from_views(cls, views: Iterable[ViewRecord], *, split: str, frames_per_clip: int,
+    def from_table(cls, table: ViewTable, rows: np.ndarray | None = None, *, split: str, frames_per_clip: int,
                    heldout_fraction: float = 0.0, salt: str = "", cameras: Sequence[str] | None = None,
                    window_range: str = "release") -> WindowIndex:
-        """The same index from view records at hand (a store's subset, or records made up in tests)."""
+        """The index of `rows` of a table (all of them by default)."""
         index = cls.__new__(cls)
-        index._build(views, split, frames_per_clip, heldout_fraction, salt, cameras, window_range)
+        index._build(table, rows, split, frames_per_clip, heldout_fraction, salt, cameras, window_range)
         return index
 
-    def _build(self, views: Iterable[ViewRecord], split: str, frames_per_clip: int, heldout_fraction: float,
-               salt: str, cameras: Sequence[str] | None, window_range: str) -> None:
+    @classmethod
+    def from_views(cls, views: Iterable[ViewRecord], **settings: Any) -> WindowIndex:
+        """The same index from view records at hand (a store's subset, or records made up in tests)."""
+        return cls.from_table(ViewTable.from_views((v.commit, v.committed_at, v) for v in views), **settings)
+
+    def _build(self, table: ViewTable, rows: np.ndarray | None, split: str, frames_per_clip: int,
+               heldout_fraction: float, salt: str, cameras: Sequence[str] | None, window_range: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} must be one of {SPLITS}")
         if frames_per_clip < 2:
@@ -166,51 +147,83 @@ class WindowIndex:
             raise ValueError(f"window_range {window_range!r} must be one of {WINDOW_RANGES}")
         self.split, self.frames_per_clip, self.window_range = split, frames_per_clip, window_range
         self.heldout_fraction, self.salt, self.cameras = heldout_fraction, salt, cameras
-        self.dropped_views = 0  # views of this split too short for one window
-        grouped: dict[str, list[ViewRecord]] = defaultdict(list)
-        for v in views:
-            if cameras is not None and v.camera not in cameras:
-                continue
-            if split != "all" and split_of(v.episode_id, heldout_fraction, salt) != split:
-                continue
-            if self.starts(v) < 1:
-                self.dropped_views += 1
-                continue
-            grouped[v.episode_id].append(v)
-        self._views = {e: sorted(vs, key=lambda v: v.view_id) for e, vs in grouped.items()}
-        self._cameras = {e: [_Camera.of([v for v in vs if v.camera == c], self.starts)
-                             for c in sorted({v.camera for v in vs})] for e, vs in self._views.items()}
-        self.episodes: list[str] = sorted(self._views)
+        self.table = table
+        rows = np.arange(len(table)) if rows is None else np.asarray(rows, np.int64)
+        if cameras is not None:
+            rows = rows[np.isin(table.codes["camera"][rows], [i for i, c in enumerate(table.categories["camera"])
+                                                               if c in cameras])]
+        if split != "all":
+            sides = np.array([split_of(e, heldout_fraction, salt) == split for e in table.categories["episode_id"]],
+                             bool)
+            rows = rows[sides[table.codes["episode_id"][rows]]] if len(sides) else rows[:0]
+        starts = window_starts(table.numbers["length"][rows], frames_per_clip, window_range)
+        self.dropped_views = int((starts < 1).sum())  # views of this split too short for one window
+        rows, starts = rows[starts >= 1], starts[starts >= 1]
+        ep, cam = table.codes["episode_id"][rows], table.codes["camera"][rows]
+        stride, phase = table.numbers["stride"][rows], table.numbers["phase"][rows]
+        order = np.lexsort((table.codes["view_id"][rows], phase, stride, cam, ep))
+        self.rows, self.view_starts = rows[order], starts[order]  # [k] table rows in draw order, their window starts
+        ep, cam, stride, phase = ep[order], cam[order], stride[order], phase[order]
+        grid_lo = _group_starts(ep, cam, stride, phase)  # [g] first position of each (episode, camera, grid)
+        cam_lo = _group_starts(ep, cam)  # [c] first position of each (episode, camera)
+        ep_lo = _group_starts(ep)  # [e] first position of each episode
+        self._grid_lo, self._grid_hi = grid_lo, np.append(grid_lo[1:], len(rows))
+        self._cam_grids = np.searchsorted(grid_lo, np.append(cam_lo, len(rows)))  # [c + 1] grid ranges of cameras
+        self._ep_cams = np.searchsorted(cam_lo, np.append(ep_lo, len(rows)))  # [e + 1] camera ranges of episodes
+        self._ep_lo = np.append(ep_lo, len(rows))  # [e + 1] positions of each episode's rows
+        widest = np.maximum.reduceat(self.view_starts, grid_lo) if len(rows) else np.zeros(0, np.int64)  # [g]
+        cum = np.cumsum(widest)
+        first_grid = self._cam_grids[:-1]
+        # distinct raw starts of grids 0..k of their camera: [g], restarting at each camera's first grid
+        self._grid_cum = cum - np.repeat(np.concatenate([[0], cum])[first_grid], np.diff(self._cam_grids))
+        self.episodes: list[str] = [table.categories["episode_id"][c] for c in ep[ep_lo].tolist()]
+        self._episode = {e: k for k, e in enumerate(self.episodes)}
 
     def starts(self, view: ViewRecord) -> int:
         """Window starts of a view under this index's window range."""
-        return window_starts(view.length, self.frames_per_clip, self.window_range)
+        return int(window_starts(view.length, self.frames_per_clip, self.window_range))
 
     def views_of(self, episode: str) -> list[ViewRecord]:
         """The episode's usable views, sorted by view id (a stable order)."""
-        return self._views[episode]
+        return [self.table.record(r) for r in self._rows_of(self._episode[episode])]
+
+    def _rows_of(self, e: int) -> list[int]:
+        rows = self.rows[self._ep_lo[e] : self._ep_lo[e + 1]]
+        return rows[np.argsort(self.table.codes["view_id"][rows], kind="stable")].tolist()
 
     def draw(self, episode: str, rng: np.random.Generator) -> Window:
         """The release's draw within an episode: a camera uniformly, then a raw start uniformly (the
         (phase, stored start) pair), then a crop draw holding it uniformly."""
-        cameras = self._cameras[episode]
-        return cameras[int(rng.integers(len(cameras)))].draw(rng)
+        e = self._episode[episode]
+        c = int(self._ep_cams[e]) + int(rng.integers(int(self._ep_cams[e + 1] - self._ep_cams[e])))
+        g_lo, g_hi = int(self._cam_grids[c]), int(self._cam_grids[c + 1])
+        cum = self._grid_cum[g_lo:g_hi]
+        u = int(rng.integers(int(cum[-1])))
+        k = int(np.searchsorted(cum, u, side="right"))
+        start = u - (int(cum[k - 1]) if k else 0)
+        lo, hi = int(self._grid_lo[g_lo + k]), int(self._grid_hi[g_lo + k])
+        holders = np.flatnonzero(self.view_starts[lo:hi] > start)
+        return Window(self.table.record(int(self.rows[lo + holders[int(rng.integers(len(holders)))]])), start)
 
-    def _all_views(self) -> Iterable[ViewRecord]:
-        return (v for vs in self._views.values() for v in vs)
+    def without(self, view_ids: set[str]) -> WindowIndex:
+        """This index without the given views (damaged ones)."""
+        ids = self.table.strings("view_id")[self.rows] if len(self.rows) else np.array([], object)
+        keep = self.rows[~np.isin(ids, list(view_ids))]
+        return WindowIndex.from_table(self.table, keep, split="all", frames_per_clip=self.frames_per_clip,
+                                      window_range=self.window_range)
 
     @property
     def num_views(self) -> int:
-        return sum(len(vs) for vs in self._views.values())
+        return len(self.rows)
 
     @property
     def num_frames(self) -> int:
-        return sum(v.length for v in self._all_views())
+        return int(self.table.numbers["length"][self.rows].sum())
 
     @property
     def num_windows(self) -> int:
         """Distinct T-frame windows (view, start) over all usable views."""
-        return sum(self.starts(v) for v in self._all_views())
+        return int(self.view_starts.sum())
 
     def __repr__(self) -> str:
         return (f"WindowIndex(split={self.split!r}, T={self.frames_per_clip}, episodes={len(self.episodes)}, "
@@ -218,14 +231,26 @@ class WindowIndex:
                 f"dropped_views={self.dropped_views})")
 
 
-def split_index(m: Manifest, views: Iterable[ViewRecord], split: str) -> WindowIndex:
+def _group_starts(*keys: np.ndarray) -> np.ndarray:
+    """[g] positions where the tuple of sorted `keys` changes (0 first): the first row of each group."""
+    if not len(keys[0]):
+        return np.zeros(0, np.int64)
+    change = np.zeros(len(keys[0]), bool)
+    change[0] = True
+    for k in keys:
+        change[1:] |= k[1:] != k[:-1]
+    return np.flatnonzero(change)
+
+
+def split_index(m: Manifest, views: ViewTable, split: str) -> WindowIndex:
     """The windows of `split` as a run of manifest `m` sees them: its cameras and stride, its split rule
     (train.heldout_fraction, train.split_salt) and window range. Training and `pipeline eval` both call it,
     so a checkpoint evaluated later is evaluated on the windows its run used."""
     cfg = m.train
-    return WindowIndex.from_views(manifest_views(views, m.data), split=split, frames_per_clip=m.data.frames_per_clip,
-                                  cameras=m.data.cameras, heldout_fraction=cfg.heldout_fraction,
-                                  salt=cfg.split_salt, window_range=cfg.window_range)
+    return WindowIndex.from_table(views, manifest_views(views, m.data), split=split,
+                                  frames_per_clip=m.data.frames_per_clip, cameras=m.data.cameras,
+                                  heldout_fraction=cfg.heldout_fraction, salt=cfg.split_salt,
+                                  window_range=cfg.window_range)
 
 
 # -- opening the store for training ------------------------------------------------------------------
@@ -310,13 +335,11 @@ class BadViews:
 
     def sound_index(self, index: WindowIndex) -> WindowIndex:
         """`index` without the views known to be damaged; rebuilt only when another view is found damaged
-        (a scan of every view: cheap once, not once per replaced window at DROID scale)."""
+        (a pass over every view: cheap once, not once per replaced window at DROID scale)."""
         with self._lock:
             known, sound = self._sound.get(id(index), (-1, index))
             if known != len(self.found):
-                sound = WindowIndex.from_views((v for v in index._all_views() if v.view_id not in self.found),
-                                               split="all", frames_per_clip=index.frames_per_clip,
-                                               window_range=index.window_range)
+                sound = index.without(set(self.found))
                 self._sound[id(index)] = (len(self.found), sound)
             return sound
 

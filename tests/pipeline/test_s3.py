@@ -121,7 +121,7 @@ def test_kill_9_of_extract_and_of_train_on_s3_then_resume(workdir: Path, s3: str
     m = load(workdir, s3, *overrides[1:])
     store = FeatureStore(m.cache.path, fingerprint_spec(m))
     _killed([sys.executable, "-c", EXTRACT, str(workdir / "manifest.yaml"), *TRAIN, *overrides],
-            lambda: bool(store.attempts()) and len(store.commits()) < 3)
+            lambda: bool(store.attempts()) and len(store.index(refresh=True).records) < 3)
     assert status_report(m).views_committed < 6
     quiet_extract(m)
     assert status_report(m).views_committed == 6 and verify(m, show_progress=False).sound
@@ -141,3 +141,37 @@ def test_kill_9_of_extract_and_of_train_on_s3_then_resume(workdir: Path, s3: str
     whole = workdir / "whole-run"
     subprocess.run(cli(whole), check=True, capture_output=True, timeout=240)
     assert [(r["step"], r["loss"]) for r in rows(run)] == [(r["step"], r["loss"]) for r in rows(whole)]
+
+
+def test_opening_a_store_costs_one_listing_and_a_snapshot_not_a_request_per_record(
+        s3: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests counted on the wire (a proxy in front of the server): opening lists commits/ and index/ once,
+    reads the newest index snapshot and only the records committed after it."""
+    from stages.bench_index import LatencyProxy, synthetic_records
+    from stages.bench_loader import fresh_s3_clients
+
+    spec = {"x": "requests"}
+    store = FeatureStore(s3, spec).create()
+    files = synthetic_records(store.digest, 300, 2)
+    store.fs.pipe({f"{store.root}/commits/{name}": data for name, data in files[:297]})
+    assert store.compact(min_records=1)
+    store.fs.pipe({f"{store.root}/commits/{name}": data for name, data in files[297:]})
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    proxy = LatencyProxy((host, int(port)), delay=0.0)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+
+    def requests_to_open() -> tuple[int, int]:
+        fresh_s3_clients()
+        before = proxy.requests
+        index = FeatureStore(s3, spec).index()
+        assert len(index.committed()) == 600
+        return proxy.requests - before, index.read_one_by_one
+
+    try:
+        assert requests_to_open() == (2 + 1 + 3, 3)  # two listings, the snapshot, three newer records
+        for snapshot in store.snapshots():
+            store.fs.rm(f"{store.root}/index/{snapshot}.parquet")
+        requests, one_by_one = requests_to_open()  # without one: every record, each fetched once
+        assert one_by_one == 300 and 300 + 2 <= requests <= 300 + 4  # (an empty listing may cost a look more)
+    finally:
+        proxy.close()

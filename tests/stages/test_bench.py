@@ -49,3 +49,13 @@ def test_bench_reports_every_figure(workdir: Path) -> None:
     text = report.format()
     assert "extract end to end" in text and "checksums (ViT-g)" in text and "speedup cached vs online" in text
     assert "cold (dropped)" in text and "object storage" in text
+
+
+def test_bench_index_reports_opening_with_and_without_a_snapshot(tmp_path: Path) -> None:
+    from stages.bench import run_index_bench
+
+    report = run_index_bench(40, 2, echo=lambda _: None)
+    ix = report.to_dict()["index"]
+    assert ix["local"]["views"] == 80 and ix["local"]["open_seconds"] > 0 and ix["local"]["open_seconds_snapshot"] > 0
+    assert ix["s3"]["requests"] >= 40 and ix["s3"]["requests_snapshot"] == 3  # the test extra installs moto
+    assert "from an index snapshot" in report.format() and "S3 (moto" in report.format()

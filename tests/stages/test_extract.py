@@ -258,7 +258,8 @@ def test_kill_9_in_the_middle_of_a_part_then_resume(workdir: Path, same_features
     assert s.views_done == 6 and not s.failed
     fresh = load(workdir, f"cache.path={workdir}/fresh")
     run(fresh)
-    same_features(store, FeatureStore(fresh.cache.path, fingerprint_spec(fresh)))
+    resumed = FeatureStore(m.cache.path, fingerprint_spec(m))  # a new reader: the records as they are now
+    same_features(resumed, FeatureStore(fresh.cache.path, fingerprint_spec(fresh)))
 
 
 def test_dask_local_cluster_gives_the_same_store(workdir: Path, same_features: Callable[..., None]) -> None:
