@@ -87,6 +87,7 @@ _VIEW_TYPES = {"view_id": str, "episode_id": str, "episode_path": str, "camera":
                "stride": int, "video_fps": (int, float), "frame_hw": list, "box": list, "source": dict, "part": str,
                "attempt": str, "start": int, "length": int, "digests": dict}
 _OPTIONAL_VIEW_TYPES = {"capture_fps": (int, float, type(None))}  # absent in records of older versions
+_KNOWN_VIEW_KEYS = _VIEW_TYPES.keys() | _OPTIONAL_VIEW_TYPES.keys()
 
 
 @dataclass
@@ -110,8 +111,28 @@ class CommitRecord:
         return out
 
 
+@dataclass(frozen=True)
+class RecordInfo:
+    """What a commit record says besides its views."""
+
+    name: str
+    part: str
+    attempt: str
+    frames: int
+    committed_at: float
+    repaired_from: str | None = None
+
+
 def parse_commit(name: str, raw: Any, fingerprint: str) -> CommitRecord:
     """A commit record from its JSON, every field checked; RecordError says what is wrong."""
+    info, views = check_commit(name, raw, fingerprint)
+    return CommitRecord(info.name, info.part, info.attempt, info.frames, info.committed_at,
+                        [ViewRecord(**v, committed_at=info.committed_at) for v in views], info.repaired_from)
+
+
+def check_commit(name: str, raw: Any, fingerprint: str) -> tuple[RecordInfo, list[dict[str, Any]]]:
+    """A commit record's own fields and its views as checked dicts of `ViewRecord`'s fields (a reader of many
+    records builds columns from these without a record object per view); RecordError says what is wrong."""
     _require_dict(raw)
     version = raw.get("format_version")
     if version != COMMIT_VERSION:
@@ -122,12 +143,12 @@ def parse_commit(name: str, raw: Any, fingerprint: str) -> CommitRecord:
                       ("views", list)):
         _require_field(raw, key, kind)
     ignorable = _ignorable(raw)
-    views = [_parse_view(v, raw, i, ignorable) for i, v in enumerate(raw["views"])]
-    return CommitRecord(name, raw["part"], raw["attempt"], raw["frames"], float(raw["committed_at"]), views,
-                        raw.get("repaired_from"))
+    views = [_check_view(v, raw, i, ignorable) for i, v in enumerate(raw["views"])]
+    return RecordInfo(name, raw["part"], raw["attempt"], raw["frames"], float(raw["committed_at"]),
+                      raw.get("repaired_from")), views
 
 
-def _parse_view(v: Any, commit: dict[str, Any], i: int, ignorable: set[str]) -> ViewRecord:
+def _check_view(v: Any, commit: dict[str, Any], i: int, ignorable: set[str]) -> dict[str, Any]:
     if not isinstance(v, dict):
         raise RecordError(f"views[{i}] is a {type(v).__name__}, not an object")
     for key, kind in _VIEW_TYPES.items():
@@ -136,17 +157,18 @@ def _parse_view(v: Any, commit: dict[str, Any], i: int, ignorable: set[str]) -> 
     for key, kind in _OPTIONAL_VIEW_TYPES.items():
         if key in v and (not isinstance(v[key], kind) or isinstance(v[key], bool)):
             raise RecordError(f"views[{i}].{key} is {v[key]!r}, not a number or null")
-    unknown = set(v) - set(_VIEW_TYPES) - set(_OPTIONAL_VIEW_TYPES)
+    unknown = v.keys() - _KNOWN_VIEW_KEYS
     if unknown - ignorable:
         raise RecordError(f"views[{i}] has unknown keys {sorted(unknown - ignorable)}")
-    v = {k: x for k, x in v.items() if k not in unknown}  # a newer writer's extras, declared safe to ignore
+    if unknown:
+        v = {k: x for k, x in v.items() if k not in unknown}  # a newer writer's extras, declared safe to ignore
     if v["part"] != commit["part"] or v["attempt"] != commit["attempt"]:
         raise RecordError(f"views[{i}] names part/attempt {v['part']}/{v['attempt']}, not the record's")
     if v["start"] < 0 or v["length"] < 1 or v["start"] + v["length"] > commit["frames"]:
         raise RecordError(f"views[{i}] rows {v['start']}+{v['length']} outside the attempt's {commit['frames']}")
     if len(v["digests"].get("features", [])) != v["length"]:
         raise RecordError(f"views[{i}] has no features digest per row")
-    return ViewRecord(**v, committed_at=float(commit["committed_at"]))
+    return v
 
 
 def _ignorable(commit: dict[str, Any]) -> set[str]:

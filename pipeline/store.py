@@ -66,20 +66,22 @@ from pipeline.records import (
     CommitRecord,
     FailureRecord,
     RecordError,
+    RecordInfo,
     ViewRecord,
     canonical_json,
+    check_commit,
     episode_key,
-    parse_commit,
     parse_failure,
 )
 from pipeline.shard_reader import ShardedRowReader, file_kind
-from pipeline.view_table import CommittedViews, RecordInfo, ViewTable
+from pipeline.view_table import Columns, CommittedViews, ViewTable
 
 FORMAT_VERSION = COMMIT_VERSION
 INDEX_DIR = "index"  # index snapshots: every commit record at some moment, one Parquet file (`compact`)
 COMPACT_RECORDS = 256  # records read one by one at open before a housekeeping command writes a snapshot
 FETCH_THREADS = 8  # records read at once from a local disk
 FETCH_CONNECTIONS = 64  # records read at once from S3 (the client's connection pool)
+FETCH_BATCH = 1024  # records fetched before they are parsed (bounds the bytes held at once)
 MAX_SHARD_FRAMES = 4096  # feature rows per shard a store may declare: bounds what reading one shard index costs
 MAX_ATTEMPT_FRAMES = 1 << 22  # rows of one attempt's arrays (the per-frame ones are one chunk): bounds one read
 # What a read raises for bytes that are not what was written (zarr and its codecs: ValueError for a checksum or
@@ -235,13 +237,16 @@ class FeatureStore:
                 table.categories["record"]) if name in covered]))
             table = table.take(keep)  # a record moved aside (verify --repair) or removed (gc) is gone from the listing
         rest = sorted(listed - covered)
-        fetched = zip(rest, self._fetch([f"commits/{name}.json" for name in rest]), strict=True)
-        parsed = [rec for name, raw in fetched if (rec := self._parse_commit(name, raw)) is not None]
         records = {r.name: r for r in infos if r.name in covered}
-        records |= {r.name: RecordInfo(r.name, r.part, r.attempt, r.frames, r.committed_at, r.repaired_from)
-                    for r in parsed}
-        views = ViewTable.concat([table, ViewTable.from_records(parsed)])
-        return StoreIndex(records, views, snapshot, len(rest))
+        columns = Columns()
+        for lo in range(0, len(rest), FETCH_BATCH):  # in batches: the bytes of a batch are let go once read
+            names = rest[lo : lo + FETCH_BATCH]
+            for name, raw in zip(names, self._fetch([f"commits/{n}.json" for n in names]), strict=True):
+                if (checked := self._check_commit(name, raw)) is not None:
+                    records[name], views = checked
+                    for v in views:
+                        columns.add(name, records[name].committed_at, v)
+        return StoreIndex(records, ViewTable.concat([table, columns.table()]), snapshot, len(rest))
 
     def _read_snapshot(self) -> tuple[ViewTable, list[RecordInfo], str | None]:
         """The newest index snapshot that reads whole (a damaged one is named and passed over), or nothing."""
@@ -294,15 +299,16 @@ class FeatureStore:
         parses (one that does not counts as missing): one listing of the part's own records (on an object
         store, of its prefix only), and a read of each."""
         names = self._names("commits", ".json", prefix=f"{part_id}.")
-        return any(self._parse_commit(name, raw) is not None
+        return any(self._check_commit(name, raw) is not None
                    for name, raw in zip(names, self._fetch([f"commits/{n}.json" for n in names]), strict=True))
 
-    def _parse_commit(self, name: str, raw: bytes | BaseException) -> CommitRecord | None:
-        """A commit record from its bytes, or None (named in one warning) where it does not parse."""
+    def _check_commit(self, name: str, raw: bytes | BaseException) -> tuple[RecordInfo, list[dict[str, Any]]] | None:
+        """A commit record's fields and checked views from its bytes (`check_commit`), or None (named in one
+        warning) where it does not parse."""
         try:
             if isinstance(raw, BaseException):
                 raise raw
-            return parse_commit(name, json.loads(raw.decode("utf-8")), self.digest)
+            return check_commit(name, json.loads(raw.decode("utf-8")), self.digest)
         except (RecordError, ValueError, UnicodeDecodeError, OSError) as err:
             self._bad(f"{self.root}/commits/{name}.json", f"commit record skipped, its views count as missing: {err}")
             return None

@@ -17,13 +17,13 @@ from __future__ import annotations
 import io
 import json
 import sys
+from array import array
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.records import CommitRecord, ViewRecord, canonical_json
+from pipeline.records import CommitRecord, RecordInfo, ViewRecord, canonical_json
 
 STRINGS = ("record", "view_id", "episode_id", "episode_path", "camera", "serial", "source", "part", "attempt")
 INTS = ("phase", "stride", "start", "length", "frame_h", "frame_w", "box_top", "box_left", "box_height",
@@ -32,28 +32,16 @@ FLOATS = ("video_fps", "capture_fps", "committed_at")  # capture_fps: NaN where 
 SMALL_DIGESTS = ("states", "actions", "frame_index")
 
 
-@dataclass(frozen=True)
-class RecordInfo:
-    """What a commit record says besides its views (kept per record; its views are rows of the table)."""
-
-    name: str
-    part: str
-    attempt: str
-    frames: int
-    committed_at: float
-    repaired_from: str | None = None
-
-
 class ViewTable:
     """Views as columns (see the module's docstring); row i is one view of one commit record."""
 
     def __init__(self, codes: dict[str, np.ndarray], categories: dict[str, list[str]], numbers: dict[str, np.ndarray],
-                 crcs: np.ndarray, offsets: np.ndarray) -> None:
+                 crcs: np.ndarray, digest_at: np.ndarray, digest_len: np.ndarray) -> None:
         self.codes = codes  # name -> [n] int32 into categories[name] (sorted)
         self.categories = categories
         self.numbers = numbers  # name -> [n] int64 / float64
-        self.crcs = crcs  # [sum of lengths] uint32: every view's feature rows, one after another
-        self.offsets = offsets  # [n + 1] int64: view i's digests are crcs[offsets[i]:offsets[i + 1]]
+        self.crcs = crcs  # [digests] uint32: feature row digests, shared by the tables `take` makes of this one
+        self.digest_at, self.digest_len = digest_at, digest_len  # [n] int64: view i's are crcs[at:at + len]
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -64,26 +52,10 @@ class ViewTable:
     @classmethod
     def from_views(cls, views: Iterable[tuple[str, float, ViewRecord]]) -> ViewTable:
         """A table of (record name, commit time, view) triples, in their order."""
-        strings: dict[str, list[str]] = {k: [] for k in STRINGS}
-        numbers: dict[str, list[float]] = {k: [] for k in INTS + FLOATS}
-        crcs: list[Sequence[int]] = []
+        columns = Columns()
         for record, committed_at, v in views:
-            for key, value in _view_fields(v, record, committed_at).items():
-                (strings if key in strings else numbers)[key].append(value)
-            crcs.append(v.digests.get("features", ()))
-        lengths = np.array([len(c) for c in crcs], np.int64)
-        flat = np.fromiter((c for rows in crcs for c in rows), np.uint32, int(lengths.sum()))
-        return cls._build(strings, numbers, flat, np.concatenate([[0], np.cumsum(lengths)]))
-
-    @classmethod
-    def _build(cls, strings: dict[str, list[str]], numbers: dict[str, list[float]], crcs: np.ndarray,
-               offsets: np.ndarray) -> ViewTable:
-        codes, categories = {}, {}
-        for key, values in strings.items():
-            cats, inverse = np.unique(np.asarray(values, dtype=object), return_inverse=True)
-            codes[key], categories[key] = inverse.astype(np.int32).reshape(-1), [str(c) for c in cats]
-        nums = {k: np.asarray(numbers[k], np.int64 if k in INTS else np.float64).reshape(-1) for k in INTS + FLOATS}
-        return cls(codes, categories, nums, crcs, offsets.astype(np.int64))
+            columns.add(record, committed_at, vars(v))
+        return columns.table()
 
     @classmethod
     def empty(cls) -> ViewTable:
@@ -103,30 +75,32 @@ class ViewTable:
                                          if len(t.categories[key]) else t.codes[key] for t in tables])
             categories[key] = merged
         numbers = {k: np.concatenate([t.numbers[k] for t in tables]) for k in INTS + FLOATS}
-        lengths = np.concatenate([np.diff(t.offsets) for t in tables])
+        shift = np.cumsum([0] + [len(t.crcs) for t in tables[:-1]])  # where each table's digests land
         return cls(codes, categories, numbers, np.concatenate([t.crcs for t in tables]),
-                   np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                   np.concatenate([t.digest_at + k for t, k in zip(tables, shift, strict=True)]),
+                   np.concatenate([t.digest_len for t in tables]))
 
     def take(self, rows: np.ndarray | Sequence[int]) -> ViewTable:
-        """These rows, in this order (categories kept)."""
+        """These rows, in this order (categories and the digests' array shared, not copied)."""
         rows = np.asarray(rows, np.int64)
-        lengths = np.diff(self.offsets)[rows]
-        starts = self.offsets[:-1][rows]
-        gather = (np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-                  + np.arange(int(lengths.sum())))  # [sum of lengths] positions in self.crcs
         return ViewTable({k: c[rows] for k, c in self.codes.items()}, self.categories,
-                         {k: x[rows] for k, x in self.numbers.items()}, self.crcs[gather],
-                         np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+                         {k: x[rows] for k, x in self.numbers.items()}, self.crcs, self.digest_at[rows],
+                         self.digest_len[rows])
 
     # -- reading -------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.digest_at)
 
     @property
     def nbytes(self) -> int:
-        """Memory the table holds: its arrays, and its distinct strings."""
-        arrays = sum(a.nbytes for a in (*self.codes.values(), *self.numbers.values(), self.crcs, self.offsets))
+        """Memory the table holds: its arrays (the digests' whole, shared one included), its distinct strings."""
+        arrays = sum(a.nbytes for a in (*self.codes.values(), *self.numbers.values(), self.crcs, self.digest_at,
+                                        self.digest_len))
         return arrays + sum(sys.getsizeof(c) for values in self.categories.values() for c in values)
+
+    def digests(self, i: int) -> np.ndarray:
+        """[length] uint32: the feature row digests of view i."""
+        return self.crcs[self.digest_at[i] : self.digest_at[i] + self.digest_len[i]]
 
     def strings(self, key: str) -> np.ndarray:
         """[n] object array of a string column's values."""
@@ -138,7 +112,7 @@ class ViewTable:
     def record(self, i: int) -> ViewRecord:
         """Row i as a `ViewRecord`, as its commit record holds it."""
         n = self.numbers
-        digests: dict[str, Any] = {"features": self.crcs[self.offsets[i] : self.offsets[i + 1]].tolist()}
+        digests: dict[str, Any] = {"features": self.digests(i).tolist()}
         for name in SMALL_DIGESTS:
             if (d := int(n[f"digest_{name}"][i])) >= 0:
                 digests[name] = d
@@ -174,8 +148,12 @@ class ViewTable:
                                                      pa.array(self.categories[k], pa.string()))
                    for k in STRINGS}
         columns |= {k: pa.array(self.numbers[k]) for k in INTS + FLOATS}
-        columns["features"] = pa.LargeListArray.from_arrays(pa.array(self.offsets, pa.int64()),
-                                                            pa.array(self.crcs, pa.uint32()))
+        offsets = np.concatenate([[0], np.cumsum(self.digest_len)]).astype(np.int64)
+        if np.array_equal(self.digest_at, offsets[:-1]):  # the rows' digests lie one after another already
+            crcs = self.crcs[: offsets[-1]]
+        else:
+            crcs = np.concatenate([self.crcs[:0], *(self.digests(i) for i in range(len(self)))])
+        columns["features"] = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(crcs, pa.uint32()))
         meta = {"records": json.dumps([[r.name, r.part, r.attempt, r.frames, r.committed_at, r.repaired_from]
                                        for r in records])}
         table = pa.table(columns).replace_schema_metadata(meta)
@@ -197,12 +175,13 @@ class ViewTable:
                 col = col.dictionary_encode()
             codes[key], categories[key] = _sorted_codes(col.indices.to_numpy(zero_copy_only=False),
                                                         col.dictionary.to_pylist())
-        numbers = {k: table.column(k).to_numpy().astype(np.int64 if k in INTS else np.float64) for k in INTS + FLOATS}
+        numbers = {k: np.asarray(table.column(k).to_numpy(), np.int64 if k in INTS else np.float64)
+                   for k in INTS + FLOATS}
         features = table.column("features").combine_chunks()
-        crcs = features.values.to_numpy(zero_copy_only=False).astype(np.uint32)
-        offsets = features.offsets.to_numpy().astype(np.int64)
+        crcs = np.asarray(features.values.to_numpy(zero_copy_only=False), np.uint32)
+        offsets = np.asarray(features.offsets.to_numpy(), np.int64)
         records = [RecordInfo(*r) for r in json.loads(table.schema.metadata[b"records"])]
-        return cls(codes, categories, numbers, crcs, offsets - offsets[0]), records
+        return cls(codes, categories, numbers, crcs, offsets[:-1] - offsets[0], np.diff(offsets)), records
 
 
 def _sorted_codes(codes: np.ndarray, categories: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -215,16 +194,55 @@ def _sorted_codes(codes: np.ndarray, categories: list[str]) -> tuple[np.ndarray,
     return rank[codes], [categories[k] for k in order]
 
 
-def _view_fields(v: ViewRecord, record: str, committed_at: float) -> dict[str, Any]:
-    """One view's values of the table's columns (everything but its feature digests)."""
-    return {"record": record, "view_id": v.view_id, "episode_id": v.episode_id, "episode_path": v.episode_path,
-            "camera": v.camera, "serial": v.serial, "source": canonical_json(v.source), "part": v.part,
-            "attempt": v.attempt, "phase": v.phase, "stride": v.stride, "start": v.start, "length": v.length,
-            "frame_h": v.frame_hw[0], "frame_w": v.frame_hw[1], "box_top": v.box[0], "box_left": v.box[1],
-            "box_height": v.box[2], "box_width": v.box[3],
-            **{f"digest_{k}": int(v.digests.get(k, -1)) for k in SMALL_DIGESTS},
-            "video_fps": v.video_fps, "capture_fps": np.nan if v.capture_fps is None else v.capture_fps,
-            "committed_at": committed_at}
+class Columns:
+    """A `ViewTable` being built, one view at a time, from the checked fields of commit records (`add` takes
+    a view as a dict: a reader of many records makes no object per view)."""
+
+    def __init__(self) -> None:
+        self.strings: dict[str, list[str]] = {k: [] for k in STRINGS}
+        self.numbers: dict[str, list[float]] = {k: [] for k in INTS + FLOATS}
+        self.crcs = array("I")  # 4 bytes a digest, not a Python int's 28
+        self.lengths: list[int] = []
+        self._source: tuple[Any, str] = (None, "")  # the last source seen and its canonical JSON (views of an
+        # episode follow one another and share it)
+
+    def add(self, record: str, committed_at: float, v: Mapping[str, Any]) -> None:
+        """One view (`ViewRecord`'s fields) of a commit record."""
+        s, n = self.strings, self.numbers
+        for key in ("view_id", "episode_id", "episode_path", "camera", "serial", "part", "attempt"):
+            s[key].append(v[key])
+        s["record"].append(record)
+        if v["source"] != self._source[0]:
+            self._source = (v["source"], canonical_json(v["source"]))
+        s["source"].append(self._source[1])
+        for key in ("phase", "stride", "start", "length"):
+            n[key].append(v[key])
+        (h, w), (top, left, height, width) = v["frame_hw"], v["box"]
+        for key, value in (("frame_h", h), ("frame_w", w), ("box_top", top), ("box_left", left),
+                           ("box_height", height), ("box_width", width)):
+            n[key].append(value)
+        digests = v["digests"]
+        for name in SMALL_DIGESTS:
+            n[f"digest_{name}"].append(int(digests.get(name, -1)))
+        capture = v.get("capture_fps")
+        n["video_fps"].append(v["video_fps"])
+        n["capture_fps"].append(np.nan if capture is None else capture)
+        n["committed_at"].append(committed_at)
+        features = digests.get("features", ())
+        self.crcs.extend(features)
+        self.lengths.append(len(features))
+
+    def table(self) -> ViewTable:
+        codes, categories = {}, {}
+        for key, values in self.strings.items():
+            where: dict[str, int] = {}
+            raw = np.fromiter((where.setdefault(x, len(where)) for x in values), np.int32, len(values))
+            codes[key], categories[key] = _sorted_codes(raw, list(where))
+        numbers = {k: np.asarray(self.numbers[k], np.int64 if k in INTS else np.float64).reshape(-1)
+                   for k in INTS + FLOATS}
+        lengths = np.asarray(self.lengths, np.int64)
+        return ViewTable(codes, categories, numbers, np.frombuffer(self.crcs, np.uint32).copy(),
+                         np.cumsum(lengths) - lengths, lengths)
 
 
 class CommittedViews(Mapping[str, ViewRecord]):

@@ -30,10 +30,9 @@ import fsspec
 import numpy as np
 
 from pipeline.manifest import Manifest
-from pipeline.records import attempt_time
+from pipeline.records import RecordInfo, attempt_time
 from pipeline.report import human_bytes
 from pipeline.store import INDEX_DIR, FeatureStore, StoreIndex, store_specs
-from pipeline.view_table import RecordInfo
 from stages.fingerprint import reader_spec
 
 TEMP_FILE_AGE = 3600.0  # seconds: a temp file older than this belongs to a killed write

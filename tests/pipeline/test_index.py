@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.records import CommitRecord, ViewRecord
+from pipeline.records import CommitRecord, RecordInfo, ViewRecord
 from pipeline.store import INDEX_DIR, FeatureStore
-from pipeline.view_table import RecordInfo, ViewTable
+from pipeline.view_table import ViewTable
 from tests.pipeline.test_store import view, write_attempt
 
 
