@@ -70,7 +70,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 def _user_errors(command: str = "") -> Iterator[None]:
     """Every error a user can cause or meet ends with one line and its exit code, not a traceback."""
     from pipeline.errors import StoreError
-    from stages.droid import EpisodeError
+    from stages.extract.droid import EpisodeError
     from stages.models.release_weights import CheckpointError
 
     try:
@@ -136,7 +136,7 @@ def synth(
     scenes: Annotated[int, typer.Option(help="Episodes share this many scenes (cameras, table); 0 = one each.")] = 0,
 ) -> None:
     """Write synthetic episodes in the real DROID raw layout (metadata json, trajectory.h5, H.264 MP4s)."""
-    from stages.synthetic import write_synthetic_dataset
+    from stages.demo.synthetic import write_synthetic_dataset
 
     with _user_errors():
         folders = write_synthetic_dataset(out, episodes, seed=seed, width=width, height=height, min_seconds=min_seconds,
@@ -156,7 +156,7 @@ def extract(
 ) -> None:
     """Stage one: encode the missing views of the manifest's episodes into the feature store."""
     m = _load(manifest, profile, set_)
-    from stages.extract import extract as run_extract
+    from stages.extract.driver import extract as run_extract
 
     with _user_errors("extract"):
         s = run_extract(m, scheduler=scheduler, echo=lambda line: typer.echo(line, err=json_out))
@@ -174,7 +174,7 @@ def status(
 ) -> None:
     """What the feature store holds for the manifest: fingerprint, views planned/committed/stale/failed, bytes."""
     m = _load(manifest, profile, set_)
-    from stages.status import status_report
+    from stages.cache.status import status_report
 
     with _user_errors():
         report = status_report(m)
@@ -194,7 +194,7 @@ def verify(
 ) -> None:
     """Check every byte of the store against what was committed; exit 0 when sound, 1 when problems were found."""
     m = _load(manifest, profile, set_)
-    from stages.verify import verify as run_verify
+    from stages.cache.verify import verify as run_verify
 
     with _user_errors():
         s = run_verify(m, repair=repair, sample=sample, seed=seed, show_progress=not json_out)
@@ -218,7 +218,7 @@ def gc(
     """List (and with --yes remove) what no reader needs: unreferenced attempts, superseded and quarantined
     commits, temp files of killed writes, other fingerprints' stores -- never anything a commit references."""
     m = _load(manifest, profile, set_)
-    from stages.gc import collect_garbage
+    from stages.cache.gc import collect_garbage
 
     with _user_errors():
         typer.echo(collect_garbage(m, yes, grace_hours, other_stores).format())
@@ -239,8 +239,8 @@ def train(
 ) -> None:
     """Stage two: train the action-conditioned predictor from the feature cache (torchrun for several GPUs)."""
     m = _load(manifest, profile, set_)
-    from stages.checkpoints import has_checkpoint
-    from stages.train import train as run_train
+    from stages.train.checkpoints import has_checkpoint
+    from stages.train.loop import train as run_train
 
     run_dir = out or Path(m.train.out)
     if resume and not has_checkpoint(run_dir / "checkpoints"):
@@ -260,7 +260,7 @@ def demo(
 ) -> None:
     """The whole job on built-in data: synthetic DROID episodes (once), extract, train, evaluate, plot."""
     m = _load(manifest, profile, set_)
-    from stages.demo import run_demo
+    from stages.demo.run import run_demo
 
     with _user_errors():
         s = run_demo(m, episodes, echo=typer.echo)
@@ -296,7 +296,7 @@ def bench(
 ) -> None:
     """Measure extraction, the store, and training cached vs online (the throughput claim), with ratios."""
     m = _load(manifest, profile, set_)
-    from stages.bench import ensure_data, run_bench, run_index_bench
+    from stages.bench.run import ensure_data, run_bench, run_index_bench
 
     log = (lambda line: typer.echo(line, err=True)) if json_out else typer.echo
     with _user_errors():
@@ -305,7 +305,7 @@ def bench(
         if index:
             report = run_index_bench(index, index_views, log)
         elif gpu:
-            from stages.bench_gpu import run_gpu_bench
+            from stages.bench.gpu import run_gpu_bench
 
             ensure_data(m, episodes, log)
             save = (lambda figures: out.write_text(json.dumps(figures, indent=1))) if out else None
@@ -334,7 +334,7 @@ def inspect(
     """Pictures of the feature cache (1600x1000 PNG per view): raw frames with the crop box, the encoder's
     input, a PCA of the cached features, states and actions over time."""
     m = _load(manifest, profile, set_)
-    from stages.inspect_cache import inspect_cache
+    from stages.use.inspect_cache import inspect_cache
 
     with _user_errors():
         s = inspect_cache(m, view=view, out=out, html=html, views=views, seed=seed)
@@ -358,7 +358,7 @@ def eval_(
     """Evaluate a predictor checkpoint on the feature cache: teacher-forcing and rollout L1 per horizon against
     copying the last frame, with the spread over windows."""
     m = _load(manifest, profile, set_)
-    from stages.eval_checkpoint import evaluate_checkpoint
+    from stages.use.evaluate_checkpoint import evaluate_checkpoint
 
     with _user_errors():
         report = evaluate_checkpoint(m, checkpoint, split=split, out=out)
@@ -378,7 +378,7 @@ def export(
     """Write a run's checkpoint in the release's vjepa2-ac-vitg.pt format (encoder + predictor), for the
     release's hub loader and planning notebook; the encoder is the manifest's."""
     m = _load(manifest, profile, set_)
-    from stages.export import export_release
+    from stages.use.export import export_release
 
     with _user_errors():
         s = export_release(m, run, to, which=checkpoint)
@@ -410,11 +410,11 @@ def plan(
     """Plan actions towards a goal frame with the trained predictor (CEM, the released way; settings plan.*),
     or with --closed-loop N measure receding-horizon planning against baselines in the synthetic scene."""
     m = _load(manifest, profile, set_)
-    from stages.planning import run_plan
+    from stages.use.plan import run_plan
 
     with _user_errors():
         if closed_loop is not None:
-            from stages.closed_loop import run_closed_loop
+            from stages.use.closed_loop import run_closed_loop
 
             if any(v is not None for v in (view, start_frame, goal_frame, start_image, goal_image, state)):
                 raise UsageError("--closed-loop draws its own start/goal pairs: leave out --view, --start-*, "

@@ -29,11 +29,9 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import UsageError
+from pipeline.store.settings import MAX_SHARD_FRAMES, ZSTD_LEVELS, StoreSettings
 
 PRESETS = ("vit_large", "vit_huge", "vit_giant")
-ZSTD_LEVELS = (-131072, 22)  # the levels zstd accepts (ZSTD_minCLevel, ZSTD_maxCLevel)
-MAX_SHARD_FRAMES = 4096  # the most rows per shard a store accepts (pipeline.store.MAX_SHARD_FRAMES; not imported:
-                         # the manifest loads before any heavy import, so that `--help` stays fast)
 _SIGNALS = [s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT", "SIGTERM")]
 
 
@@ -103,7 +101,7 @@ class ViewsSection:
 
 @dataclass
 class CropSection:
-    """Random-resize-crop and normalisation (SPEC section 2); the defaults are the release's."""
+    """Random-resize-crop and normalisation (docs/release.md, "One training sample"); the defaults are the release's."""
 
     size: int = 256  # output side in pixels (the encoder's img_size)
     scale: tuple[float, float] = (1.777, 1.777)  # area fraction range of the crop
@@ -148,7 +146,7 @@ class EncoderSection:
 
 @dataclass
 class CacheSection:
-    """The feature store (DESIGN section 2)."""
+    """The feature store: where it is, and how it lays out what it writes (`StoreSettings`)."""
 
     path: str  # local folder or fsspec URL; one sub-store per fingerprint lives under it
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # stored feature dtype
@@ -166,6 +164,10 @@ class CacheSection:
         _require(ZSTD_LEVELS[0] <= self.compression_level <= ZSTD_LEVELS[1], "cache.compression_level",
                  self.compression_level, f"must be a zstd level in [{ZSTD_LEVELS[0]}, {ZSTD_LEVELS[1]}] (0: zstd's "
                  "default, negative: faster)")
+
+    def settings(self) -> StoreSettings:
+        """What the store writes by (everything but the path)."""
+        return StoreSettings(self.dtype, self.chunk_frames, self.shard_frames, self.compressor, self.compression_level)
 
 
 @dataclass
@@ -197,7 +199,7 @@ class ExtractSection:
 
 @dataclass
 class PredictorSection:
-    """The action-conditioned predictor (SPEC section 4); defaults are the released size (~300 M)."""
+    """The action-conditioned predictor (docs/release.md, "The predictor"); defaults are the released size (~300 M)."""
 
     embed_dim: int = 1024  # predictor width
     depth: int = 24  # blocks
@@ -215,7 +217,7 @@ class PredictorSection:
 
 @dataclass
 class TrainSection:
-    """Stage two: optimisation (SPEC section 6), windows, evaluation, checkpoints."""
+    """Stage two: optimisation (docs/release.md, "Optimisation"), windows, evaluation, checkpoints."""
 
     out: str = "runs/default"  # run folder: config, metrics, plots, checkpoints
     global_batch_size: int = 256  # clips per optimizer step over all ranks (8 x 32 GPUs in the release)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from pipeline.store import FeatureStore
-from stages.synthetic import write_synthetic_dataset
+from pipeline.store.store import FeatureStore
+from stages.demo.synthetic import write_synthetic_dataset
 
 SYNTHETIC_EPISODES = 3  # the third has MP4s one frame shorter than trajectory.h5 (short_video_every=3)
 

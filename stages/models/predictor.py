@@ -3,7 +3,7 @@
 Why one file for both: the predictor only means something together with how it is trained and
 rolled out. The loss feeds it layer-normed features and its own layer-normed predictions, and
 planning later rolls it forward the same way. Keeping the model, the loss and the rollout in one
-place keeps those three in step. Everything follows the released code (SPEC.md sections 4 and 5)
+place keeps those three in step. Everything follows the released code (docs/release.md, "The predictor" and "The loss")
 so that a released ``vjepa2-ac-vitg.pt`` loads strictly and the checkpoints we write load in the
 release:
 
@@ -293,7 +293,7 @@ def rollout(predictor: ACPredictor, h0: Tensor, actions: Tensor, states: Tensor,
 def ac_loss(
     predictor: ACPredictor, features: Tensor, actions: Tensor, states: Tensor, auto_steps: int = 2
 ) -> tuple[Tensor, Tensor]:
-    """(teacher-forcing L1, rollout L1) of a T-frame clip, exactly as the release trains (SPEC section 5).
+    """(teacher-forcing L1, rollout L1) of a T-frame clip, exactly as the release trains (docs/release.md, "The loss").
 
     features: raw encoder features [B, T*hw, D] or [B, T, hw, D]; actions [B, T-1, 7]; states [B, T, 7].
     Targets are layer-normed and detached, so gradients reach only the predictor. Teacher forcing

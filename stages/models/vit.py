@@ -6,7 +6,7 @@ and its state-dict key names exactly (a released ``vitg.pt`` loads strictly), en
 on its own as a 2-frame tubelet like V-JEPA 2-AC does, and gives the weights a digest so the cache
 fingerprint changes whenever the weights do.
 
-Architecture (SPEC.md section 3): Conv3d tubelet/patch embedding -> pre-norm blocks
+Architecture (docs/release.md, "The encoder"): Conv3d tubelet/patch embedding -> pre-norm blocks
 (``x + attn(norm1(x))``, ``x + mlp(norm2(x))``) with 3-D RoPE on q and k and no absolute position
 embedding -> final LayerNorm.
 """

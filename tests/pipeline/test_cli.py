@@ -174,7 +174,7 @@ def test_user_mistakes_get_one_line_and_their_exit_code(tmp_path: Path, monkeypa
     line(["train", "-m", str(manifest), "--out", below, "--steps", "1"], 2, f"{tmp_path / 'a-file'} is a file")
     line(["synth", "--out", str(tmp_path / "a-file"), "--episodes", "1"], 2, "a-file: is a file, not a folder")
 
-    from pipeline.part_writer import PartWriter
+    from pipeline.store.writer import PartWriter
 
     def full(*_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "somewhere"))
@@ -275,8 +275,8 @@ def test_gc_lists_other_stores_where_the_manifests_own_was_never_made(tmp_path: 
 
 _BUG = """
 import sys
-import stages.status
-stages.status.status_report = lambda m: __import__("numpy").zeros(2).reshape(3)  # a ValueError deep in numpy
+import stages.cache.status
+stages.cache.status.status_report = lambda m: __import__("numpy").zeros(2).reshape(3)  # a ValueError deep in numpy
 sys.argv = ["pipeline", "status", "-m", {manifest!r}]
 from pipeline.cli import main
 main()

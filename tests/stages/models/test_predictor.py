@@ -373,7 +373,7 @@ def test_the_training_loss_compiles_as_one_graph(checkpointing: bool) -> None:
     activation checkpointing too: a graph break there leaves the model's forward uncompiled."""
     import torch._dynamo as dynamo
 
-    from stages.train import _LossModule
+    from stages.train.loop import _LossModule
 
     cfg = PredictorConfig(img_size=32, patch_size=16, embed_dim=32, predictor_embed_dim=48, depth=2, num_heads=2)
     model = ACPredictor(cfg).train()
@@ -393,7 +393,7 @@ def test_the_compiled_loss_inside_ddp_is_split_at_its_buckets(tmp_path: Path) ->
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from stages.train import _LossModule
+    from stages.train.loop import _LossModule
 
     cfg = PredictorConfig(img_size=32, patch_size=16, embed_dim=32, predictor_embed_dim=256, depth=4, num_heads=4)
     inputs = torch.randn(2, 4, 4, 32), torch.randn(2, 3, 7), torch.randn(2, 4, 7)  # [B, T, hw, D], actions, states
