@@ -73,6 +73,9 @@ class ShardedRowReader(ShardLayout):
         spans = self._spans(a, b)
         shards = range(spans[0].chunk // self.per_shard, spans[-1].chunk // self.per_shard + 1)
         with _opened([self.shard_file(s) for s in shards]) as fds:  # once per shard and call, not per chunk
+            for s in spans:  # ask for every chunk at once: from disk the reads then overlap (a no-op when cached)
+                _, offset, nbytes = self.chunk_location(s.chunk)
+                _will_need(fds[s.chunk // self.per_shard - shards.start], offset, nbytes)
             for s in spans:
                 fd = fds[s.chunk // self.per_shard - shards.start]
                 rows = flat[s.at : s.at + (s.hi - s.lo) * self.row_bytes]
@@ -158,6 +161,12 @@ def _pread_exactly(fd: int, buffers: list[np.ndarray], offset: int, path: str) -
     if got != want:
         raise DamagedDataError(path, f"the file ends inside the {want} bytes at offset {offset}: the file is cut "
                                      "short")
+
+
+def _will_need(fd: int, offset: int, nbytes: int) -> None:
+    """Tell the kernel these bytes are read next (it starts reading them in the background)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def open_regular(path: str) -> int:
