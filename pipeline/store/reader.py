@@ -73,9 +73,7 @@ class ShardedRowReader(ShardLayout):
         spans = self._spans(a, b)
         shards = range(spans[0].chunk // self.per_shard, spans[-1].chunk // self.per_shard + 1)
         with _opened([self.shard_file(s) for s in shards]) as fds:  # once per shard and call, not per chunk
-            for s in spans:  # ask for every chunk at once: from disk the reads then overlap (a no-op when cached)
-                _, offset, nbytes = self.chunk_location(s.chunk)
-                _will_need(fds[s.chunk // self.per_shard - shards.start], offset, nbytes)
+            self._will_need(spans, fds, shards.start)
             for s in spans:
                 fd = fds[s.chunk // self.per_shard - shards.start]
                 rows = flat[s.at : s.at + (s.hi - s.lo) * self.row_bytes]
@@ -84,6 +82,19 @@ class ShardedRowReader(ShardLayout):
                 if got != self._concat.fold([int(c) for c in recorded]):
                     return s.lo - a + self._first_mismatch(rows, recorded)
         return None
+
+    def _will_need(self, spans: list[Span], fds: list[int], first_shard: int) -> None:
+        """Ask the kernel for every chunk of the window at once: from disk the reads then overlap instead of
+        waiting for each other (a no-op where the pages are cached). A hint only: what is wrong with a chunk
+        is left to its read, which names it."""
+        size = self.chunk_rows * self.row_bytes + 4
+        for s in spans:
+            try:
+                _, offset, nbytes = self.chunk_location(s.chunk)
+            except DamagedDataError:
+                return
+            if nbytes == size and 0 <= offset < 1 << 62 and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fds[s.chunk // self.per_shard - first_shard], offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def _spans(self, a: int, b: int) -> list[Span]:
         """The inner chunks rows a..b-1 lie in, with the rows of each that the window takes."""
@@ -161,12 +172,6 @@ def _pread_exactly(fd: int, buffers: list[np.ndarray], offset: int, path: str) -
     if got != want:
         raise DamagedDataError(path, f"the file ends inside the {want} bytes at offset {offset}: the file is cut "
                                      "short")
-
-
-def _will_need(fd: int, offset: int, nbytes: int) -> None:
-    """Tell the kernel these bytes are read next (it starts reading them in the background)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def open_regular(path: str) -> int:
