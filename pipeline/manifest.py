@@ -51,7 +51,7 @@ class DataSection:
     camera: str | None = None  # one camera, the older spelling: when set, it means cameras: [camera]
     fps: float = 4.0  # target frame rate; stride = ceil(video_fps / fps) raw frames
     # the video's frame rate for the stride: auto = what decord reports (the release's behaviour), or a
-    # number that overrides it (DROID MP4s may report another rate than the capture's; see README)
+    # number that overrides it (DROID MP4s may report another rate than the capture's; docs/training.md)
     video_fps: float | Literal["auto"] = "auto"
     frames_per_clip: int = 16  # T of a training clip (paper 16); shorter episodes are failures
 
@@ -92,7 +92,7 @@ class ViewsSection:
     per_episode: int = 1  # views per episode; identical draws are stored once
     seed: int = 0  # draws of view k of episode e come from (seed, e, k)
     # temporal phase of the frame grid: drawn per view, always 0, or every phase (the release's sampling:
-    # a view per phase of each crop draw, so stride x the views; see README "Sampling as the release")
+    # a view per phase of each crop draw, so stride x the views; docs/training.md, "Sampling as the release")
     phase: Literal["random", "first", "all"] = "random"
 
     def validate(self) -> None:
@@ -152,7 +152,7 @@ class CacheSection:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # stored feature dtype
     chunk_frames: int = 4  # frames per inner chunk (4 reads fastest for 16-frame windows)
     shard_frames: int = 64  # frames per shard file (multiple of chunk_frames)
-    compressor: Literal["none", "zstd"] = "none"  # features barely compress; see README for measurements
+    compressor: Literal["none", "zstd"] = "none"  # features barely compress (docs/store.md)
     compression_level: int = 1  # zstd level when compressor is zstd
 
     def validate(self) -> None:

@@ -146,8 +146,8 @@ def run_gpu_bench(m: Manifest, echo: Echo = print, device: torch.device | None =
     """
     if device is None:
         if not torch.cuda.is_available():
-            raise UsageError("`pipeline bench --gpu` needs a CUDA GPU (torch.cuda.is_available() is False); the "
-                             "README lists the figures it gives as pending")
+            raise UsageError("`pipeline bench --gpu` needs a CUDA GPU (torch.cuda.is_available() is False): "
+                             "run it on a GPU node")
         device = torch.device("cuda")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     echo(f"GPU bench on {name}" + (f", budget {budget_seconds:.0f} s" if budget_seconds else ""))

@@ -52,7 +52,7 @@ LOADER_FRAMES = 2048  # frames of the loader's store (1.5 GB): larger than a rou
 
 @dataclass
 class BenchReport:
-    """The figures of one `pipeline bench` run (frames/s, MB/s, ratios), keyed as documented in the README,
+    """The figures of one `pipeline bench` run (frames/s, MB/s, ratios), keyed as docs/performance.md describes,
     and how they print (`format_bench`, or the GPU bench's own table)."""
 
     figures: dict[str, Any]

@@ -1,8 +1,8 @@
 """CPU tensors that the loader reads batches into, used again once nothing refers to them any more.
 
 Why: a batch of ViT-g windows is large (8 x 16 frames = 92 MB), and a fresh allocation of that size is
-fresh pages from the kernel: zeroing them and faulting them in on first touch cost more than the checked
-read itself (measured on the 2-vCPU machine: first touch alone 2.2 GB/s, the checked read 4.9 GB/s).
+fresh pages from the kernel: zeroing them and faulting them in on first touch costs more than the checked
+read itself.
 Pinned buffers (a CUDA trainer) are not pooled here: torch's caching host allocator already reuses them,
 and it knows when an asynchronous copy out of one has finished.
 

@@ -229,7 +229,7 @@ def batch_shares(batch_size: int, threads: int) -> list[list[int]]:
 def _yield_to_compute() -> None:
     """Reader threads run at a lower priority (nice +10, this thread only): their work is prefetched, and
     on a machine with no spare core a reader that takes a core from torch's intra-op threads in the middle
-    of an operation stalls the whole operation (measured on 2 cores: the cached step ~25% slower)."""
+    of an operation stalls the whole operation."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the normal priority
         me = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, me, min(os.getpriority(os.PRIO_PROCESS, me) + 10, 19))  # run under nice too
