@@ -40,14 +40,31 @@ class ManifestError(UsageError):
 
 
 @dataclass
-class DataSection:
-    """Where the DROID episodes are and how they are sampled in time."""
+class LeRobotSection:
+    """Where a LeRobot dataset keeps the end-effector pose and the gripper (the defaults: the DROID port's
+    feature names), and which of its episodes to use. Each is a feature name with an optional slice."""
 
-    root: str  # folder the episode list is relative to
-    episodes: str  # text file (one episode folder per line, the release's format) or a glob under root
-    # metadata keys of the cameras to store views of; V-JEPA 2-AC uses the left exterior one. With several,
-    # training draws one camera per window uniformly (the release's `camera_views`).
-    cameras: list[str] | None = None  # null: [left_mp4_path], or [camera] when the older `camera` key is set
+    position: str = "observation.state.cartesian_position[0:3]"  # end-effector xyz (m)
+    orientation: str = "observation.state.cartesian_position[3:6]"  # its orientation
+    # extrinsic-xyz Euler angles (rad; the release's convention), or a quaternion turned into them
+    orientation_format: Literal["euler_xyz", "quaternion_xyzw", "quaternion_wxyz"] = "euler_xyz"
+    gripper: str = "observation.state.gripper_position[0]"  # gripper state, 0 = open .. 1 = closed
+    task: str | None = None  # keep only episodes whose task holds this text (any case); null: all
+
+
+@dataclass
+class DataSection:
+    """Where the episodes are, in which format, and how they are sampled in time."""
+
+    root: str  # folder the episode list is relative to (lerobot: the dataset's root, or a Hub cache snapshot)
+    # droid: a text file (one episode folder per line, the release's format) or a glob under root;
+    # lerobot: all, episode indices and ranges (0-99,120), or a text file of them
+    episodes: str
+    format: Literal["droid", "lerobot"] = "droid"  # DROID raw folders, or a LeRobot dataset (v3.0, v2.1)
+    lerobot: LeRobotSection = field(default_factory=LeRobotSection)  # where a LeRobot dataset's states are
+    # the cameras to store views of: DROID metadata keys, or a LeRobot dataset's video features. V-JEPA 2-AC
+    # uses the left exterior one. With several, training draws one camera per window uniformly.
+    cameras: list[str] | None = None  # null: the left exterior camera, or [camera] when `camera` is set
     camera: str | None = None  # one camera, the older spelling: when set, it means cameras: [camera]
     fps: float = 4.0  # target frame rate; stride = ceil(video_fps / fps) raw frames
     # the video's frame rate for the stride: auto = what decord reports (the release's behaviour), or a
@@ -61,8 +78,9 @@ class DataSection:
         if self.camera is not None and self.cameras is not None and self.cameras != [self.camera]:
             raise ManifestError(f"data.camera {self.camera!r} and data.cameras {self.cameras!r} are both set: "
                                 "keep one (data.cameras: [...] for several cameras)")
+        default = "left_mp4_path" if self.format == "droid" else "observation.images.exterior_1_left"
         self.cameras = [self.camera] if self.camera is not None else (
-            self.cameras if self.cameras is not None else ["left_mp4_path"])
+            self.cameras if self.cameras is not None else [default])
         self.camera = None
 
     def validate(self) -> None:
@@ -73,8 +91,12 @@ class DataSection:
         _require(len(self.cameras) >= 1, "data.cameras", self.cameras, "must name at least one camera")
         _require(len(set(self.cameras)) == len(self.cameras), "data.cameras", self.cameras, "lists a camera twice")
         for cam in self.cameras:
-            _require(cam.endswith("_mp4_path"), "data.cameras", cam,
-                     "must be metadata keys ending in _mp4_path, e.g. left_mp4_path")
+            if self.format == "droid":
+                _require(cam.endswith("_mp4_path"), "data.cameras", cam,
+                         "must be metadata keys ending in _mp4_path, e.g. left_mp4_path (data.format: droid)")
+            else:
+                _require(cam.startswith("observation."), "data.cameras", cam,
+                         "must be video features of the dataset, e.g. observation.images.front (data.format: lerobot)")
 
     def fps_override(self) -> float | None:
         """data.video_fps as a number, or None for auto (use the rate the video reports)."""

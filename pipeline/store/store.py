@@ -36,6 +36,7 @@ Rules that make it safe for many writers, and for any of them to be killed at an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -335,11 +336,22 @@ class FeatureStore:
         return sorted(p[len(self.root) + 1 :] for p in found)
 
     def bytes_on_disk(self) -> int:
-        return int(self.fs.du(self.root)) if self.fs.exists(self.root) else 0
+        return self.path_bytes("")
 
     def path_bytes(self, rel: str) -> int:
-        path = f"{self.root}/{rel}"
-        return int(self.fs.du(path)) if self.fs.exists(path) else 0
+        """Bytes under a file or folder of the store (0 if it is gone). Other processes write and remove files
+        all the time (a writer's temp file is renamed away between a listing and a stat): a file that is gone
+        when it is looked at counts for nothing, it never fails the count."""
+        path = f"{self.root}/{rel}".rstrip("/")
+        if not self.is_local:
+            return int(self.fs.du(path)) if self.fs.exists(path) else 0
+        total = 0
+        for folder, _, names in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [
+                os.path.basename(path)])]:
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(os.path.join(folder, name)).st_size
+        return total
 
     def modified(self, rel: str) -> float:
         """Last modification time of a file of the store (seconds since the epoch)."""

@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +39,8 @@ from stages.bench.loader import write_views
 from stages.bench.run import BenchReport, decode_views
 from stages.cache.fingerprint import predictor_config, vit_config
 from stages.extract.driver import extract
-from stages.extract.droid import list_episodes
 from stages.extract.encoder import build_runtime, release_encoders
+from stages.extract.episodes import list_episodes
 from stages.models.predictor import PredictorConfig
 from stages.train.loader import Batch, CachedSource, WindowLoader
 from stages.train.loop import autocast_for, build_training, train_step
@@ -241,7 +240,7 @@ def _extraction(m: Manifest, device: torch.device, sizes: GpuBenchSizes, peak: f
 
 def _decoder_fps(m: Manifest) -> float:
     """One decoder thread: decord + crop of the views extraction would draw, frames/s."""
-    crops, seconds = decode_views(m, list_episodes(m.data.episodes, Path(m.data.root))[:2])
+    crops, seconds = decode_views(m, list_episodes(m.data)[:2])
     return sum(len(c) for c in crops) / seconds
 
 

@@ -40,8 +40,9 @@ from stages.cache.fingerprint import fingerprint_spec
 from stages.demo.synthetic import write_synthetic_dataset
 from stages.extract.augment import CropBox, crop_frames
 from stages.extract.driver import extract
-from stages.extract.droid import episode_id_for, iter_frames, list_episodes
+from stages.extract.droid import episode_id_for, iter_frames
 from stages.extract.encoder import load_encoder
+from stages.extract.episodes import list_episodes
 from stages.extract.part import episode_jobs
 from stages.extract.worklist import EpisodeTask
 
@@ -84,7 +85,7 @@ def run_bench(m: Manifest, episodes: int, vitg_frames: int = VITG_FRAMES, repeat
     """Measure everything on the manifest's first `episodes` episodes (and `vitg_frames` ViT-g sized rows, a
     loader store of `loader_frames`); the training figures from `repeats` interleaved rounds of `steps` steps
     each (0 repeats: skip them)."""
-    folders = list_episodes(m.data.episodes, Path(m.data.root))[:episodes]
+    folders = list_episodes(m.data)[:episodes]
     crops, decode_s = decode_views(m, folders)
     frames = sum(len(c) for c in crops)
     spec = fingerprint_spec(m)

@@ -127,7 +127,10 @@ def _in_store(store: FeatureStore, now: float, grace: float, claim_ttl: float) -
                              store.path_bytes(f"{INDEX_DIR}/{name}.parquet"), old,
                              "" if old else "younger than the grace period: a command may be reading it"))
     for rel in store.stray_temp_files():
-        old = now - store.modified(rel) > TEMP_FILE_AGE
+        try:
+            old = now - store.modified(rel) > TEMP_FILE_AGE
+        except FileNotFoundError:  # renamed into place, or removed, since the listing: a write that finished
+            continue
         found.append(Garbage("temp-file", rel, store.path_bytes(rel), old, "" if old else "being written"))
     return found
 

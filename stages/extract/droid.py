@@ -80,6 +80,8 @@ class Episode:
     states: np.ndarray  # [N, 7] float64: cartesian_position (6) ++ gripper_position (1)
     frame_hw: tuple[int, int]  # (height, width) of the frames, from the stream header
     capture_fps: float | None = None  # the camera's rate from trajectory.h5's per-frame timestamps, if it has them
+    frame_map: np.ndarray | None = None  # [N] the video frame of each row, where it is not the row itself (a
+    # LeRobot episode: many episodes share a file, and rows find their frames by timestamp)
 
     @property
     def num_usable(self) -> int:
@@ -194,7 +196,7 @@ def open_episode(path: str | Path, camera_key: str = "left_mp4_path") -> Episode
     video_name = _video_name(folder, metadata_path, metadata, camera_key)
     cartesian, gripper = _read_states(folder)
     video_path = folder / MP4_DIR / video_name
-    num_frames, fps, frame_hw = _probe_video(folder, video_path)
+    num_frames, fps, frame_hw = probe_video(folder, video_path)
     num_rows = cartesian.shape[0]
     if num_frames not in (num_rows, num_rows - 1):
         raise EpisodeError(
@@ -288,12 +290,24 @@ def _read_states(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{H5_NAME}: {CARTESIAN_KEY} has {len(cartesian)} rows and {GRIPPER_KEY} {len(gripper)} "
             f"(expected the same, non-zero number)",
         )
-    _check_finite(folder, CARTESIAN_KEY, cartesian)
-    _check_finite(folder, GRIPPER_KEY, gripper)
-    _check_range(folder, CARTESIAN_KEY + " xyz", cartesian[:, :3], MAX_ABS_POSITION, "m")
-    _check_range(folder, CARTESIAN_KEY + " Euler angles", cartesian[:, 3:], MAX_ABS_ANGLE, "rad")
-    _check_range(folder, GRIPPER_KEY, gripper, MAX_ABS_GRIPPER, "(0 open .. 1 closed)")
+    _check_finite(folder, H5_NAME, CARTESIAN_KEY, cartesian)
+    _check_finite(folder, H5_NAME, GRIPPER_KEY, gripper)
+    _check_ranges(folder, H5_NAME, CARTESIAN_KEY, cartesian[:, :3], cartesian[:, 3:], GRIPPER_KEY, gripper)
     return cartesian, gripper
+
+
+def check_states(folder: Path, states: np.ndarray, where: str) -> None:
+    """States [N, 7] (xyz, Euler angles, gripper) read from `where` must be finite and physically plausible:
+    a unit mix-up or a corrupt recording fails the episode, naming where it was read."""
+    _check_finite(folder, where, "states", states)
+    _check_ranges(folder, where, "position", states[:, :3], states[:, 3:6], "gripper", states[:, 6])
+
+
+def _check_ranges(folder: Path, where: str, pose: str, xyz: np.ndarray, euler: np.ndarray, grip: str,
+                  gripper: np.ndarray) -> None:
+    _check_range(folder, where, pose + " xyz", xyz, MAX_ABS_POSITION, "m")
+    _check_range(folder, where, pose + " Euler angles", euler, MAX_ABS_ANGLE, "rad")
+    _check_range(folder, where, grip, gripper, MAX_ABS_GRIPPER, "(0 open .. 1 closed)")
 
 
 def _read_dataset(folder: Path, f: h5py.File, key: str) -> np.ndarray:
@@ -309,27 +323,27 @@ def _read_dataset(folder: Path, f: h5py.File, key: str) -> np.ndarray:
         raise EpisodeError(folder, f"{H5_NAME}: {key} is not numeric ({node.dtype}): {e}") from e
 
 
-def _check_finite(folder: Path, key: str, values: np.ndarray) -> None:
+def _check_finite(folder: Path, where: str, key: str, values: np.ndarray) -> None:
     bad_rows = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
     if bad_rows.any():
         first = int(np.argmax(bad_rows))
         raise EpisodeError(
             folder,
-            f"{H5_NAME}: {key} has non-finite values (NaN/inf) in {int(bad_rows.sum())} rows, "
+            f"{where}: {key} has non-finite values (NaN/inf) in {int(bad_rows.sum())} rows, "
             f"first at row {first}: {values[first]}",
         )
 
 
-def _check_range(folder: Path, what: str, values: np.ndarray, bound: float, unit: str) -> None:
+def _check_range(folder: Path, where: str, what: str, values: np.ndarray, bound: float, unit: str) -> None:
     """Values a robot cannot have (a unit mix-up, a corrupt recording) fail the episode, naming the dataset."""
     beyond = np.abs(values) > bound
     if beyond.any():
         row = int(np.argmax(beyond.reshape(len(values), -1).any(axis=1)))
-        raise EpisodeError(folder, f"{H5_NAME}: {what} beyond the plausible bound {bound:g} {unit} in "
+        raise EpisodeError(folder, f"{where}: {what} beyond the plausible bound {bound:g} {unit} in "
                                    f"{int(beyond.reshape(len(values), -1).any(axis=1).sum())} rows, first at row {row}")
 
 
-def _probe_video(folder: Path, video_path: Path) -> tuple[int, float, tuple[int, int]]:
+def probe_video(folder: Path, video_path: Path) -> tuple[int, float, tuple[int, int]]:
     """Frame count and fps from decord, frame size from the stream header (PyAV); decodes nothing."""
     reader = _open_reader(folder, video_path, num_threads=1)
     num_frames, fps = len(reader), float(reader.get_avg_fps())
@@ -435,8 +449,9 @@ def _check_indices(episode: Episode, indices: np.ndarray) -> np.ndarray:
 
 
 def _get_batch(episode: Episode, reader: Any, indices: np.ndarray) -> np.ndarray:
+    frames_at = indices if episode.frame_map is None else episode.frame_map[indices]  # rows -> frames of the file
     try:
-        batch = reader.get_batch(indices.tolist())
+        batch = reader.get_batch(frames_at.tolist())
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
     except Exception as e:
         raise EpisodeError(

@@ -42,8 +42,9 @@ from pipeline.store import (
 )
 from stages.cache.sampling import data_stride, frame_grid
 from stages.extract.augment import draw_views
-from stages.extract.droid import Episode, EpisodeError, actions_from_states, iter_frames, open_episode, source_identity
+from stages.extract.droid import Episode, EpisodeError, actions_from_states, iter_frames
 from stages.extract.encoder import LoadedEncoder
+from stages.extract.episodes import open_episode, source_identity
 from stages.extract.worklist import EpisodeTask, PartTask, episode_settings
 from stages.models.release_weights import CheckpointError
 
@@ -241,16 +242,14 @@ def episode_jobs(task: EpisodeTask, data: DataSection, views: ViewsSection, crop
     """Open an episode (no decoding) and draw its views of every camera: the distinct ones not already
     committed. A camera the episode cannot give fails the whole episode (named in the error)."""
     folder = Path(task.path)
-    if not folder.is_dir():
-        raise EpisodeError(folder, "episode folder does not exist")
     return [job for camera in data.cameras for job in _camera_jobs(task, folder, camera, data, views, crop)]
 
 
 def _camera_jobs(task: EpisodeTask, folder: Path, camera: str, data: DataSection, views: ViewsSection,
                  crop: CropSection) -> list[ViewJob]:
-    ep = open_episode(folder, camera)
+    ep = open_episode(data, folder, camera)
     stride = data_stride(data, ep.video_fps)
-    source = source_identity(folder, camera)
+    source = source_identity(data, folder, camera)
     jobs = []
     for v in draw_views(views, crop, camera, task.episode_id, ep.frame_hw, stride):
         if v.view_id in task.done_views:
@@ -287,7 +286,7 @@ def _finish_failures(store: FeatureStore, part: PartTask, result: PartResult, fa
             store.clear_failure(task.episode_id)
     for eid, path, reason in result.failures:
         store.write_failure(FailureRecord(eid, path, reason, time.time(),
-                                          source_identity(Path(path), *settings.data.cameras),
+                                          source_identity(settings.data, Path(path), *settings.data.cameras),
                                           settings.failure_settings))
 
 

@@ -23,7 +23,8 @@ from pipeline.manifest import CropSection, DataSection, Manifest, ViewsSection
 from pipeline.store import FailureRecord, FeatureStore, ViewTable, canonical_json
 from stages.cache.sampling import data_stride
 from stages.extract.augment import draw_views
-from stages.extract.droid import Source, episode_id_for, list_episodes, source_identity
+from stages.extract.droid import Source, episode_id_for
+from stages.extract.episodes import list_episodes, source_identity
 
 
 @dataclass
@@ -117,7 +118,7 @@ def plan_episodes(s: WorkSettings, store: FeatureStore, views: ViewTable | None 
     root = Path(s.data.root)
     table = store.index().committed() if views is None else views
     rows = np.flatnonzero(np.isin(table.codes["camera"], _codes(table, "camera", s.data.cameras)))
-    folders = list_episodes(s.data.episodes, root)
+    folders = list_episodes(s.data)
     ids = [episode_id_for(folder, root) for folder in folders]
     seen = _seen_by_episode(table, rows, ids)
     failures = store.failures()
@@ -165,7 +166,7 @@ def unopened_strides(data: DataSection, table: ViewTable, rows: np.ndarray) -> d
 def _plan_one(s: WorkSettings, folder: Path, eid: str, recs: list[Seen], failures: dict[str, FailureRecord],
               strides: dict[str, int]) -> EpisodePlan:
     cams = s.data.cameras
-    per_camera = {c: source_identity(folder, c) for c in cams}  # a view's files: its own camera's
+    per_camera = {c: source_identity(s.data, folder, c) for c in cams}  # a view's files: its own camera's
     src = {name: ident for one in per_camera.values() for name, ident in one.items()}  # the episode's: all of them
     identity = {c: canonical_json(per_camera[c]) for c in cams}
     current = [r for r in recs if r.source == identity[r.camera]]

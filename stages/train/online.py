@@ -25,7 +25,8 @@ from pipeline.manifest import Manifest
 from pipeline.store import TORCH_DTYPES, ViewRecord
 from stages.cache.fingerprint import vit_config
 from stages.extract.augment import CropBox, crop_frames, preprocess
-from stages.extract.droid import Episode, EpisodeError, decode_frames, episode_id_for, list_episodes
+from stages.extract.droid import Episode, EpisodeError, decode_frames, episode_id_for
+from stages.extract.episodes import list_episodes
 from stages.extract.part import episode_jobs
 from stages.extract.worklist import EpisodeTask
 from stages.train.buffer_pool import Allocator
@@ -50,7 +51,7 @@ def online_views(m: Manifest) -> tuple[list[ViewRecord], dict[str, _ViewData]]:
     same views, rows and rounding); episodes that cannot be read are named in a warning and left out."""
     root = Path(m.data.root)
     records, data = [], {}
-    for folder in list_episodes(m.data.episodes, root):
+    for folder in list_episodes(m.data):
         try:
             jobs = episode_jobs(EpisodeTask(episode_id_for(folder, root), str(folder), {}), m.data, m.views, m.crop)
         except EpisodeError as err:

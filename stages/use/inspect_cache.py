@@ -42,11 +42,12 @@ from matplotlib.gridspec import GridSpec, SubplotSpec
 from matplotlib.patches import Rectangle
 
 from pipeline.errors import UsageError
-from pipeline.manifest import CropSection, Manifest
+from pipeline.manifest import CropSection, DataSection, Manifest
 from pipeline.store import FeatureStore, ViewRecord, find_view
 from stages.cache.fingerprint import reader_spec, vit_config
 from stages.extract.augment import CropBox, crop_frames, preprocess
-from stages.extract.droid import EpisodeError, decode_frames, open_episode, source_identity
+from stages.extract.droid import EpisodeError, decode_frames
+from stages.extract.episodes import open_episode, source_identity
 from stages.train.plots import save_png
 
 FIGURE_INCHES = (16.0, 10.0)
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 class PictureSettings:
     """The few manifest settings a picture depends on."""
 
-    data_root: Path  # raw episodes are at data_root / episode id
+    data: DataSection  # raw episodes are at data.root / episode id, in data.format
     crop: CropSection  # size, mean, std: what the encoder was given
     grid: tuple[int, int]  # token grid h x w of one frame: crop.size / patch
     video_fps: float | None = None  # data.video_fps when set: the rate frame times come from (else the video's)
@@ -131,7 +132,7 @@ def inspect_cache(m: Manifest, view: str | None = None, out: Path | None = None,
     chosen = [find_view(committed, view)] if view is not None else pick_views(committed, count, seed)
     cfg = vit_config(m)
     side = cfg.img_size // cfg.patch_size
-    settings = PictureSettings(Path(m.data.root), m.crop, (side, side), m.data.fps_override())
+    settings = PictureSettings(m.data, m.crop, (side, side), m.data.fps_override())
     summary = InspectSummary(store.url, None if view is not None else seed)
     paths = [html / png_name(v) if html is not None else out or Path(png_name(v)) for v in chosen]
     for path in paths:
@@ -189,7 +190,7 @@ def draw_view(store: FeatureStore, view: ViewRecord, settings: PictureSettings, 
     states = store.read_rows(view, "states")  # [F, 7]
     actions = store.read_rows(view, "actions")  # [F, 7], NaN on the last row
     pca = feature_pca(store, view, rows, settings.grid)  # [K, h, w, 3]
-    raw = read_raw_frames(view, settings.data_root, index[rows])
+    raw = read_raw_frames(view, settings.data, index[rows])
     if raw.problem:
         log.warning(f"view {view.view_id} of episode {view.episode_id}: {raw.problem}; drawing the cached data only")
     inputs = None if raw.frames is None else encoder_inputs(raw.frames, view.box, settings.crop)  # [K, S, S, 3]
@@ -202,18 +203,18 @@ def draw_view(store: FeatureStore, view: ViewRecord, settings: PictureSettings, 
 # -- what the picture shows ----------------------------------------------------------------------------
 
 
-def read_raw_frames(view: ViewRecord, data_root: Path, indices: np.ndarray) -> RawFrames:
+def read_raw_frames(view: ViewRecord, data: DataSection, indices: np.ndarray) -> RawFrames:
     """The raw frames at `indices` [K], decoded from the view's episode -- only while its files are still
     the ones the view was extracted from: otherwise box and features would not belong to these pixels."""
-    folder = data_root / view.episode_id
-    if not folder.is_dir():
-        return RawFrames(None, f"raw frames unavailable: episode folder {folder} is gone")
-    now = source_identity(folder, view.camera)
+    folder = Path(data.root) / view.episode_id
+    now = source_identity(data, folder, view.camera)
+    if not now:
+        return RawFrames(None, f"raw frames unavailable: episode {folder} is gone")
     changed = sorted(name for name in view.source.keys() | now.keys() if view.source.get(name) != now.get(name))
     if changed:
         return RawFrames(None, f"raw frames stale: {', '.join(changed)} changed or gone since the view was extracted")
     try:
-        return RawFrames(decode_frames(open_episode(folder, view.camera), indices))  # [K, H, W, 3]
+        return RawFrames(decode_frames(open_episode(data, folder, view.camera), indices))  # [K, H, W, 3]
     except (EpisodeError, ValueError) as err:
         return RawFrames(None, f"raw frames unavailable: {err}")
 
