@@ -30,5 +30,5 @@ def open_episode(data: DataSection, path: Path, camera: str) -> Episode:
 def source_identity(data: DataSection, path: Path, *cameras: str) -> Source:
     """Size and mtime of the files an episode's views of `cameras` are made from (never raises)."""
     if data.format == "lerobot":
-        return lerobot.source_identity(path, *cameras)
+        return lerobot.source_identity(path, data.lerobot, *cameras)
     return droid.source_identity(path, *cameras)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,10 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.errors import UsageError
 from pipeline.manifest import DataSection, LeRobotSection
+from pipeline.store import canonical_json
 from stages.extract.droid import Episode, EpisodeError, Source, check_states, probe_video
 
+MAPPING = "manifest data.lerobot"  # the name under which a view's source records the state mapping
 EPISODE_NAME = re.compile(r"^episode_(\d+)$")
 _SPEC = re.compile(r"^(?P<feature>[^\[\]]+?)(?:\[(?P<a>-?\d+)?(?P<colon>:)?(?P<b>-?\d+)?\])?$")
 _NOT_A_POSE = ("joint", "motor", "velocity", "torque", "effort")  # names of features that are no end-effector pose
@@ -178,10 +181,12 @@ def video_file(meta: Meta, index: int, camera: str) -> tuple[Path, float]:
     return meta.root / rel, 0.0
 
 
-def source_identity(folder: Path, *cameras: str) -> Source:
-    """Size and mtime of the files an episode's views are made from (relative to the dataset's root); never
-    raises (missing = absent)."""
-    out: Source = {}
+def source_identity(folder: Path, spec: LeRobotSection, *cameras: str) -> Source:
+    """Size and mtime of the files an episode's views are made from (relative to the dataset's root), and the
+    features the states are read from (`data.lerobot`: another mapping makes other states, so the views made
+    under this one are stale); never raises (missing = absent)."""
+    mapping = canonical_json([spec.position, spec.orientation, spec.orientation_format, spec.gripper])
+    out: Source = {MAPPING: [zlib.crc32(mapping.encode()), len(mapping)]}
     try:
         meta, index = read_meta(str(folder.parent)), episode_index(folder)
         files = [meta.root / "meta" / "info.json", data_file(meta, index)]
@@ -286,15 +291,16 @@ def _parse(spec: str, key: str) -> tuple[str, slice]:
 
 
 def _check_names(meta: Meta, feature: str, sl: slice, key: str, folder: Path) -> None:
-    """Refuse a feature whose names say it is not an end-effector pose or gripper (joints, velocities)."""
+    """Refuse a feature whose names, or whose own name, say it is not an end-effector pose or gripper (joints,
+    velocities): the DROID port names its joint positions' axes x, y, z, roll, pitch, yaw."""
     names = meta.info["features"][feature].get("names")
     if isinstance(names, dict):
         names = next(iter(names.values()), None)
-    if not isinstance(names, list):
-        return
-    chosen = [str(n).lower() for n in names[sl]]
+    width = int(np.prod(meta.info["features"][feature].get("shape") or [1]))
+    chosen = [str(n).lower() for n in (names if isinstance(names, list) else [""] * width)[sl]]
+    chosen = [f"{feature.lower()}:{n}" for n in chosen]
     bad = [n for n in chosen if any(word in n for word in _NOT_A_POSE)]
     if bad and (key != "gripper" or not any("gripper" in n for n in chosen)):
-        raise EpisodeError(folder, f"data.lerobot.{key} names {feature} {chosen}: not an end-effector "
+        raise EpisodeError(folder, f"data.lerobot.{key} names {chosen}: not an end-effector "
                                    f"{'pose' if key != 'gripper' else 'gripper state'} (V-JEPA 2-AC's states are "
                                    "cartesian xyz, Euler angles and the gripper; name the features that hold them)")

@@ -306,10 +306,14 @@ def plot_view(view: ViewRecord, rows: np.ndarray, index: np.ndarray, seconds: np
 
 def title(view: ViewRecord) -> str:
     top, left, height, width = view.box
-    return (f"view {view.view_id}    episode {view.episode_id}\n"
-            f"camera {view.camera} ({view.serial})    phase {view.phase} / stride {view.stride} at "
-            f"{view.video_fps:g} fps    crop box top {top}, left {left}, {height} x {width} of "
-            f"{view.frame_hw[0]} x {view.frame_hw[1]}    commit {view.commit}")
+    return (f"view {view.view_id}    episode {view.episode_id}    camera {camera_name(view)}\n"
+            f"phase {view.phase} / stride {view.stride} at {view.video_fps:g} fps    crop box top {top}, left "
+            f"{left}, {height} x {width} of {view.frame_hw[0]} x {view.frame_hw[1]}    commit {view.commit}")
+
+
+def camera_name(view: ViewRecord) -> str:
+    """The camera's key and, where it differs (DROID's metadata keys name a serial), its serial."""
+    return view.camera if view.serial == view.camera else f"{view.camera} ({view.serial})"
 
 
 def _image_row(fig: plt.Figure, grid: GridSpec, row: int, images: np.ndarray, labels: list[str],
@@ -357,7 +361,7 @@ def _lines(ax: plt.Axes, x: np.ndarray, y: np.ndarray, names: tuple[str, ...], n
 
 def view_facts(view: ViewRecord, problem: str) -> dict[str, str]:
     """A view's facts as the page's table shows them."""
-    return {"view": view.view_id, "episode": view.episode_id, "camera": f"{view.camera} ({view.serial})",
+    return {"view": view.view_id, "episode": view.episode_id, "camera": camera_name(view),
             "phase / stride": f"{view.phase} / {view.stride}", "crop box [top, left, h, w]": str(view.box),
             "frame [h, w]": str(view.frame_hw), "frames": str(view.length), "video fps": f"{view.video_fps:g}",
             "commit": view.commit,

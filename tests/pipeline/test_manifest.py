@@ -1,15 +1,15 @@
-"""The manifest: both shipped profiles load, overrides apply, bad input names the key and value."""
+"""The manifest: the shipped profiles load, overrides apply, bad input names the key and value."""
 
 from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import ManifestError, load_manifest
+from pipeline.manifest import LeRobotSection, ManifestError, load_manifest
 
 MANIFEST = Path(__file__).resolve().parents[2] / "data_manifest.yaml"
 
 
-@pytest.mark.parametrize("profile", ["droid", "demo"])
+@pytest.mark.parametrize("profile", ["droid", "droid_lerobot", "demo", "bench"])
 def test_shipped_profiles_load_with_required_keys(profile: str) -> None:
     m = load_manifest(MANIFEST, profile)
     assert m.profile == profile
@@ -25,6 +25,14 @@ def test_droid_profile_is_the_paper_setup() -> None:
     assert (m.crop.size, m.crop.scale, m.crop.ratio) == (256, (1.777, 1.777), (0.75, 1.35))
     assert (m.encoder.preset, m.encoder.precision, m.encoder.checkpoint_key) == ("vit_giant", "bf16", "target_encoder")
     assert m.encoder.checkpoint.endswith("vitg.pt")
+
+
+def test_droid_lerobot_profile_is_the_droid_one_on_the_lerobot_port() -> None:
+    m, droid = load_manifest(MANIFEST, "droid_lerobot"), load_manifest(MANIFEST, "droid")
+    assert (m.data.format, m.data.cameras, m.data.episodes) == ("lerobot", ["observation.images.exterior_1_left"],
+                                                                  "all")
+    assert m.data.lerobot == LeRobotSection() and m.cache.path != droid.cache.path
+    assert (m.crop, m.encoder, m.predictor, m.train) == (droid.crop, droid.encoder, droid.predictor, droid.train)
 
 
 def test_default_profile_and_overrides(tmp_path: Path) -> None:

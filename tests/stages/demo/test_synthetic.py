@@ -205,7 +205,7 @@ def test_dataset_lists_like_droid(synthetic_dataset: Path, synthetic_episodes: l
 @pytest.mark.parametrize("scenes", [0, 1])
 def test_shared_scenes(tmp_path: Path, scenes: int) -> None:
     """scenes=1: every episode is filmed by the same cameras over the same table; 0: each its own."""
-    folders = write_synthetic_dataset(tmp_path, 2, seed=3, width=32, height=32, min_seconds=2, max_seconds=2,
+    folders = write_synthetic_dataset(tmp_path, 2, seed=3, width=64, height=48, min_seconds=2, max_seconds=2,
                                       scenes=scenes)
     extrinsics, first_frames = [], []
     for folder in folders:

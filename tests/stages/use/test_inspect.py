@@ -131,7 +131,7 @@ def test_raw_episode_gone_or_changed_still_gives_the_picture_and_one_warning(
     with caplog.at_level(logging.WARNING):
         s = inspect_cache(load(tmp_path / "w"), view=view.view_id, out=tmp_path / "v.png")
     assert png_size(tmp_path / "v.png") == FIGURE_PX
-    want = "raw frames unavailable: episode folder" if change == "removed" else "raw frames stale: trajectory.h5"
+    want = "raw frames unavailable: episode" if change == "removed" else "raw frames stale: trajectory.h5"
     assert s.pictures[0].problem.startswith(want) and s.pictures[0].facts["raw frames"].startswith(want)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and view.view_id in warnings[0] and want in warnings[0]
