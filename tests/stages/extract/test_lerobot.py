@@ -29,6 +29,8 @@ from stages.extract.episodes import list_episodes
 from stages.extract.lerobot import open_episode as open_lerobot
 from stages.extract.lerobot import read_meta
 from stages.train.loop import train
+from stages.use.evaluate_checkpoint import evaluate_checkpoint
+from stages.use.plan import run_plan
 from tests.conftest import TINY
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "lerobot"
@@ -126,6 +128,11 @@ def test_episodes_by_index_or_task_and_every_command_after(tmp_path: Path) -> No
     assert verify(m, show_progress=False).sound
     s = train(m, tmp_path / "run", steps=2, show_progress=False, echo=lambda _: None)
     assert s.end_step == 2 and np.isfinite(s.last_loss)
+    report = evaluate_checkpoint(m, tmp_path / "run", split="all", write=False)
+    assert report.result["windows"] > 0 and np.isfinite(report.result["rollout_loss"])
+    view = next(iter(FeatureStore(m.cache.path, fingerprint_spec(m)).committed_views()))
+    plan = run_plan(m, tmp_path / "run", view, 0, 3, None, None, None)
+    assert len(plan.actions) == m.plan.horizon and np.isfinite(plan.actions).all()
     remapped = lerobot(tmp_path, "v30_av1", lerobot={"gripper": "observation.state.cartesian_position[0]"})
     assert quiet(remapped).views_done == 2  # other features make other states: the views are stale, redone
 
