@@ -256,7 +256,8 @@ def demo(
     manifest: ManifestOpt = Path("data_manifest.yaml"),
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile to run.")] = "demo",
     set_: SetOpt = None,
-    episodes: Annotated[int, typer.Option(help="Synthetic episodes to write if data.root has none.")] = 16,
+    episodes: Annotated[int | None, typer.Option(help="Synthetic episodes to write if data.root has none "
+                                                 "(default: synthetic.episodes).")] = None,
 ) -> None:
     """The whole job on built-in data: synthetic DROID episodes (once), extract, train, evaluate, plot."""
     m = _load(manifest, profile, set_)
@@ -402,14 +403,17 @@ def plan(
     state: Annotated[str | None, typer.Option(help="Robot state at --start-image: 'x y z roll pitch yaw gripper'.")]
     = None,
     closed_loop: Annotated[int | None, typer.Option(help="Run the closed-loop benchmark on N start/goal pairs of "
-                                                    "the synthetic scene instead (planner vs baselines).")] = None,
+                                                    "the synthetic scene instead (planner vs baselines; 30 or more "
+                                                    "tell a planner from chance).")] = None,
     out: Annotated[Path | None, typer.Option(help="--closed-loop: folder for closed_loop.json / .png (default: "
                                              "<train.out>/closed_loop).")] = None,
+    seed: Annotated[int | None, typer.Option(help="plan.seed: the CEM's samples and, with --closed-loop, which "
+                                             "start/goal pairs are drawn.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Plan actions towards a goal frame with the trained predictor (CEM, the released way; settings plan.*),
     or with --closed-loop N measure receding-horizon planning against baselines in the synthetic scene."""
-    m = _load(manifest, profile, set_)
+    m = _load(manifest, profile, [*(set_ or []), *([f"plan.seed={seed}"] if seed is not None else [])])
     from stages.use.plan import run_plan
 
     with _user_errors():

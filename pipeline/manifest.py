@@ -337,9 +337,6 @@ class PlanSection:
     goal_seconds: float = 1.0  # closed loop: the goal is where a held-out scripted episode is this much later
     goal_orientation: Literal["start", "episode"] = "start"  # closed loop: the planner only translates, so the
     # goal keeps the start's orientation (start), or takes the episode's (episode: partly out of reach)
-    scene_seed: int = 0  # closed loop: seed the synthetic episodes were written with (`pipeline demo`: 0)
-    scenes: int = 1  # closed loop: shared scenes of the synthetic episodes (`pipeline demo`: 1)
-    image_size: tuple[int, int] = (320, 180)  # closed loop: width, height of the synthetic videos (synth default)
 
     def validate(self) -> None:
         for name in ("samples", "iterations", "horizon", "steps"):
@@ -353,9 +350,34 @@ class PlanSection:
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  "plan.device", self.device, "must be auto, cpu, cuda or cuda:N")
         _require(self.goal_seconds > 0, "plan.goal_seconds", self.goal_seconds, "must be > 0")
-        _require(self.scenes >= 0, "plan.scenes", self.scenes, "must be >= 0")
-        _require(all(v >= 16 and v % 2 == 0 for v in self.image_size), "plan.image_size", self.image_size,
-                 "must be even and >= 16 (width, height)")
+
+
+@dataclass
+class SyntheticSection:
+    """The built-in synthetic episodes: what `pipeline demo` writes into data.root when it holds none, and the
+    scene the closed-loop benchmark (`pipeline plan --closed-loop`) renders -- the same seed, scenes and size,
+    so that the benchmark films the scene the model was trained on."""
+
+    episodes: int = 16  # episodes to write (`pipeline demo --episodes` overrides)
+    seed: int = 0
+    scenes: int = 1  # shared scenes (camera placement, table, block colour), as one lab set-up; 0: one each
+    width: int = 320
+    height: int = 180
+    min_seconds: float = 10.0
+    max_seconds: float = 20.0
+    explore: float = 0.0  # share of behaviours that are runs of exploring moves (0: scripted reaches and pushes)
+    explore_step: float = 0.05  # m per exploring move and axis at most (match plan.max_norm)
+
+    def validate(self) -> None:
+        _require(self.episodes >= 1, "synthetic.episodes", self.episodes, "must be >= 1")
+        _require(self.scenes >= 0, "synthetic.scenes", self.scenes, "must be >= 0")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _require(value >= 16 and value % 2 == 0, f"synthetic.{name}", value, "must be even and >= 16")
+        _require(1.0 <= self.min_seconds <= self.max_seconds, "synthetic.min_seconds", self.min_seconds,
+                 f"must be in [1, synthetic.max_seconds {self.max_seconds}]")
+        _require(0.0 <= self.explore <= 1.0, "synthetic.explore", self.explore, "must be in [0, 1]")
+        _require(self.explore_step > 0, "synthetic.explore_step", self.explore_step, "must be > 0")
 
 
 @dataclass
@@ -371,6 +393,7 @@ class Manifest:
     predictor: PredictorSection = field(default_factory=PredictorSection)
     train: TrainSection = field(default_factory=TrainSection)
     plan: PlanSection = field(default_factory=PlanSection)
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
     profile: str = "default"  # the profile's name (set by the loader)
 
     def validate(self) -> None:

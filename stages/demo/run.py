@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.manifest import Manifest
-from stages.demo.synthetic import write_synthetic_dataset
+from stages.demo.synthetic import Exploration, write_synthetic_dataset
 from stages.extract.driver import ExtractSummary, extract
 from stages.train.evaluate import format_eval
 from stages.train.loop import TrainSummary, train
@@ -41,12 +41,17 @@ class DemoSummary:
         return "\n".join(lines)
 
 
-def run_demo(m: Manifest, episodes: int, echo: Callable[[str], None] = print) -> DemoSummary:
-    """Write `episodes` synthetic episodes under data.root if it has none, then extract and train."""
-    root = Path(m.data.root)
+def run_demo(m: Manifest, episodes: int | None = None, echo: Callable[[str], None] = print) -> DemoSummary:
+    """Write the manifest's synthetic episodes (`episodes` of them, when given) under data.root if it has none,
+    then extract and train."""
+    root, syn = Path(m.data.root), m.synthetic
     if not (root / "episodes.txt").exists():
-        echo(f"Writing {episodes} synthetic DROID-format episodes to {root} ...")
-        write_synthetic_dataset(root, episodes, seed=0, progress=True, scenes=1)  # one lab set-up
+        count = syn.episodes if episodes is None else episodes
+        explore = f", {syn.explore:.0%} of behaviours exploring" if syn.explore else ""
+        echo(f"Writing {count} synthetic DROID-format episodes to {root}{explore} ...")
+        write_synthetic_dataset(root, count, seed=syn.seed, width=syn.width, height=syn.height,
+                                min_seconds=syn.min_seconds, max_seconds=syn.max_seconds, progress=True,
+                                scenes=syn.scenes, explore=Exploration(syn.explore, syn.explore_step))
     s = extract(m, echo=echo)
     if s.views_done:
         echo(f"extract: {s.views_done} views, {s.frames} frames in {s.seconds:.1f} s "

@@ -106,13 +106,15 @@ def write_synthetic_dataset(
     short_video_every: int = 3,
     progress: bool = False,
     scenes: int = 0,
+    explore: Exploration | None = None,
 ) -> list[Path]:
     """Write `episodes` DROID-format episodes under `out` plus `out/episodes.txt`; return the folders.
 
     Every `short_video_every`-th episode (1-based) gets MP4s one frame shorter than its
     trajectory.h5, the known DROID case (0 disables). `scenes` > 0 makes episode i share the scene
     (camera placement, table texture, block colour) of episode i % scenes, like many episodes recorded
-    in one lab set-up; 0 gives every episode a scene of its own.
+    in one lab set-up; 0 gives every episode a scene of its own. `explore` mixes exploring moves into
+    the scripted behaviours (none by default: the same seed then writes the same bytes as it always has).
     """
     _check_args(episodes, width, height, min_seconds, max_seconds, short_video_every, scenes)
     out = Path(out)
@@ -121,7 +123,7 @@ def write_synthetic_dataset(
     used: set[str] = set()
     bar = progress_bar("synthetic episodes", "episode", episodes, progress)
     for i in range(episodes):
-        plan = episode_plan(seed, i, scenes, min_seconds, max_seconds, used)
+        plan = episode_plan(seed, i, scenes, min_seconds, max_seconds, used, explore)
         short = short_video_every > 0 and (i + 1) % short_video_every == 0
         folders.append(_write_episode(out, plan, width, height, short))
         bar.update(1)
@@ -194,7 +196,7 @@ class EpisodePlan:
 
 
 def episode_plan(seed: int, index: int, scenes: int = 0, min_seconds: float = 10.0, max_seconds: float = 20.0,
-                 used: set[str] | None = None) -> EpisodePlan:
+                 used: set[str] | None = None, explore: Exploration | None = None) -> EpisodePlan:
     """Episode `index` of `write_synthetic_dataset(..., seed, scenes=scenes)`, drawn from its seeds alone.
 
     Also what the simulator (`stages/sim.py`) replays: an index past the written ones is a scripted
@@ -203,11 +205,12 @@ def episode_plan(seed: int, index: int, scenes: int = 0, min_seconds: float = 10
     rng = np.random.default_rng((seed, index))
     # a scene (cameras, table, block colour) of its own, or one of `scenes` shared ones, as in a lab
     scene = rng if scenes == 0 else np.random.default_rng((seed, SCENE_STREAM, index % scenes))
-    return _plan_episode(rng, scene, set() if used is None else used, min_seconds, max_seconds)
+    return _plan_episode(rng, scene, set() if used is None else used, min_seconds, max_seconds, explore)
 
 
 def _plan_episode(
-    rng: np.random.Generator, scene: np.random.Generator, used: set[str], min_s: float, max_s: float
+    rng: np.random.Generator, scene: np.random.Generator, used: set[str], min_s: float, max_s: float,
+    explore: Exploration | None,
 ) -> EpisodePlan:
     lab = str(rng.choice(LABS))
     when = dt.datetime(2023, 3, 1, 8) + dt.timedelta(
@@ -231,7 +234,7 @@ def _plan_episode(
         folder=folder,
         serials=dict(zip(("wrist", "ext1", "ext2"), serials, strict=True)),
         task=str(rng.choice(TASKS)),
-        motion=_simulate(rng, num_rows),
+        motion=_simulate(rng, num_rows, explore),
         scene=draw_scene(scene),  # after the motion: with scenes=0 it comes from the same stream
     )
 
@@ -259,13 +262,13 @@ def _look_at(pos: np.ndarray, target: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- simulation
 
 
-def _simulate(rng: np.random.Generator, n: int) -> Motion:
+def _simulate(rng: np.random.Generator, n: int, explore: Exploration | None = None) -> Motion:
     """Scripted random policy + block physics, one step at a time (N is a few hundred)."""
     pose = np.array([*rng.uniform([0.4, -0.15, 0.2], [0.6, 0.15, 0.35]), 0.0, 0.0, rng.uniform(-1, 1), 0.0])
     block = np.array([*rng.uniform([0.35, -0.2], [0.65, 0.2]), BLOCK_SIZE / 2, rng.uniform(-np.pi, np.pi)])
     poses, blocks, grasped = [pose], [block.copy()], False
     while len(poses) < n:
-        for target, steps in _plan_segments(rng, poses[-1], blocks[-1]):
+        for target, steps in _plan_segments(rng, poses[-1], blocks[-1], explore):
             start = poses[-1]
             for k in range(1, steps + 1):
                 ease = 0.5 - 0.5 * np.cos(np.pi * k / steps)
@@ -284,8 +287,11 @@ def _simulate(rng: np.random.Generator, n: int) -> Motion:
     )
 
 
-def _plan_segments(rng: np.random.Generator, pose: np.ndarray, block: np.ndarray) -> list[tuple[np.ndarray, int]]:
+def _plan_segments(rng: np.random.Generator, pose: np.ndarray, block: np.ndarray, explore: Exploration | None = None
+                   ) -> list[tuple[np.ndarray, int]]:
     """Waypoints [x, y, z, roll offset, pitch, yaw, grip] with step counts for one behaviour."""
+    if explore is not None and explore.share > 0 and rng.uniform() < explore.share:  # no draw when off
+        return _explore_segments(rng, pose, explore)
     yaw = float(np.clip(pose[5] + rng.uniform(-1.2, 1.2), -2.2, 2.2))
     tilt = np.clip(rng.normal(0.0, [0.12, 0.08]), -0.3, 0.3)
 
@@ -318,6 +324,35 @@ def _plan_segments(rng: np.random.Generator, pose: np.ndarray, block: np.ndarray
         way(bxy + 0.1 * direction, 0.02, 1.0, rng.uniform(1.2, 2.0)),
         way(bxy + 0.1 * direction, 0.15, 1.0, 0.7),
     ]
+
+
+@dataclass(frozen=True)
+class Exploration:
+    """Exploring moves mixed into the scripted behaviours, so that a world model sees every direction and size
+    of move a planner will ask it about: DROID is teleoperated play, with moves of every kind; scripted
+    reaches and pushes alone move along few directions, at speeds set by their easing.
+
+    An exploring behaviour is a run of `moves` short moves (drawn in [min, max]), each a per-axis xyz delta
+    uniform in [-step, step] metres over `steps` control steps (4 at 15 Hz = one stored frame at 4 fps: the
+    planner's rate), orientation held, the gripper now and then opened or closed."""
+
+    share: float = 0.0  # chance that a behaviour is exploring (0: never; no random draw is spent on it)
+    step: float = 0.05  # m per move and axis at most (the planner's plan.max_norm)
+    steps: int = 4  # control steps per move
+    moves: tuple[int, int] = (6, 16)  # moves per exploring behaviour
+
+
+def _explore_segments(rng: np.random.Generator, pose: np.ndarray, explore: Exploration
+                      ) -> list[tuple[np.ndarray, int]]:
+    """A run of short moves in random directions from `pose`, inside the workspace."""
+    target, out = pose.copy(), []
+    for _ in range(int(rng.integers(explore.moves[0], explore.moves[1] + 1))):
+        target = target.copy()
+        target[:3] = np.clip(target[:3] + rng.uniform(-explore.step, explore.step, 3), XYZ_LO, XYZ_HI)
+        if rng.uniform() < 0.1:
+            target[6] = 1.0 - round(float(target[6]))  # open a closed gripper, close an open one
+        out.append((target, explore.steps))
+    return out
 
 
 def step_block(block: np.ndarray, prev: np.ndarray, pose: np.ndarray, grasped: bool) -> tuple[np.ndarray, bool]:

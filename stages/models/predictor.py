@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from stages.models.release_weights import load_strict, read_state_dict
 from stages.models.rope import Rotation, autocast_dtype, grid_positions
-from stages.models.vit import Block, Mask, init_release_weights
+from stages.models.vit import Block, KVCache, Mask, init_release_weights
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class PredictorConfig:
 class _Layout(NamedTuple):
     """Everything the blocks need about a (T, h, w) input besides the tokens themselves."""
 
-    mask: Mask  # [N, N] bool (True = may attend; N = T * (K + h*w)), or the same rule as a BlockMask
+    mask: Mask | None  # [N, N] bool (True = may attend; N = T * (K + h*w)), the same rule as a BlockMask, or
+    # for steps after cached ones [N_new, N_past + N_new] (None: one new step, which sees everything)
     frame_t: Tensor  # [T, 1] float32 time of frame tokens
     frame_r: Tensor  # [h*w] float32 row, rescaled to the training grid
     frame_c: Tensor  # [h*w] float32 column, rescaled to the training grid
@@ -121,6 +122,24 @@ def block_causal_block_mask(num_t: int, tokens_per_step: int, device: torch.devi
         return (q // tokens_per_step) >= (kv // tokens_per_step)
 
     return create_block_mask(may_attend, None, None, n, n, device=device)
+
+
+def cached_mask(past: int, num_t: int, tokens_per_step: int, device: torch.device | str) -> Tensor | None:
+    """The block-causal rule for `num_t` new steps after `past` cached ones: [N_new, N_past + N_new] (True = may
+    attend); None for one new step, which sees every token."""
+    if num_t == 1:
+        return None
+    q = past + torch.arange(num_t * tokens_per_step, device=device) // tokens_per_step  # [N_new]
+    k = torch.arange((past + num_t) * tokens_per_step, device=device) // tokens_per_step  # [N_past + N_new]
+    return q[:, None] >= k[None, :]  # [N_new, N_past + N_new]
+
+
+@dataclass
+class PredictorCache:
+    """Per block, the keys and values of the steps a rollout has computed (`ACPredictor.new_cache`)."""
+
+    layers: list[KVCache]
+    steps: int = 0  # time steps cached
 
 
 def _rotate_kinds(x: Tensor, lay: _Layout, n_cond: int, cond: Rotation, frame: Rotation) -> Tensor:
@@ -164,10 +183,18 @@ class ACPredictor(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         init_release_weights(self, self.predictor_blocks, generator)
 
-    def forward(self, z: Tensor, actions: Tensor, states: Tensor, extrinsics: Tensor | None = None) -> Tensor:
+    def new_cache(self) -> PredictorCache:
+        """An empty key/value cache for `forward(..., cache=)`: a rollout's later steps then compute only the
+        newest frame's tokens (planning, evaluation), not the whole history again."""
+        return PredictorCache([KVCache() for _ in self.predictor_blocks])
+
+    def forward(self, z: Tensor, actions: Tensor, states: Tensor, extrinsics: Tensor | None = None,
+                cache: PredictorCache | None = None) -> Tensor:
+        """With `cache`, z, actions and states are the steps after those cached, which they attend to; the
+        cache grows by them. Outputs equal those of the whole sequence's forward up to float rounding."""
         num_t = actions.shape[1]
         hw = self._check_inputs(z, actions, states, extrinsics)
-        lay = self._layout(num_t, hw, z.device)
+        lay = self._layout(num_t, hw, z.device, 0 if cache is None else cache.steps)
         x = self.predictor_embed(z).unflatten(1, (num_t, hw))  # [B, T, hw, P]
         cond = [self.action_encoder(actions), self.state_encoder(states)]  # 2 x [B, T, P]
         if self.cfg.use_extrinsics:
@@ -179,11 +206,15 @@ class ACPredictor(nn.Module):
             _rotate_kinds, lay=lay, n_cond=self.cfg.cond_tokens,
             cond=Rotation([lay.cond_t]).build(qk, head_dim, x.device),
             frame=Rotation([lay.frame_t, lay.frame_r, lay.frame_c]).build(qk, head_dim, x.device))
-        for block in self.predictor_blocks:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        for i, block in enumerate(self.predictor_blocks):
+            if cache is not None:
+                x = block(x, rotate, lay.mask, cache.layers[i])  # [B, T*(K+hw), P]
+            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = activation_checkpoint(block, x, rotate, lay.mask, use_reentrant=False)  # [B, T*(K+hw), P]
             else:
                 x = block(x, rotate, lay.mask)  # [B, T*(K+hw), P]
+        if cache is not None:
+            cache.steps += num_t
         x = x.unflatten(1, (num_t, -1))[:, :, self.cfg.cond_tokens :].flatten(1, 2)  # [B, T*hw, P]
         return self.predictor_proj(self.predictor_norm(x))  # [B, T*hw, D_enc]
 
@@ -203,24 +234,27 @@ class ACPredictor(nn.Module):
             raise ValueError("use_extrinsics is set: pass extrinsics [B, T, action_dim - 1]")
         return z.shape[1] // num_t
 
-    def _layout(self, num_t: int, hw: int, device: torch.device) -> _Layout:
-        """Mask and RoPE positions for T steps of hw frame tokens, built once per (T, hw, device).
+    def _layout(self, num_t: int, hw: int, device: torch.device, past: int = 0) -> _Layout:
+        """Mask and RoPE positions for T steps of hw frame tokens after `past` cached ones, built once per
+        (T, hw, device, past).
 
         Frame rows/columns are scaled by g / h and g / w (g = img_size / patch), as float32 like the
         release, so a frame at another resolution spans the training grid. The frame grid is taken
         to be square (h = w = sqrt(hw)), as it is for the release's square inputs.
         """
-        key = (num_t, hw, str(device), self.attention)
+        key = (num_t, hw, str(device), self.attention, past)
         if key not in self._layouts:
             side = math.isqrt(hw)
             if side * side != hw:
                 raise ValueError(f"{hw} tokens per frame do not form a square grid")
             _, row, col = grid_positions(1, side, side, device=device)  # [hw] each
             scale = self.cfg.grid_size / side
-            steps = torch.arange(num_t, device=device)  # [T]
+            steps = past + torch.arange(num_t, device=device)  # [T]
+            tokens = self.cfg.cond_tokens + hw
             self._layouts[key] = _Layout(
-                mask=(block_causal_block_mask(num_t, self.cfg.cond_tokens + hw, device) if self.attention == "flex"
-                      else block_causal_mask(num_t, self.cfg.cond_tokens + hw, device)),  # [N, N] or blocks
+                mask=(cached_mask(past, num_t, tokens, device) if past else
+                      block_causal_block_mask(num_t, tokens, device) if self.attention == "flex"
+                      else block_causal_mask(num_t, tokens, device)),  # [N, N] or blocks
                 frame_t=steps.to(torch.float32)[:, None],  # [T, 1]
                 frame_r=row.to(torch.float32) * scale,  # [hw]
                 frame_c=col.to(torch.float32) * scale,  # [hw]
@@ -276,17 +310,33 @@ def _extend(predictor: ACPredictor, z: Tensor, actions: Tensor, states: Tensor, 
     return z
 
 
-def rollout(predictor: ACPredictor, h0: Tensor, actions: Tensor, states: Tensor, steps: int) -> Tensor:
+def _extend_cached(predictor: ACPredictor, z: Tensor, actions: Tensor, states: Tensor, steps: int, hw: int
+                   ) -> Tensor:
+    """`_extend` with a key/value cache: each step after the first computes only the newest frame's tokens."""
+    cache, n = predictor.new_cache(), z.shape[1] // hw
+    out = predictor(z, actions[:, :n], states[:, :n], cache=cache)[:, -hw:]  # [B, hw, D]
+    frames = [z]
+    for k in range(steps):
+        frames.append(layer_norm_features(out))  # [B, hw, D]: frame n + k
+        if k + 1 < steps:
+            m = n + k  # the step of the frame just predicted
+            out = predictor(frames[-1], actions[:, m : m + 1], states[:, m : m + 1], cache=cache)  # [B, hw, D]
+    return torch.cat(frames, dim=1)  # [B, (n+steps)*hw, D]
+
+
+def rollout(predictor: ACPredictor, h0: Tensor, actions: Tensor, states: Tensor, steps: int,
+            cached: bool = False) -> Tensor:
     """Predict ``steps`` frames autoregressively from the layer-normed first frame h0 [B, hw, D].
 
     actions/states are [B, >= steps, 7]; step n uses actions[:, :n+1] and ground-truth states[:, :n+1],
     as in the loss. Returns [B, steps, hw, D], each frame layer-normed. Gradients flow if enabled:
-    wrap in ``torch.no_grad()`` for evaluation and planning.
+    wrap in ``torch.no_grad()`` for evaluation and planning. `cached` keeps the keys and values of the
+    frames already predicted (the same result up to float rounding, cheaper the longer the rollout).
     """
     if actions.shape[1] < steps or states.shape[1] < steps:
         raise ValueError(f"{steps} steps need >= {steps} actions and states, got {actions.shape[1]}, {states.shape[1]}")
     hw = h0.shape[1]
-    z = _extend(predictor, h0, actions, states, steps, hw)  # [B, (1+steps)*hw, D]
+    z = (_extend_cached if cached else _extend)(predictor, h0, actions, states, steps, hw)  # [B, (1+steps)*hw, D]
     return z[:, hw:].unflatten(1, (steps, hw))  # [B, steps, hw, D]
 
 

@@ -94,6 +94,21 @@ Rotate = Callable[[Tensor], Tensor]  # RoPE applied to q or k [B, heads, N, hd]
 
 
 Mask = Tensor | BlockMask  # a dense boolean [N, N] mask (True = may attend) or FlexAttention's block mask
+
+
+class KVCache:
+    """The keys (rotated) and values one attention layer has seen, for decoding step by step: a new step's
+    queries attend to them and to its own keys, so earlier tokens are never computed again."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None  # [B, heads, N_past, hd]
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k, v [B, heads, N_new, hd]; return all keys and values so far."""
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)  # [B, heads, N_past + N_new, hd]
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
 _FLEX: dict[str, Callable[..., Tensor]] = {}  # device type -> flex_attention (compiled on CUDA, once)
 
 
@@ -133,14 +148,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None) -> Tensor:
+    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None, cache: KVCache | None = None) -> Tensor:
+        """x [B, N, D] -> [B, N, D]; with `cache`, x holds only new tokens, which also attend to the cached ones
+        (`mask` is then [N, N_past + N] or None) and are added to it."""
         B, N, D = x.shape
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, -1))  # [B, N, 3, heads, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, heads, N, hd] each
+        q, k = rotate(q), rotate(k)
+        if cache is not None:
+            k, v = cache.extend(k, v)  # [B, heads, N_past + N, hd] each
         if isinstance(mask, BlockMask):
-            out = flex(x.device)(rotate(q), rotate(k), v, block_mask=mask)  # [B, heads, N, hd]
+            out = flex(x.device)(q, k, v, block_mask=mask)  # [B, heads, N, hd]
         else:
-            out = F.scaled_dot_product_attention(rotate(q), rotate(k), v, attn_mask=mask)  # [B, heads, N, hd]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, heads, N, hd]
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
@@ -167,8 +187,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_hidden)
 
-    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), rotate, mask)  # [B, N, D]
+    def forward(self, x: Tensor, rotate: Rotate, mask: Mask | None = None, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), rotate, mask, cache)  # [B, N, D]
         return x + self.mlp(self.norm2(x))  # [B, N, D]
 
 

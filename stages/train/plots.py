@@ -40,8 +40,9 @@ def plot_losses(metrics: list[dict[str, Any]], evals: list[dict[str, Any]], path
 
 
 def plot_horizons(result: dict[str, Any], path: Path, split: str = "held-out", title: str | None = None) -> None:
-    """Rollout L1 at horizons 1..k against copying the first frame: below the baseline = real prediction.
-    Where the result has the spread over windows, the 10-90 percentile band is shaded around each curve."""
+    """Rollout L1 at horizons 1..k against copying the first frame: below the baseline = real prediction; and
+    with other windows' or zero actions: above the true actions' curve = the model uses its actions. Where the
+    result has the spread over windows, the 10-90 percentile band is shaded around the first two curves."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     rows = result["horizons"]
     horizons = [h["horizon"] for h in rows]
@@ -51,6 +52,9 @@ def plot_horizons(result: dict[str, Any], path: Path, split: str = "held-out", t
         if banded:
             ax.fill_between(horizons, [h[f"{key}_p10"] for h in rows], [h[f"{key}_p90"] for h in rows],
                             color=line.get_color(), alpha=0.15, linewidth=0)
+    if rows and "shuffled_l1" in rows[0]:  # what the actions change (results of older versions lack it)
+        ax.plot(horizons, [h["shuffled_l1"] for h in rows], "v:", label="predictor, another window's actions")
+        ax.plot(horizons, [h["zero_l1"] for h in rows], "x:", label="predictor, zero actions")
     ax.set(xlabel="horizon (frames)", ylabel=f"L1 on {split} episodes",
            title=title or f"{split} rollout, step {result['step']}")
     ax.set_xticks(horizons)

@@ -3,7 +3,8 @@
     <run>/
       config.json            the resolved manifest profile (also inside every checkpoint)
       metrics.jsonl          one row per log interval: step, losses, lr, clips/s, data-wait share
-      eval.jsonl             one row per evaluation: held-out losses, model vs copy-last-frame per horizon
+      eval.jsonl             one row per evaluation: held-out losses; per horizon model vs copy-last-frame, and
+                             with shuffled and zero actions (shuffled / true: 1.0 = actions ignored)
       eval.json              the latest evaluation
       loss.png, eval.png     loss curves (train + held-out) and rollout L1 per horizon vs the copy baseline
       checkpoints/latest.pt  written at every eval, every train.checkpoint_minutes, at a stop and at the end

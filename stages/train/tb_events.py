@@ -32,7 +32,8 @@ class TensorBoardLog:
                     self.writer.add_scalar(f"train/{key}", row[key], row["step"])
 
     def evaluation(self, result: dict[str, Any]) -> None:
-        """One eval.jsonl row: held-out losses, and per horizon the predictor's and the copy baseline's L1."""
+        """One eval.jsonl row: held-out losses, and per horizon the predictor's L1 (true, shuffled and zero
+        actions, and the shuffled / true ratio) and the copy baseline's."""
         if self.writer is None or not result:
             return
         step = result["step"]
@@ -41,6 +42,10 @@ class TensorBoardLog:
         for h in result["horizons"]:
             self.writer.add_scalar(f"eval/horizon_{h['horizon']}/predictor_l1", h["model_l1"], step)
             self.writer.add_scalar(f"eval/horizon_{h['horizon']}/copy_last_frame_l1", h["copy_l1"], step)
+            for key, name in (("shuffled_l1", "shuffled_actions_l1"), ("zero_l1", "zero_actions_l1"),
+                              ("action_ratio", "shuffled_over_true")):
+                if h.get(key) is not None:
+                    self.writer.add_scalar(f"eval/horizon_{h['horizon']}/{name}", h[key], step)
 
     def close(self) -> None:
         if self.writer is not None:

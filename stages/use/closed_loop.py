@@ -1,7 +1,7 @@
 """`pipeline plan --closed-loop N`: receding-horizon planning in the built-in synthetic scene, against baselines.
 
 A world model is only as good as the plans it makes when its actions change what it sees next. This
-benchmark closes the loop in the simulator of the scene the demo data was written in (`stages/sim.py`):
+benchmark closes the loop in the simulator of the scene the demo data was written in (`stages/use/sim.py`):
 N start/goal pairs come from held-out scripted episodes (the goal is where the episode is
 `plan.goal_seconds` later); from each start the planner runs `plan.steps` rounds of plan -> execute the
 first action -> render -> encode (the manifest's encoder and crop) -> plan again, and the final distance
@@ -18,7 +18,10 @@ the planner's per-axis bound `plan.max_norm`:
 
 A planner that beats random and approaches the lookahead has learnt how actions move the picture; the
 oracle bounds what any policy can do in `plan.steps` moves. The numbers are what the model achieves, not
-a pass mark.
+a pass mark. Each policy's mean final distance and share of pairs ended nearer come with 95% percentile
+bootstrap intervals over the pairs: ten pairs cannot tell a planner from chance, thirty begin to. The
+lookahead also scores the model itself -- how well the energies it predicts for the 27 moves rank them
+against the true ones -- which says whether a failing planner lacks a model or a search.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 from pipeline.errors import UsageError
 from pipeline.manifest import Manifest, PlanSection
@@ -47,6 +51,8 @@ from stages.use.poses import next_states
 from stages.use.sim import SceneSim, SimState, Task, camera_name, draw_tasks
 
 POLICIES = ("planner", "zero", "random", "oracle", "lookahead")
+MIN_PAIRS = 30  # fewer start/goal pairs cannot tell a planner from chance: the report says so
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass
@@ -59,27 +65,42 @@ class ClosedLoopReport:
     settings: dict[str, Any]
     distances: dict[str, list[list[float]]] = field(default_factory=dict)  # policy -> [task][0..steps] metres
     tasks: list[dict[str, Any]] = field(default_factory=list)  # episode, steps and poses of each pair
+    model_rank: list[float] = field(default_factory=list)  # per lookahead step: predicted vs true energy rank corr.
     plan_seconds: float = 0.0  # mean time of one plan (encode + CEM)
     seconds: float = 0.0
     out: str = ""
 
-    def summary(self, policy: str) -> dict[str, float]:
+    def summary(self, policy: str) -> dict[str, Any]:
+        """Mean and median final distance and the share of pairs ended nearer than they started, the mean and
+        the share with 95% bootstrap intervals over the pairs (the same resamples for every policy)."""
         d = np.array(self.distances[policy])  # [N, steps + 1]
-        return {"start_m": float(d[:, 0].mean()), "final_m": float(d[:, -1].mean()),
-                "median_final_m": float(np.median(d[:, -1])), "closer_fraction": float((d[:, -1] < d[:, 0]).mean())}
+        final, closer = d[:, -1], (d[:, -1] < d[:, 0]).astype(float)  # [N] each
+        draws = bootstrap_rows(len(final), self.settings["seed"])  # [B, N]
+        return {"start_m": float(d[:, 0].mean()), "final_m": float(final.mean()),
+                "final_m_ci95": interval(final[draws].mean(axis=1)), "median_final_m": float(np.median(final)),
+                "closer_fraction": float(closer.mean()), "closer_fraction_ci95": interval(closer[draws].mean(axis=1))}
 
     def format(self) -> str:
         s = self.settings
         step = f", step {self.step}" if self.step is not None else ""
-        lines = [f"closed loop: {len(self.tasks)} start/goal pairs from held-out scripted episodes, goal "
-                 f"{s['goal_seconds']} s ahead, {s['steps']} actions each ({self.camera} camera); model "
+        lines = [f"closed loop: {len(self.tasks)} start/goal pairs from held-out scripted episodes (seed {s['seed']}), "
+                 f"goal {s['goal_seconds']} s ahead, {s['steps']} actions each ({self.camera} camera); model "
                  f"{self.checkpoint}{step}; CEM {s['samples']} x {s['iterations']}, top {s['topk']}, horizon "
                  f"{s['horizon']}, max norm {s['max_norm']} m",
-                 "policy     start (m)   final (m)   median final (m)   closer than at start"]
+                 "policy     start (m)   final (m) [95% CI]        median final (m)   ended nearer [95% CI]"]
         for policy in POLICIES:
             r = self.summary(policy)
-            lines.append(f"{policy:9s}  {r['start_m']:9.3f}   {r['final_m']:9.3f}   {r['median_final_m']:16.3f}   "
-                         f"{100 * r['closer_fraction']:19.0f}%")
+            (lo, hi), (clo, chi) = r["final_m_ci95"], r["closer_fraction_ci95"]
+            lines.append(f"{policy:9s}  {r['start_m']:9.3f}   {r['final_m']:9.3f} [{lo:.3f}, {hi:.3f}]   "
+                         f"{r['median_final_m']:16.3f}   {100 * r['closer_fraction']:5.0f}% [{100 * clo:.0f}, "
+                         f"{100 * chi:.0f}]%")
+        if len(self.tasks) < MIN_PAIRS:
+            lines.append(f"note: {len(self.tasks)} pairs give wide intervals; {MIN_PAIRS} or more tell a planner "
+                         "from chance")
+        if self.model_rank:
+            lines.append(f"model: predicted vs true energies of the 27 one-step moves, rank correlation "
+                         f"{np.nanmean(self.model_rank):+.2f} (mean over {len(self.model_rank)} states; 1 = ranks "
+                         "moves as the pictures do)")
         lines.append(f"{self.plan_seconds:.2f} s per plan, {self.seconds:.1f} s in all; results {self.out} "
                      "(closed_loop.json, closed_loop.png)")
         return "\n".join(lines)
@@ -89,6 +110,18 @@ class ClosedLoopReport:
 
 
 Policy = Callable[[SceneSim, Task], np.ndarray]  # the simulator now, the task -> action [7]
+
+
+def bootstrap_rows(n: int, seed: int, resamples: int = BOOTSTRAP_RESAMPLES) -> np.ndarray:
+    """Indices [resamples, n] of pairs drawn with replacement: the percentile bootstrap over start/goal pairs,
+    seeded so that a report is reproducible and every policy is resampled alike."""
+    return np.random.default_rng((seed, 2)).integers(0, n, size=(resamples, n))
+
+
+def interval(values: np.ndarray) -> list[float]:
+    """The central 95% of bootstrap statistics [B]."""
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def baselines(s: PlanSection, rng: np.random.Generator) -> dict[str, Policy]:
@@ -121,8 +154,13 @@ def planner_policy(planner: Planner, encoder: FrameEncoder, goal: torch.Tensor, 
     return act
 
 
-def lookahead_policy(encoder: FrameEncoder, goal: torch.Tensor, s: PlanSection) -> Policy:
-    """The move of {-max_norm, 0, max_norm}^3 whose rendered next picture is closest to the goal features [hw, D]."""
+def lookahead_policy(encoder: FrameEncoder, goal: torch.Tensor, s: PlanSection, planner: Planner,
+                     ranks: list[float]) -> Policy:
+    """The move of {-max_norm, 0, max_norm}^3 whose rendered next picture is closest to the goal features [hw, D].
+
+    On the way it scores the model: the energies the predictor predicts for the same 27 moves against the
+    true ones, as a rank correlation appended to `ranks` (1: it orders the moves as the pictures do; 0: no
+    better than guessing -- a planner searching such a model exploits its errors)."""
     moves = torch.tensor(list(itertools.product((-s.max_norm, 0.0, s.max_norm), repeat=3)), dtype=torch.float64)
     actions = torch.cat((moves, torch.zeros(len(moves), 4, dtype=torch.float64)), dim=1)  # [27, 7]
     target = layer_norm_features(goal)  # [hw, D]
@@ -130,7 +168,14 @@ def lookahead_policy(encoder: FrameEncoder, goal: torch.Tensor, s: PlanSection) 
     def act(sim: SceneSim, task: Task) -> np.ndarray:
         poses = next_states(torch.from_numpy(sim.state.pose).expand(len(actions), 7), actions)  # [27, 7]
         feats = encoder([sim.try_move(pose) for pose in poses.numpy()])  # [27, hw, D]
-        return actions[int(frame_energy(layer_norm_features(feats), target).argmin())].numpy()  # [7]
+        true = frame_energy(layer_norm_features(feats), target)  # [27]
+        now = layer_norm_features(encoder([sim.render()]))  # [1, hw, D]
+        state = torch.from_numpy(sim.state.pose).float()  # [7]
+        with torch.no_grad():
+            predicted = planner.step_energies(now.to(planner.device), state.to(planner.device), target.to(
+                planner.device), actions[:, None].float().to(planner.device))[:, 0].cpu()  # [27]
+        ranks.append(float(spearmanr(predicted.numpy(), true.numpy()).statistic))
+        return actions[int(true.argmin())].numpy()  # [7]
 
     return act
 
@@ -163,18 +208,18 @@ def run_closed_loop(m: Manifest, checkpoint: Path | None, count: int, out: Path 
     encoder = FrameEncoder(m, device)
     out = out or Path(m.train.out) / "closed_loop"
     out.mkdir(parents=True, exist_ok=True)
-    width, height = s.image_size
+    scene = m.synthetic
     substeps = frame_stride(FPS, m.data.fps)  # control steps at 15 Hz per stored frame, as the data was sampled
 
-    make_sim = functools.partial(SceneSim, camera=camera, width=width, height=height, substeps=substeps)
-    tasks = draw_tasks(count, s.scene_seed, s.scenes, s.goal_seconds, s.goal_orientation == "start",
+    make_sim = functools.partial(SceneSim, camera=camera, width=scene.width, height=scene.height, substeps=substeps)
+    tasks = draw_tasks(count, scene.seed, scene.scenes, s.goal_seconds, s.goal_orientation == "start",
                        np.random.default_rng(s.seed))
     report = ClosedLoopReport(loaded.path, loaded.step, camera, asdict(s), {p: [] for p in POLICIES})
     others, spent = baselines(s, np.random.default_rng((s.seed, 1))), []
     for i, task in enumerate(tasks):
         goal = encoder([make_sim(task.scene, state=task.goal).render()])[0]  # [hw, D]
         policies = {"planner": planner_policy(planner, encoder, goal, spent),
-                    "lookahead": lookahead_policy(encoder, goal, s), **others}
+                    "lookahead": lookahead_policy(encoder, goal, s, planner, report.model_rank), **others}
         for name in POLICIES:
             report.distances[name].append(run_episode(policies[name], make_sim(task.scene, state=task.start), task,
                                                       s.steps))

@@ -25,7 +25,7 @@ from pipeline.manifest import Manifest
 from pipeline.store import ViewTable
 from stages.cache.fingerprint import predictor_config, reader_spec
 from stages.train.checkpoints import resolve_checkpoint
-from stages.train.evaluate import evaluate_windows
+from stages.train.evaluate import evaluate_windows, format_ratio
 from stages.train.loader import CachedSource
 from stages.train.loop import autocast_for
 from stages.train.plots import plot_horizons
@@ -100,6 +100,11 @@ def format_horizons(rows: list[dict[str, Any]]) -> list[str]:
     for h in rows:
         lines.append(f"{h['horizon']:7d}   {_cell(h, 'model_l1')}   {_cell(h, 'copy_l1')}   "
                      f"{h['model_l1'] / max(h['copy_l1'], 1e-12):5.3f}  {100 * h['model_better']:5.1f}%")
+    if rows and "shuffled_l1" in rows[0]:
+        lines.append("actions   horizon   true L1   shuffled (another window's) L1   zero L1   shuffled/true "
+                     "(1.0: actions ignored)")
+        lines += [f"{'':9s} {h['horizon']:7d}   {h['model_l1']:7.4f}   {h['shuffled_l1']:30.4f}   "
+                  f"{h['zero_l1']:7.4f}   {format_ratio(h['action_ratio']):>13s}" for h in rows]
     return lines
 
 

@@ -194,7 +194,8 @@ class Planner:
         num, horizon = actions.shape[:2]
         states = rollout_states(s0, actions)  # [S, H, 7]
         with self.autocast:
-            preds = rollout(self.predictor, h0.expand(num, -1, -1), actions, states, horizon)  # [S, H, hw, D]
+            preds = rollout(self.predictor, h0.expand(num, -1, -1), actions, states, horizon,
+                            cached=True)  # [S, H, hw, D]: later steps compute only the newest frame
         return frame_energy(preds, goal)  # [S, H]
 
 

@@ -9,7 +9,7 @@ from pipeline.manifest import LeRobotSection, ManifestError, load_manifest
 MANIFEST = Path(__file__).resolve().parents[2] / "data_manifest.yaml"
 
 
-@pytest.mark.parametrize("profile", ["droid", "droid_lerobot", "demo", "bench"])
+@pytest.mark.parametrize("profile", ["droid", "droid_lerobot", "demo", "sim", "bench"])
 def test_shipped_profiles_load_with_required_keys(profile: str) -> None:
     m = load_manifest(MANIFEST, profile)
     assert m.profile == profile
@@ -80,6 +80,10 @@ def test_default_profile_and_overrides(tmp_path: Path) -> None:
         ("train.eval_windows=0", "train.eval_windows: 0"),
         ("train.micro_batch_size=100000", "train.micro_batch_size: 100000 must be in [0, train.global_batch_size"),
         ("profile=droid", "the profile is chosen with --profile"),
+        ("synthetic.explore=1.5", "synthetic.explore: 1.5 must be in"),
+        ("synthetic.width=33", "synthetic.width: 33 must be even"),
+        ("synthetic.episodes=0", "synthetic.episodes: 0"),
+        ("data.lerobot.orientation_format=rpy", "data.lerobot.orientation_format: 'rpy'"),
     ],
 )
 def test_bad_values_name_key_and_value(override: str, message: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from stages.demo.synthetic import write_synthetic_dataset
+from stages.demo.synthetic import Exploration, episode_plan, write_synthetic_dataset
 from stages.extract.droid import actions_from_states, decode_frames, list_episodes, open_episode
 
 METADATA_KEYS = {
@@ -148,6 +148,20 @@ def test_same_seed_same_files(tmp_path: Path) -> None:
         np.testing.assert_array_equal(_h5_states(x), _h5_states(y))
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # MP4 bytes too
     assert not np.array_equal(_h5_states(a[0]), _h5_states(c[0]))
+
+
+def test_exploring_off_draws_nothing_and_on_covers_every_direction() -> None:
+    """Without exploring (the default) an episode is the one its seed always gave; with it, moves between
+    stored frames (every 4th control step) go in every direction of the planner's box, up to its size."""
+    fields = ("xyz", "euler", "grip", "block_xyz", "block_yaw")
+    for i in range(3):
+        a, b = episode_plan(0, i, 1).motion, episode_plan(0, i, 1, explore=Exploration(share=0.0)).motion
+        assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields)
+    moves = np.concatenate([np.diff(episode_plan(0, i, 1, explore=Exploration(share=1.0)).motion.xyz[::4], axis=0)
+                            for i in range(4)])  # [N, 3] per stored frame
+    assert np.abs(moves).max() <= 0.05 + 1e-9 and (np.abs(moves).max(axis=0) > 0.04).all()
+    octants = {tuple(np.sign(m)) for m in moves if (np.abs(m) > 0.005).all()}
+    assert len(octants) == 8  # every combination of directions
 
 
 # ----------------------------------------------------------------------------- pictures follow the state

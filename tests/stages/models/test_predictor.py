@@ -264,6 +264,33 @@ def test_rollout_shapes_and_layer_norm() -> None:
         rollout(model, h0, actions, states, steps=4)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_cached_rollout_equals_the_full_one(steps: int) -> None:
+    """Keys and values of the frames already predicted are kept: each later step computes only its own
+    tokens, and the frames equal those of recomputing the whole history, up to float rounding."""
+    model = build_predictor(TINY, seed=2).eval()
+    feats, actions, states = _tiny_batch(5, batch=3)
+    h0 = layer_norm_features(feats[:, :4])  # [B, hw, D]
+    with torch.no_grad():
+        full = rollout(model, h0, actions, states, steps)  # [B, steps, hw, D]
+        cached = rollout(model, h0, actions, states, steps, cached=True)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+
+
+def test_a_cached_forward_of_several_steps_equals_the_whole_sequences() -> None:
+    """Steps after cached ones keep the block-causal rule among themselves and see every cached token."""
+    model = build_predictor(TINY, seed=3).eval()
+    feats, _, states = _tiny_batch(4)
+    actions = torch.randn(2, 4, 7)
+    with torch.no_grad():
+        whole = model(feats, actions, states)  # [B, 4*hw, D]
+        cache = model.new_cache()
+        first = model(feats[:, :4], actions[:, :1], states[:, :1], cache=cache)  # [B, hw, D]
+        rest = model(feats[:, 4:], actions[:, 1:], states[:, 1:], cache=cache)  # [B, 3*hw, D]
+    assert cache.steps == 4 and cache.layers[0].k.shape[2] == 4 * (TINY.cond_tokens + 4)
+    torch.testing.assert_close(torch.cat((first, rest), dim=1), whole, atol=1e-5, rtol=0)
+
+
 def test_activation_checkpointing_gives_same_loss_and_gradients() -> None:
     feats, actions, states = _tiny_batch(4)
     results = []

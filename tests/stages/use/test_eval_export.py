@@ -83,10 +83,12 @@ def test_eval_of_a_run_checkpoint_gives_trainings_numbers_and_the_spread(run: Pa
         for who in ("model_l1", "copy_l1"):
             assert got[f"{who}_p10"] <= got[f"{who}_p50"] <= got[f"{who}_p90"] and got[f"{who}_std"] >= 0
         assert 0 <= got["model_better"] <= 1
+        assert got["shuffled_l1"] == pytest.approx(want["shuffled_l1"], rel=1e-6) and got["zero_l1"] > 0
+        assert got["action_ratio"] == pytest.approx(got["shuffled_l1"] / got["model_l1"])
     assert report.result["tf_loss"] == pytest.approx(logged["tf_loss"], rel=1e-6)
     written = json.loads((ckpt.parent / "latest.eval.json").read_text())  # beside the checkpoint by default
     assert numbers(written) == numbers(report.result) and (ckpt.parent / "latest.eval.png").stat().st_size > 0
-    assert "ratio" in report.format() and "heldout" in report.format()
+    assert "ratio" in report.format() and "heldout" in report.format() and "shuffled/true" in report.format()
     whole = evaluate_checkpoint(load(run), run / "run", split="all", write=False)  # a run folder means latest.pt
     assert whole.split_episodes == 3 and whole.result["windows"] >= report.result["windows"]
 

@@ -25,7 +25,7 @@ from stages.extract.droid import decode_frames, open_episode
 from stages.models.predictor import PredictorConfig, build_predictor
 from stages.train.loop import train
 from stages.use.cem import cem
-from stages.use.closed_loop import POLICIES, run_closed_loop
+from stages.use.closed_loop import POLICIES, bootstrap_rows, interval, run_closed_loop
 from stages.use.plan import Planner
 from stages.use.poses import next_states
 from stages.use.sim import SceneSim, state_at
@@ -112,6 +112,27 @@ def test_the_energy_is_the_release_one() -> None:
     torch.testing.assert_close(got, want)
 
 
+def test_the_cached_rollout_plans_what_recomputing_the_history_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The planner keeps keys and values of the frames it predicted instead of recomputing them; the
+    release's CEM on the same seed picks the same actions as with the whole history recomputed."""
+    import stages.use.plan as plan_module
+
+    cfg = PredictorConfig(img_size=32, embed_dim=16, predictor_embed_dim=32, depth=2, num_heads=2)
+    model = build_predictor(cfg, seed=4).eval()
+    g = torch.Generator().manual_seed(0)
+    start, goal, state = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g), torch.rand(7, generator=g)
+    settings = PlanSection(samples=64, topk=8, iterations=4, horizon=3)
+
+    def plan() -> torch.Tensor:
+        planner = Planner(model, settings, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        return planner.plan(start, state, goal).actions
+
+    cached = plan()
+    whole = plan_module.rollout
+    monkeypatch.setattr(plan_module, "rollout", lambda *args, cached=False: whole(*args))
+    assert torch.equal(plan(), cached)
+
+
 # -- the simulator ----------------------------------------------------------------------------------------
 
 
@@ -167,7 +188,7 @@ def _a_view(root: Path) -> tuple[str, int]:
 
 
 def test_closed_loop_benchmark_end_to_end(trained: Path) -> None:
-    m = _load(trained, *SMALL_CEM, "plan.steps=2", "plan.image_size=[64,48]", "plan.scenes=0")
+    m = _load(trained, *SMALL_CEM, "plan.steps=2", "synthetic.width=64", "synthetic.height=48", "synthetic.scenes=0")
     report = run_closed_loop(m, None, 2, trained / "bench", echo=lambda _: None)
     saved = json.loads((trained / "bench" / "closed_loop.json").read_text())
     assert (trained / "bench" / "closed_loop.png").stat().st_size > 1000
@@ -178,8 +199,23 @@ def test_closed_loop_benchmark_end_to_end(trained: Path) -> None:
     zero, oracle = np.array(saved["distances"]["zero"]), np.array(saved["distances"]["oracle"])
     assert (zero[:, 0] >= 0.05).all() and (zero == zero[:, :1]).all()  # goals are >= 5 cm away; no motion
     assert (oracle[:, -1] < oracle[:, 0]).all()  # the straight line gets closer
+    for policy in POLICIES:
+        r = saved["summary"][policy]
+        assert r["final_m_ci95"][0] <= r["final_m"] <= r["final_m_ci95"][1]
+        assert r["closer_fraction_ci95"][0] <= r["closer_fraction"] <= r["closer_fraction_ci95"][1]
     text = report.format()
-    assert all(p in text for p in POLICIES) and "closed_loop.json" in text
+    assert all(p in text for p in POLICIES) and "closed_loop.json" in text and "95% CI" in text
+    assert "2 pairs give wide intervals" in text
+    ranks = np.array(saved["model_rank"])  # one per lookahead step: 2 pairs x 2 actions
+    assert ranks.shape == (4,) and (np.isnan(ranks) | (np.abs(ranks) <= 1)).all() and "rank correlation" in text
+
+
+def test_bootstrap_intervals_match_the_normal_approximation_of_a_share() -> None:
+    """Half of 30 pairs ended nearer: the 95% interval of the share is about 0.5 +- 1.96 sqrt(0.25 / 30)."""
+    closer = np.r_[np.zeros(15), np.ones(15)]  # [30]
+    lo, hi = interval(closer[bootstrap_rows(30, seed=0)].mean(axis=1))
+    assert lo < 0.5 < hi and (hi - lo) == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 30), abs=0.04)
+    assert interval(np.full(100, 0.3)) == [0.3, 0.3]
 
 
 def test_plan_from_a_cached_view(trained: Path) -> None:
