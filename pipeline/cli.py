@@ -134,13 +134,16 @@ def synth(
     min_seconds: Annotated[float, typer.Option(help="Shortest episode.")] = 10.0,
     max_seconds: Annotated[float, typer.Option(help="Longest episode.")] = 20.0,
     scenes: Annotated[int, typer.Option(help="Episodes share this many scenes (cameras, table); 0 = one each.")] = 0,
+    explore: Annotated[float, typer.Option(help="Share of behaviours that are runs of exploring moves in every "
+                                           "direction (0: scripted only, as the demo).")] = 0.0,
 ) -> None:
     """Write synthetic episodes in the real DROID raw layout (metadata json, trajectory.h5, H.264 MP4s)."""
-    from stages.demo.synthetic import write_synthetic_dataset
+    from stages.demo.synthetic import Exploration, write_synthetic_dataset
 
     with _user_errors():
         folders = write_synthetic_dataset(out, episodes, seed=seed, width=width, height=height, min_seconds=min_seconds,
-                                          max_seconds=max_seconds, progress=True, scenes=scenes)
+                                          max_seconds=max_seconds, progress=True, scenes=scenes,
+                                          explore=Exploration(explore))
     typer.echo(f"Wrote {len(folders)} episodes to {out} (list: {out / 'episodes.txt'})")
 
 

@@ -116,7 +116,8 @@ def write_synthetic_dataset(
     in one lab set-up; 0 gives every episode a scene of its own. `explore` mixes exploring moves into
     the scripted behaviours (none by default: the same seed then writes the same bytes as it always has).
     """
-    _check_args(episodes, width, height, min_seconds, max_seconds, short_video_every, scenes)
+    explore = explore or Exploration()
+    _check_args(episodes, width, height, min_seconds, max_seconds, short_video_every, scenes, explore)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folders: list[Path] = []
@@ -134,7 +135,8 @@ def write_synthetic_dataset(
 
 
 def _check_args(
-    episodes: int, width: int, height: int, min_s: float, max_s: float, short_every: int, scenes: int
+    episodes: int, width: int, height: int, min_s: float, max_s: float, short_every: int, scenes: int,
+    explore: Exploration,
 ) -> None:
     """Named as the command line names them (`pipeline synth`, `demo` and `bench` take --episodes)."""
     if episodes < 1:
@@ -147,6 +149,8 @@ def _check_args(
         raise UsageError(f"--scenes {scenes}: must be >= 0")
     if short_every < 0:
         raise UsageError(f"short_video_every {short_every}: must be >= 0")
+    if not 0.0 <= explore.share <= 1.0 or explore.step <= 0:
+        raise UsageError(f"--explore {explore.share:g} (step {explore.step:g} m): need a share in [0, 1], a step > 0")
 
 
 # ----------------------------------------------------------------------------- the episode plan

@@ -215,6 +215,7 @@ def test_a_gpu_asked_for_where_there_is_none_is_a_usage_error(tmp_path: Path) ->
     (["--min-seconds", "0"], "--min-seconds/--max-seconds 0, 20"),
     (["--min-seconds", "9", "--max-seconds", "3"], "need 1 <= min <= max"),
     (["--scenes", "-1"], "--scenes -1"),
+    (["--explore", "1.5"], "--explore 1.5"),
 ])
 def test_synth_refuses_bad_arguments_in_one_line(tmp_path: Path, args: list[str], says: str) -> None:
     result = runner.invoke(app, ["synth", "--out", str(tmp_path / "data"), *args])
