@@ -29,7 +29,7 @@ the scene with pinhole projections from either side; the wrist camera rides on t
 looks down past the fingers. Rendering is numpy only: the table is ray-cast per pixel, boxes are
 painted as convex polygons (painter's algorithm). The joint positions are a smooth function of
 the pose, not real inverse kinematics. The scene (`Scene`, `make_cameras`), the block's physics
-(`step_block`) and the renderer (`render_step`) are public: `stages/sim.py` drives them as a small
+(`step_block`) and the renderer (`render_step`) are public: `stages/use/sim.py` drives them as a small
 simulator for closed-loop planning, in the scene of the episodes a model was trained on.
 
 Episode i is drawn from `numpy.random.default_rng((seed, i))` alone, so the first episodes do not
@@ -203,7 +203,7 @@ def episode_plan(seed: int, index: int, scenes: int = 0, min_seconds: float = 10
                  used: set[str] | None = None, explore: Exploration | None = None) -> EpisodePlan:
     """Episode `index` of `write_synthetic_dataset(..., seed, scenes=scenes)`, drawn from its seeds alone.
 
-    Also what the simulator (`stages/sim.py`) replays: an index past the written ones is a scripted
+    Also what the simulator (`stages/use/sim.py`) replays: an index past the written ones is a scripted
     episode no model was trained on, filmed in the same scene when `scenes` > 0.
     """
     rng = np.random.default_rng((seed, index))

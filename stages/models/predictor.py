@@ -103,14 +103,17 @@ class _Layout(NamedTuple):
     hw: int  # frame tokens per step
 
 
-def block_causal_mask(num_t: int, tokens_per_step: int, device: torch.device | str | None = None) -> Tensor:
+def block_causal_mask(num_t: int, tokens_per_step: int, device: torch.device | str | None = None,
+                      past: int = 0) -> Tensor:
     """Boolean [N, N] mask (True = may attend) where each token of step t sees every token of steps <= t.
 
     Within a step attention is full (actions, states and frame tokens see each other), so the
-    prediction for frame t+1 can use a_t and s_t but nothing from later steps.
+    prediction for frame t+1 can use a_t and s_t but nothing from later steps. With `past` steps already
+    in a key/value cache, the rows are the `num_t` new steps and the columns all steps: [N_new, N_past + N_new].
     """
-    step = torch.arange(num_t * tokens_per_step, device=device) // tokens_per_step  # [N]
-    return step[:, None] >= step[None, :]  # [N, N]
+    key_step = torch.arange((past + num_t) * tokens_per_step, device=device) // tokens_per_step  # [N_past + N]
+    query_step = key_step[past * tokens_per_step :]  # [N]
+    return query_step[:, None] >= key_step[None, :]  # [N, N_past + N]
 
 
 def block_causal_block_mask(num_t: int, tokens_per_step: int, device: torch.device | str) -> BlockMask:
@@ -122,16 +125,6 @@ def block_causal_block_mask(num_t: int, tokens_per_step: int, device: torch.devi
         return (q // tokens_per_step) >= (kv // tokens_per_step)
 
     return create_block_mask(may_attend, None, None, n, n, device=device)
-
-
-def cached_mask(past: int, num_t: int, tokens_per_step: int, device: torch.device | str) -> Tensor | None:
-    """The block-causal rule for `num_t` new steps after `past` cached ones: [N_new, N_past + N_new] (True = may
-    attend); None for one new step, which sees every token."""
-    if num_t == 1:
-        return None
-    q = past + torch.arange(num_t * tokens_per_step, device=device) // tokens_per_step  # [N_new]
-    k = torch.arange((past + num_t) * tokens_per_step, device=device) // tokens_per_step  # [N_past + N_new]
-    return q[:, None] >= k[None, :]  # [N_new, N_past + N_new]
 
 
 @dataclass
@@ -234,6 +227,15 @@ class ACPredictor(nn.Module):
             raise ValueError("use_extrinsics is set: pass extrinsics [B, T, action_dim - 1]")
         return z.shape[1] // num_t
 
+    def _mask(self, num_t: int, tokens_per_step: int, device: torch.device, past: int) -> Mask | None:
+        """The block-causal mask of `_Layout.mask`: steps after cached ones attend densely (one new step sees
+        every token: no mask); a whole sequence as `self.attention` wants it."""
+        if past:
+            return None if num_t == 1 else block_causal_mask(num_t, tokens_per_step, device, past)  # [N, N_past + N]
+        if self.attention == "flex":
+            return block_causal_block_mask(num_t, tokens_per_step, device)
+        return block_causal_mask(num_t, tokens_per_step, device)  # [N, N]
+
     def _layout(self, num_t: int, hw: int, device: torch.device, past: int = 0) -> _Layout:
         """Mask and RoPE positions for T steps of hw frame tokens after `past` cached ones, built once per
         (T, hw, device, past).
@@ -250,11 +252,8 @@ class ACPredictor(nn.Module):
             _, row, col = grid_positions(1, side, side, device=device)  # [hw] each
             scale = self.cfg.grid_size / side
             steps = past + torch.arange(num_t, device=device)  # [T]
-            tokens = self.cfg.cond_tokens + hw
             self._layouts[key] = _Layout(
-                mask=(cached_mask(past, num_t, tokens, device) if past else
-                      block_causal_block_mask(num_t, tokens, device) if self.attention == "flex"
-                      else block_causal_mask(num_t, tokens, device)),  # [N, N] or blocks
+                mask=self._mask(num_t, self.cfg.cond_tokens + hw, device, past),
                 frame_t=steps.to(torch.float32)[:, None],  # [T, 1]
                 frame_r=row.to(torch.float32) * scale,  # [hw]
                 frame_c=col.to(torch.float32) * scale,  # [hw]

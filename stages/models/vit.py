@@ -109,6 +109,8 @@ class KVCache:
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)  # [B, heads, N_past + N_new, hd]
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
         return self.k, self.v
+
+
 _FLEX: dict[str, Callable[..., Tensor]] = {}  # device type -> flex_attention (compiled on CUDA, once)
 
 

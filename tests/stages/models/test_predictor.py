@@ -169,6 +169,7 @@ def test_block_causal_mask_layout() -> None:
         [[1, 1, 0, 0, 0, 0]] * 2 + [[1, 1, 1, 1, 0, 0]] * 2 + [[1, 1, 1, 1, 1, 1]] * 2, dtype=torch.bool
     )
     assert torch.equal(mask, expected)
+    assert torch.equal(block_causal_mask(2, 2, past=1), expected[2:])  # new steps' rows after one cached step
 
 
 @pytest.mark.parametrize("what", ["frame", "action", "state"])
